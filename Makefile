@@ -1,0 +1,45 @@
+# One command runs the tests (`make test`); one runs the main job (`make generate`).
+# Both create .venv on first use: torch is pinned to the CPU wheel (`torch==2.13.0`) before anything else is
+# installed, so no dependency can pull a multi-GB CUDA build.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROMPT ?= a red circle above a blue square
+
+.PHONY: install test test-slow lint format generate bench-samplers clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev,interop]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -n 2
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+generate: $(STAMP)
+	$(BIN)/t2i generate "$(PROMPT)"
+
+bench-samplers: $(STAMP)
+	$(BIN)/python benchmarks/samplers.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

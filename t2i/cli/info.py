@@ -1,0 +1,28 @@
+"""``t2i info``: versions, and the samplers, paths and objectives this build provides."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="print versions and the available samplers")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from t2i import __version__
+    from t2i.diffusion import PREDICTIONS, SAMPLERS, TIME_SAMPLERS
+
+    print(f"t2i {__version__}  torch {torch.__version__}  python {platform.python_version()}")
+    print(f"threads: {torch.get_num_threads()}  cuda: {torch.cuda.is_available()}")
+    print("samplers:")
+    for name, s in SAMPLERS.items():
+        kind = "stochastic" if s.stochastic else "deterministic"
+        print(f"  {name:<16} {kind:<13} order {s.order}  {s.description}")
+    print(f"predictions: {', '.join(PREDICTIONS)}")
+    print(f"training time densities: {', '.join(TIME_SAMPLERS)}")
+    return 0

@@ -1,0 +1,51 @@
+"""Entry point of the ``t2i`` command: a thin argparse front over the library.
+
+Each command lives in its own module with ``register(subparsers)``, which adds a parser whose ``func`` default is
+called with the parsed arguments. Heavy imports happen inside those functions, so ``t2i --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from t2i import __version__
+from t2i.cli import generate, info
+
+COMMANDS = (generate, info)
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="t2i",
+        description="t2i: text-to-image diffusion (unCLIP and Stable Diffusion 3.5) on one shared core.",
+    )
+    parser.add_argument("--version", action="version", version=f"t2i {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for module in COMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except (CLIError, ValueError, FileNotFoundError) as err:
+        print(f"t2i {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"t2i {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""The diffusion core: noise paths, parameterisations, objectives, samplers and guidance.
+
+Model-agnostic and rank-generic: it works on images ``[B, C, H, W]`` and on embedding vectors ``[B, D]``.
+"""
+
+from .guidance import SkipLayerGuidance, classifier_free_guidance, dynamic_threshold, step_interval_to_time
+from .noise import Seeds, randn_like
+from .objectives import DenoisingObjective, flow_matching_objective, loss_weight
+from .parameterization import (
+    PREDICTIONS,
+    Denoiser,
+    EpsDenoiser,
+    FlowDenoiser,
+    VDenoiser,
+    X0Denoiser,
+    prediction_target,
+    x0_from_prediction,
+)
+from .paths import NoisePath, RectifiedFlow, VPPath, append_dims
+from .samplers import (
+    SAMPLERS,
+    get_sampler,
+    sample,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_heun,
+)
+from .timesteps import TIME_SAMPLERS, LogitNormalTime, ModeTime, UniformTime, make_time_sampler
