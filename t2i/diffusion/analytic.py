@@ -45,9 +45,8 @@ class GaussianMixture:
 
     def component_of(self, x: Tensor) -> Tensor:
         """Most likely component of each clean sample ``[n, D] -> [n]``."""
-        return self._log_resp(x.double(), torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))[
-            0
-        ].argmax(1)
+        ones = torch.ones(x.shape[0], 1, dtype=torch.float64)
+        return self._log_resp(x.double().cpu(), ones, torch.zeros_like(ones))[0].argmax(1)
 
     def _log_resp(self, x: Tensor, a: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
         # x [B, D]; a, s [B, 1]  ->  log responsibilities [B, K] and per-component variances [B, K, D]

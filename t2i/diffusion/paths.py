@@ -187,11 +187,13 @@ class VPPath(NoisePath):
         T = self.num_train_timesteps
         return (t * T).ceil().clamp(1, T) / T
 
-    def timesteps(self, steps: int, *, spacing: str = "trailing") -> Tensor:
+    def timesteps(self, steps: int, *, spacing: str = "trailing", steps_offset: int = 0) -> Tensor:
         """Sampling grid of ``steps`` model evaluations, descending, plus a final 0.
 
         Discrete spacings follow Lin et al. (2024, Table 2): "trailing" always starts at the last training step
-        (t=1), "leading" and "linspace" are the older DDIM/PNDM conventions. Continuous paths use a uniform grid.
+        (t=1), "leading" (plus ``steps_offset``, 1 in Stable Diffusion configs) and "linspace" are the older
+        DDIM/PNDM conventions; all three equal diffusers' ``timestep_spacing`` of the same name. Continuous paths
+        use a uniform grid.
         """
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
@@ -203,7 +205,7 @@ class VPPath(NoisePath):
         if spacing == "trailing":
             k = torch.round(torch.arange(T, 0, -T / steps, dtype=torch.float64))
         elif spacing == "leading":
-            k = (torch.arange(steps, dtype=torch.float64) * (T // steps)).flip(0) + 1
+            k = (torch.arange(steps, dtype=torch.float64) * (T // steps)).flip(0) + steps_offset + 1
         elif spacing == "linspace":
             k = torch.round(torch.linspace(0, T - 1, steps, dtype=torch.float64)).flip(0) + 1
         else:
