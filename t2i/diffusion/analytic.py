@@ -55,6 +55,20 @@ class GaussianMixture:
         log_p = -0.5 * ((diff**2) / var + torch.log(var)).sum(-1) + torch.log(self.weights)[None]
         return torch.log_softmax(log_p, dim=1), var
 
+    def _posterior_mean(self, x: Tensor, a: float, s: float) -> Tensor:
+        # all samples at one time: expand the Gaussian log-densities into matmuls, no [B, K, D] temporaries
+        var = a**2 * self.stds**2 + s**2  # (K, D)
+        inv = 1.0 / var
+        log_p = (
+            -0.5 * (x**2) @ inv.T
+            + a * x @ (self.means * inv).T
+            - 0.5 * (a**2 * self.means**2 * inv + torch.log(var)).sum(1)
+            + torch.log(self.weights)
+        )  # (B, K)
+        r = torch.softmax(log_p, dim=1)
+        gain = a * self.stds**2 * inv  # (K, D): E[x0 | x_t, k] = mu_k + gain_k (x - a mu_k)
+        return r @ (self.means * (1 - a * gain)) + x * (r @ gain)
+
     def denoiser(self, path: NoisePath):
         """The exact x0-denoiser ``E[x0 | x_t]`` on ``path``; accepts ``[B, D]`` inputs and ``[B]`` times."""
 
@@ -62,15 +76,12 @@ class GaussianMixture:
             t = torch.as_tensor(t, dtype=torch.float64).cpu()
             if t.ndim == 0:
                 t = t.expand(x.shape[0])
-            a = append_dims(path.alpha(t), 2)
-            s = append_dims(path.sigma(t), 2)
             xd = x.detach().double().cpu()
-            log_r, var = self._log_resp(xd, a, s)
-            post = self.means[None] + a[:, :, None] * self.stds[None] ** 2 / var * (
-                xd[:, None, :] - a[:, :, None] * self.means[None]
-            )
-            x0 = (log_r.exp()[:, :, None] * post).sum(1)
-            return x0.to(device=x.device, dtype=torch.float32)
+            out = torch.empty_like(xd)
+            for tv in torch.unique(t):  # samplers pass one time per batch; guidance may pass two
+                sel = t == tv
+                out[sel] = self._posterior_mean(xd[sel], float(path.alpha(tv)), float(path.sigma(tv)))
+            return out.to(device=x.device, dtype=torch.float32)
 
         return denoise
 

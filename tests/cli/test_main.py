@@ -1,0 +1,34 @@
+import subprocess
+import sys
+
+from t2i.cli.main import main
+
+
+def test_help_lists_commands(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "generate" in out and "info" in out
+
+
+def test_console_script_help_runs_in_a_fresh_process():
+    proc = subprocess.run([sys.executable, "-m", "t2i.cli.main", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "usage: t2i" in proc.stdout
+
+
+def test_info_lists_every_sampler(capsys):
+    from t2i.diffusion import SAMPLERS
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in SAMPLERS)
+
+
+def test_generate_refuses_an_empty_prompt(capsys):
+    assert main(["generate", "   "]) == 2
+    assert "prompt is empty" in capsys.readouterr().err
+
+
+def test_generate_says_plainly_that_no_model_ships_yet(capsys, tmp_path):
+    assert main(["generate", "a red circle", "-o", str(tmp_path)]) == 2
+    assert "Nothing was generated" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
