@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .paths import NoisePath, append_dims
+from .paths import NoisePath
 
 
 class GaussianMixture:

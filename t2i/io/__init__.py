@@ -1,0 +1,24 @@
+"""Checkpoint files: safetensors weights with metadata, pickle-free nested state, atomic writes.
+
+A leaf package: it imports torch and safetensors only, never ``t2i.train`` or the models.
+"""
+
+from .safetensors_io import (
+    PICKLE_SUFFIXES,
+    SCHEMA_VERSION,
+    CheckpointMismatchError,
+    atomic_open,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_state_dict,
+    flatten_state,
+    git_revision,
+    load_into,
+    load_state,
+    load_weights,
+    read_config,
+    read_metadata,
+    save_state,
+    save_weights,
+    unflatten_state,
+)

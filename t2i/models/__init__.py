@@ -1,0 +1,42 @@
+"""Networks, one architecture per file, and the registry that configs name them by.
+
+``MODELS`` maps a config name to ``(ConfigDataclass, ModelClass)``; ``build_model(name, params)`` checks the params
+against the dataclass (unknown keys are errors naming the nearest valid one) and builds the model. Real
+architectures (Unet decoders, the prior, MMDiT) register here the same way as the toy ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any
+
+from torch import nn
+
+from .toy import ToyMLP, ToyMLPConfig, ToyUNet, ToyUNetConfig
+
+MODELS: dict[str, tuple[type, type[nn.Module]]] = {
+    "toy_unet": (ToyUNetConfig, ToyUNet),
+    "toy_mlp": (ToyMLPConfig, ToyMLP),
+}
+
+
+def model_config(name: str, params: dict[str, Any] | None = None):
+    """The config dataclass of model ``name`` filled from ``params``."""
+    if name not in MODELS:
+        close = difflib.get_close_matches(name, list(MODELS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown model {name!r}{hint} (registered: {', '.join(sorted(MODELS))})")
+    cfg_cls, _ = MODELS[name]
+    valid = [f.name for f in dataclasses.fields(cfg_cls)]
+    for key in params or {}:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            hint = f"; did you mean 'model.params.{close[0]}'?" if close else ""
+            raise ValueError(f"unknown config key 'model.params.{key}' for model {name!r}{hint} (valid: {valid})")
+    return cfg_cls(**(params or {}))
+
+
+def build_model(name: str, params: dict[str, Any] | None = None) -> nn.Module:
+    """Build model ``name`` from its config params."""
+    return MODELS[name][1](model_config(name, params))

@@ -1,0 +1,174 @@
+"""Training checkpoints: one folder per step, written atomically, keep-last-N, exact resume.
+
+A checkpoint ``<run>/checkpoints/step_00000120/`` holds
+
+- ``model.safetensors``: the trained weights, with the resolved config, schema version and git revision in its
+  metadata (usable on its own for sampling or fine-tuning);
+- ``ema.safetensors``: the EMA weights, when EMA is on;
+- ``state.safetensors`` + ``state.json``: optimiser, lr schedule, EMA counter, grad-scaler, RNG states and the
+  data position, through ``t2i.io.save_state`` (no pickle anywhere).
+
+The folder is first written as ``step_00000120.partial`` and renamed when every file is on disk, so a crash at
+any point leaves the previous checkpoints untouched and the half-written one invisible to ``latest_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from t2i.io import check_state_dict, load_state, load_weights, read_metadata, save_state, save_weights
+from t2i.io.safetensors_io import fsync_dir
+
+PARTIAL = ".partial"
+STEP_PREFIX = "step_"
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (partial folders and folders without state.json are skipped)."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    done = [
+        p
+        for p in root.iterdir()
+        if p.is_dir()
+        and p.name.startswith(STEP_PREFIX)
+        and not p.name.endswith(PARTIAL)
+        and (p / "state.json").exists()
+    ]
+    return sorted(done, key=lambda p: int(p.name[len(STEP_PREFIX) :]))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+# -- RNG state ------------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """torch (CPU and every CUDA device), numpy and Python RNG states as tensors and plain values."""
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": {"version": py_version, "internal": torch.tensor(py_internal, dtype=torch.int64), "gauss": py_gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- save / load ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    step: int
+    state: dict[str, Any]
+    metadata: dict[str, str]
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    *,
+    model: nn.Module,
+    state: dict[str, Any],
+    config: dict[str, Any],
+    ema: nn.Module | None = None,
+    keep_last: int = 3,
+) -> Path:
+    """Write a complete checkpoint for ``step`` atomically, then delete all but the newest ``keep_last``."""
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_name(step)
+    tmp = root / (step_name(step) + PARTIAL)
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left over from a crash
+    tmp.mkdir()
+    meta = {"step": str(step)}
+    save_weights(tmp / "model.safetensors", model.state_dict(), config=config, metadata=meta)
+    if ema is not None:
+        save_weights(tmp / "ema.safetensors", ema.state_dict(), config=config, metadata={**meta, "ema": "1"})
+    save_state(tmp / "state", {"step": step, **state}, metadata=meta)
+    if final.exists():
+        shutil.rmtree(final)  # re-saving a step (e.g. a final save right after a periodic one)
+    tmp.rename(final)
+    fsync_dir(root)
+    _prune(run_dir, keep_last)
+    return final
+
+
+def _prune(run_dir: str | Path, keep_last: int) -> None:
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for partial in checkpoint_dir(run_dir).glob(f"{STEP_PREFIX}*{PARTIAL}"):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def resolve_resume(run_dir: str | Path, resume: str | bool) -> Path | None:
+    """``True``/"latest" -> the newest checkpoint of ``run_dir`` (None if there is none); a path -> that folder."""
+    if resume in (True, "latest", "auto"):
+        return latest_checkpoint(run_dir)
+    path = Path(str(resume))
+    if not (path / "state.json").exists():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint folder (no state.json); pass --resume alone")
+    return path
+
+
+def load_checkpoint(
+    path: str | Path, *, model: nn.Module, ema: nn.Module | None = None, allow_pickle: bool = False
+) -> LoadedCheckpoint:
+    """Load weights into ``model`` (and ``ema``) after checking every name and shape; return the training state."""
+    path = Path(path)
+    weights = load_weights(path / "model.safetensors", allow_pickle=allow_pickle)
+    check_state_dict(model.state_dict(), weights, what="model")
+    model.load_state_dict(weights, strict=True)
+    if ema is not None:
+        ema_file = path / "ema.safetensors"
+        if ema_file.exists():
+            ema_weights = load_weights(ema_file)
+            check_state_dict(ema.state_dict(), ema_weights, what="EMA model")
+            ema.load_state_dict(ema_weights, strict=True)
+        else:
+            # EMA switched on for a run that had none: start the average from the current weights
+            ema.load_state_dict(model.state_dict(), strict=True)
+    state = load_state(path / "state")
+    return LoadedCheckpoint(path, int(state["step"]), state, read_metadata(path / "model.safetensors"))

@@ -1,0 +1,365 @@
+"""The training loop shared by every model: tasks supply ``loss`` and ``sample``, the loop does everything else.
+
+One optimiser step is:
+
+1. k micro-batches (``optim.grad_accum``), each ``loss = sum(per-sample losses) * world / global_batch`` so the
+   accumulated gradient equals that of one batch of ``data.batch_size`` on one process (DDP averages over ranks,
+   hence the ``* world``); DDP's all-reduce runs only on the last micro-batch;
+2. autocast to bf16 (any device) or fp16 (with a grad scaler) when ``run.precision`` asks for it, never otherwise;
+3. unscale, clip the global grad norm, step the optimiser; when the step is skipped (fp16 overflow, or a
+   non-finite gradient in any precision) neither the lr schedule nor the EMA advance;
+4. EMA update, metrics, sample grids and checkpoints at their intervals (rank 0 writes; all ranks compute).
+
+Randomness is explicit: model init from ``run.seed``; per-sample noise and augmentation from the sample's draw
+index (see ``t2i.train.data``); global RNG states are saved in checkpoints anyway, for any model that draws from
+them (dropout). Together with the pure-function data stream and lr schedule this makes ``--resume`` bit-exact.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from t2i.io import load_into
+
+from . import distributed as D
+from .checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig
+from .data import MicroBatches, build_dataset
+from .ema import EMA
+from .optim import LRSchedule, build_optimizer, clip_grad_norm
+from .report import MetricsLog, plot_loss_curve, read_metrics, save_grid
+from .tasks import Task, build_task, resolve_params
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast_context(precision: str, device: torch.device):
+    """The autocast context for ``run.precision``: a no-op for fp32, so fp32 runs never touch autocast."""
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+class Trainer:
+    """Builds task, model, optimiser, schedule, EMA and data from a ``TrainConfig`` and runs the loop.
+
+    Args:
+        cfg: the resolved config.
+        resume: False for a fresh run; True to continue from the newest checkpoint in the run folder (a fresh
+            start when there is none); or the path of one checkpoint folder.
+        allow_pickle: allow loading pickle weight files (read with ``weights_only=True``).
+        out: where progress lines go when the progress bar is off (stdout by default).
+    """
+
+    def __init__(self, cfg: TrainConfig, *, resume: bool | str = False, allow_pickle: bool = False, out=None):
+        cfg = resolve_params(cfg)  # model/task params with every default spelled out (stored in checkpoints)
+        self.cfg, self.out = cfg, out or sys.stdout
+        self.dist = D.env_dist_info()
+        self.device = D.pick_device(cfg.run.device, self.dist)
+        D.init_process_group(self.dist, self.device)
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        if cfg.run.deterministic:
+            # cuBLAS needs a fixed workspace to be deterministic; set before the first CUDA matmul
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
+        seed_everything(cfg.run.seed)  # the same on every rank: identical initial weights
+
+        self.task: Task = build_task(cfg)
+        self.model: nn.Module = self.task.build_model().to(self.device)
+        if cfg.model.init_from:
+            # fine-tuning start point; every name and shape is checked, and a resume below overrides it
+            load_into(self.model, cfg.model.init_from, allow_pickle=allow_pickle)
+        self.ema: EMA | None = None
+        if cfg.ema.enabled:
+            self.ema = EMA(
+                self.model,
+                decay=cfg.ema.decay,
+                half_life=cfg.ema.half_life,
+                samples_per_update=cfg.data.batch_size * cfg.ema.update_every,
+                warmup=cfg.ema.warmup,
+            )
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.run.precision == "fp16" else None
+        self.step, self.samples_seen, self.skipped_steps = 0, 0, 0
+        self.resumed_from: Path | None = None
+        self._saved_step: int | None = None
+        self._config_changes: list[str] = []
+        self._resume_requested = bool(resume)
+        state = None
+        if resume:
+            ckpt_path = resolve_resume(self.run_dir, resume)
+            if ckpt_path is not None:
+                loaded = load_checkpoint(
+                    ckpt_path, model=self.model, ema=self.ema.module if self.ema else None, allow_pickle=allow_pickle
+                )
+                state, self.resumed_from = loaded.state, ckpt_path
+                self.step = self._saved_step = loaded.step
+                self._config_changes = config_changes(loaded.metadata, cfg)
+
+        self.train_model = D.wrap_model(self.model, cfg.run.distributed, self.dist, self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.schedule = LRSchedule(self.optimizer, cfg.schedule, cfg.optim.lr, cfg.run.steps)
+        if state is not None:
+            self._load_training_state(state)
+
+        self.dataset = build_dataset(cfg.data, seed=cfg.run.seed)
+        self.batches = MicroBatches(
+            self.dataset,
+            global_batch=cfg.data.batch_size,
+            grad_accum=cfg.optim.grad_accum,
+            rank=self.dist.rank,
+            world=self.dist.world,
+            seed=cfg.run.seed,
+            start_step=self.step,
+            num_workers=cfg.data.num_workers,
+        )
+        self.log = MetricsLog(self.run_dir, tensorboard=cfg.run.tensorboard) if self.dist.is_main else None
+
+    # -- state ----------------------------------------------------------------------------------------------
+
+    def _training_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "samples_seen": self.samples_seen,
+            "skipped_steps": self.skipped_steps,
+            "schedule": self.schedule.state_dict(),
+            "optimizer": self._optimizer_state(),
+            "rng": rng_state(),
+            "data": {"step": self.step, "draws": self.step * self.cfg.data.batch_size, "seed": self.cfg.run.seed},
+        }
+        if self.ema is not None:
+            state["ema"] = self.ema.extra_state()
+        if self.scaler is not None:
+            state["grad_scaler"] = self.scaler.state_dict()
+        return state
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        if self.cfg.run.distributed == "fsdp" and self.dist.enabled:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return get_optimizer_state_dict(self.model, self.optimizer, options=opts)
+        return self.optimizer.state_dict()
+
+    def _load_training_state(self, state: dict[str, Any]) -> None:
+        if self.cfg.run.distributed == "fsdp" and self.dist.enabled:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            opts = StateDictOptions(full_state_dict=True)
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.samples_seen = int(state["samples_seen"])
+        self.skipped_steps = int(state["skipped_steps"])
+        if self.ema is not None and "ema" in state:
+            self.ema.load_extra_state(state["ema"])
+        if self.scaler is not None and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
+        set_rng_state(state["rng"])
+
+    def save(self) -> Path | None:
+        """Checkpoint the current step (rank 0 writes; every rank takes part in gathering sharded state)."""
+        fsdp = self.cfg.run.distributed == "fsdp" and self.dist.enabled
+        model = _FullWeights(D.full_state_dict(self.model)) if fsdp else self.model
+        state = self._training_state()
+        path = None
+        if self.dist.is_main:
+            path = save_checkpoint(
+                self.run_dir,
+                self.step,
+                model=model,
+                state=state,
+                config=self.cfg.to_dict(),
+                ema=self.ema.module if self.ema else None,
+                keep_last=self.cfg.run.keep_last,
+            )
+            self._say(f"checkpoint step {self.step} -> {path}")
+        self._saved_step = self.step
+        D.barrier(self.dist)
+        return path
+
+    # -- one optimiser step ---------------------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, float]:
+        """k micro-batches, one (possibly skipped) update; returns the step's metrics (loss summed on all ranks)."""
+        cfg = self.cfg
+        k, world, B = cfg.optim.grad_accum, self.dist.world, cfg.data.batch_size
+        self.train_model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        for m in range(k):
+            batch = next(self.batches)
+            last = m == k - 1
+            D.set_fsdp_sync(self.train_model, last)
+            with D.no_sync(self.train_model, not last):
+                with autocast_context(cfg.run.precision, self.device):
+                    per_sample = self.task.loss(self.train_model, batch)  # (B/(kW),)
+                loss = per_sample.float().sum() * (world / B)
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            loss_sum += per_sample.detach().float().sum()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = clip_grad_norm(self.model.parameters(), cfg.optim.grad_clip)
+        lr = self.schedule.get_lr()
+        if self.scaler is not None:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # skips the update itself when gradients overflowed
+            self.scaler.update()
+            stepped = self.scaler.get_scale() >= scale
+        else:
+            stepped = bool(torch.isfinite(grad_norm))
+            if stepped:
+                self.optimizer.step()
+        if stepped:
+            self.schedule.step()
+            if self.ema is not None and self.schedule.steps_taken % cfg.ema.update_every == 0:
+                self.ema.update(self.model)
+        else:
+            self.skipped_steps += 1
+        self.step += 1
+        self.samples_seen += B
+        total = D.all_reduce_sum(loss_sum, self.dist)
+        return {"loss": float(total) / B, "lr": lr, "grad_norm": float(grad_norm), "skipped": float(not stepped)}
+
+    # -- the loop -------------------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        """Train until ``run.steps``; returns a summary (final loss, steps, seconds, samples/s)."""
+        cfg = self.cfg
+        main = self.dist.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+            if self._resume_requested and self.resumed_from is None:
+                self._say(f"no checkpoint in {self.run_dir / 'checkpoints'} yet: starting from step 0")
+            if self.resumed_from is not None:
+                self._say(f"resumed from {self.resumed_from} at step {self.step}")
+                for change in self._config_changes:
+                    self._say(f"  config changed since that checkpoint: {change}")
+        bar = tqdm(total=cfg.run.steps, initial=self.step, disable=not (main and cfg.run.progress), desc=cfg.run.name)
+        t_start = time.perf_counter()
+        t_last, n_last = t_start, 0
+        metrics: dict[str, float] = {}
+        start_step = self.step
+        while self.step < cfg.run.steps:
+            metrics = self.train_step()
+            n_last += cfg.data.batch_size
+            now = time.perf_counter()
+            if self.step % cfg.run.log_every == 0 or self.step == cfg.run.steps:
+                metrics["samples_per_s"] = n_last / max(now - t_last, 1e-9)
+                t_last, n_last = now, 0
+                if main:
+                    self.log.log(self.step, {**metrics, "samples_seen": self.samples_seen})
+                    bar.set_postfix(
+                        loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", sps=f"{metrics['samples_per_s']:.0f}"
+                    )
+                    if not cfg.run.progress:
+                        self._say(f"step {self.step} loss {metrics['loss']:.6f} lr {metrics['lr']:.3e}")
+            bar.update(1)
+            if cfg.run.sample_every and self.step % cfg.run.sample_every == 0 and self.step < cfg.run.steps:
+                self.sample_grid()
+            if cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0:
+                self.save()
+        bar.close()
+        seconds = time.perf_counter() - t_start
+        if self._saved_step != self.step:  # decided from in-memory state, identically on every rank
+            self.save()
+        grid = self.sample_grid()
+        curve = None
+        if main:
+            self.log.close()
+            curve = plot_loss_curve(read_metrics(self.log.path), self.run_dir / "loss.png")
+        D.barrier(self.dist)
+        done = self.step - start_step
+        return {
+            "rank": self.dist.rank,
+            "steps": self.step,
+            "loss": metrics.get("loss", math.nan),
+            "seconds": seconds,
+            "samples_per_s": done * cfg.data.batch_size / max(seconds, 1e-9),
+            "skipped_steps": self.skipped_steps,
+            "run_dir": str(self.run_dir),
+            "grid": str(grid) if grid else None,
+            "loss_curve": str(curve) if curve else None,
+        }
+
+    def sample_grid(self) -> Path | None:
+        """A PNG grid from the EMA model (or the model) at the current step; rank 0 only."""
+        if not self.dist.is_main or self.cfg.run.num_samples < 1:
+            return None
+        net = self.ema.module if self.ema is not None else self.model
+        if self.cfg.run.distributed == "fsdp" and self.dist.enabled and self.ema is None:
+            return None  # the sharded model needs every rank to run; the EMA copy is whole on each rank
+        images = self.task.sample(net, self.cfg.run.num_samples, seed=self.cfg.run.seed, device=self.device)
+        if images is None:
+            return None
+        scale = max(1, 128 // images.shape[-1])
+        return save_grid(images, self.run_dir / "samples" / f"step_{self.step:08d}.png", scale=scale)
+
+    def _say(self, text: str) -> None:
+        tqdm.write(text, file=self.out)  # prints above an active progress bar instead of through it
+        self.out.flush()
+
+    def close(self) -> None:
+        D.destroy_process_group()
+
+
+def config_changes(metadata: dict[str, str], cfg: TrainConfig) -> list[str]:
+    """``key: old -> new`` for every config value that differs from the one stored with a checkpoint."""
+    import json
+
+    if "config" not in metadata:
+        return []
+    old, new = _flat(json.loads(metadata["config"])), _flat(json.loads(json.dumps(cfg.to_dict())))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class _FullWeights(nn.Module):
+    """Presents an already-gathered state dict through ``state_dict()`` for ``save_checkpoint``."""
+
+    def __init__(self, weights: dict[str, Tensor]):
+        super().__init__()
+        self._weights = weights
+
+    def state_dict(self, *args, **kwargs):
+        return self._weights
+
+
+def train(cfg: TrainConfig, *, resume: bool | str = False, allow_pickle: bool = False) -> dict[str, Any]:
+    """Build a ``Trainer`` and run it to ``run.steps``."""
+    trainer = Trainer(cfg, resume=resume, allow_pickle=allow_pickle)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()

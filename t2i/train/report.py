@@ -1,0 +1,133 @@
+"""What a run leaves behind besides checkpoints: a JSON-lines metric log (and TensorBoard events when the
+``tensorboard`` package is installed), PNG sample grids, and a PNG loss curve drawn with Pillow.
+
+Only rank 0 creates these; every function here is plain file output with no torch.distributed calls.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw
+from torch import Tensor
+
+from t2i.data.transforms import tensor_to_pil
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to ``metrics.jsonl``; mirrors scalars to TensorBoard if available."""
+
+    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a")
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional; the JSON-lines log is always written
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        record = {"step": step, "time": round(time.time(), 3), **metrics}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a ``metrics.jsonl``; a resumed run appends, so a step can appear twice (the later wins)."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            by_step[rec["step"]] = rec
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def make_grid(images: Tensor, nrow: int | None = None, pad: int = 2) -> Tensor:
+    """``(N, C, H, W)`` in [-1, 1] -> one ``(C, H', W')`` image, ``nrow`` images per row (default: square-ish)."""
+    n, c, h, w = images.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / nrow)
+    grid = torch.full((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), 1.0)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[:, y : y + h, x : x + w] = images[i].float().cpu()
+    return grid
+
+
+def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
+    """Write a PNG grid of images in [-1, 1]; ``scale`` enlarges tiny images with nearest-neighbour."""
+    img = tensor_to_pil(make_grid(images, nrow))
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def _ema_smooth(values: list[float]) -> list[float]:
+    beta = min(0.9, max(0.0, 1 - 8 / len(values)))  # light smoothing for short curves, so it does not lag
+    out, m = [], None
+    for v in values:
+        m = v if m is None else beta * m + (1 - beta) * v
+        out.append(m)
+    return out
+
+
+def plot_loss_curve(records: list[dict[str, Any]], path: str | Path, key: str = "loss") -> Path | None:
+    """Draw ``key`` against step (raw and smoothed, log-scaled y when positive) as a PNG; None without data."""
+    pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    if len(pts) < 2:
+        return None
+    W, H, L, R, T, B = 640, 400, 70, 20, 30, 50
+    steps = [p[0] for p in pts]
+    log_y = all(v > 0 for _, v in pts)
+    ys = [math.log10(v) if log_y else v for _, v in pts]
+    x0, x1 = min(steps), max(steps)
+    y0, y1 = min(ys), max(ys)
+    if y1 - y0 < 1e-12:
+        y0, y1 = y0 - 0.5, y1 + 0.5
+    x1 = x1 if x1 > x0 else x0 + 1
+
+    def to_px(s: float, y: float) -> tuple[float, float]:
+        return L + (s - x0) / (x1 - x0) * (W - L - R), H - B - (y - y0) / (y1 - y0) * (H - T - B)
+
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle([L, T, W - R, H - B], outline="black")
+    for i in range(5):  # y ticks
+        y = y0 + (y1 - y0) * i / 4
+        _, py = to_px(x0, y)
+        d.line([L - 4, py, L, py], fill="black")
+        d.text((4, py - 6), f"{10**y:.3g}" if log_y else f"{y:.3g}", fill="black")
+    for i in range(5):  # x ticks
+        s = x0 + (x1 - x0) * i / 4
+        px, _ = to_px(s, y0)
+        d.line([px, H - B, px, H - B + 4], fill="black")
+        d.text((px - 10, H - B + 8), f"{s:.0f}", fill="black")
+    d.line([to_px(s, y) for s, y in zip(steps, ys, strict=True)], fill=(170, 170, 230), width=1)
+    d.line([to_px(s, y) for s, y in zip(steps, _ema_smooth(ys), strict=True)], fill=(20, 40, 200), width=2)
+    d.text((L, 8), f"{key} vs step" + (" (log scale)" if log_y else ""), fill="black")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path

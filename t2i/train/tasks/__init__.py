@@ -1,0 +1,103 @@
+"""Training tasks: a model plus its objective, plugged into the one generic loop.
+
+A task supplies what differs between models and nothing else:
+
+- ``build_model()``: the network (by default the registered model named in ``cfg.model``);
+- ``loss(model, batch) -> [B]``: per-sample losses (the loop reduces them, so accumulation and multi-process
+  averaging are the loop's business, never the task's);
+- ``sample(model, n, seed=..., device=...)``: images in [-1, 1] for the periodic sample grids, or None when the
+  task's outputs are not images.
+
+Tasks register by name in ``TASKS``; configs select one with ``task.name`` and pass ``task.params``, which the task
+validates against its own config dataclass (unknown keys are errors that name the nearest valid one).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from t2i.models import build_model
+
+from ..config import TrainConfig
+
+
+class Task(ABC):
+    """Base class of training tasks; subclasses set ``params_cls`` and implement ``loss`` and ``sample``."""
+
+    params_cls: type
+
+    def __init__(self, cfg: TrainConfig):
+        from ..config import from_dict
+
+        self.cfg = cfg
+        self.params = from_dict(self.params_cls, cfg.task.params, "task.params.")
+
+    def build_model(self) -> nn.Module:
+        model = build_model(self.cfg.model.name, self.cfg.model.params)
+        if self.cfg.model.grad_checkpointing:
+            if not hasattr(model, "set_grad_checkpointing"):
+                raise ValueError(
+                    f"model {self.cfg.model.name!r} does not support gradient checkpointing; "
+                    "set model.grad_checkpointing=false"
+                )
+            model.set_grad_checkpointing(True)
+        return model
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
+        """Per-sample training losses ``[B]`` for one micro-batch."""
+
+    @abstractmethod
+    def sample(
+        self, model: nn.Module, n: int, *, seed: int, device: torch.device, steps: int | None = None
+    ) -> Tensor | None:
+        """``n`` samples in [-1, 1] as ``(n, C, H, W)`` for a grid, or None if this task has no image output.
+
+        ``steps`` overrides the sampler step count (``run.sample_steps``); ``seed`` fixes the samples, so grids of
+        successive steps are comparable.
+        """
+
+
+def _registry() -> dict[str, type[Task]]:
+    from .diffusion import DiffusionTask
+
+    return {"diffusion": DiffusionTask}
+
+
+def task_names() -> list[str]:
+    return sorted(_registry())
+
+
+def resolve_params(cfg: TrainConfig) -> TrainConfig:
+    """A copy of ``cfg`` whose ``model.params`` and ``task.params`` list every field, defaults included.
+
+    This is what ``--dry-run`` prints and what checkpoints store, so a checkpoint still describes its model exactly
+    if a later release changes a default. It also validates both params mappings.
+    """
+    import dataclasses
+
+    from t2i.models import model_config
+
+    model_params = dataclasses.asdict(model_config(cfg.model.name, cfg.model.params))
+    task_params = dataclasses.asdict(build_task(cfg).params)
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, params=model_params),
+        task=dataclasses.replace(cfg.task, params=task_params),
+    )
+
+
+def build_task(cfg: TrainConfig) -> Task:
+    """The task named by ``cfg.task.name``, constructed from the whole config."""
+    import difflib
+
+    tasks = _registry()
+    if cfg.task.name not in tasks:
+        close = difflib.get_close_matches(cfg.task.name, list(tasks), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown task.name {cfg.task.name!r}{hint} (registered: {', '.join(sorted(tasks))})")
+    return tasks[cfg.task.name](cfg)
