@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROMPT ?= a red circle above a blue square
 
-.PHONY: install test test-slow lint format generate bench-samplers clean
+.PHONY: install test test-slow lint format generate bench-samplers bench-shapes clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ generate: $(STAMP)
 
 bench-samplers: $(STAMP)
 	$(BIN)/python benchmarks/samplers.py
+
+bench-shapes: $(STAMP)
+	$(BIN)/python benchmarks/shapes_eval.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -10,9 +10,10 @@ import argparse
 import sys
 
 from t2i import __version__
-from t2i.cli import generate, info
+from t2i.cli import eval as eval_cli
+from t2i.cli import generate, info, train
 
-COMMANDS = (generate, info)
+COMMANDS = (generate, info, train, eval_cli)
 
 
 class CLIError(Exception):
