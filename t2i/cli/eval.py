@@ -1,0 +1,55 @@
+"""``t2i eval shapes``: score a folder of images on the shapes benchmark, or write the folders it reads.
+
+    t2i eval shapes --images DIR [--json report.json] [--grid grid.png] [--features]
+    t2i eval shapes --write-prompts DIR [--split eval] [--per-prompt 4]     # metadata.jsonl for a sampler
+    t2i eval shapes --write-ground-truth DIR [--split eval] [--size 32]     # rendered ground truth
+
+The folder format (``metadata.jsonl`` + images) is documented in ``t2i/data/dataset.py`` and docs/shapes.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate images (the shapes benchmark)")
+    bench = p.add_subparsers(dest="benchmark", metavar="<benchmark>", required=True)
+    s = bench.add_parser("shapes", help="GenEval-style shapes benchmark: per-category accuracy and FD-probe")
+    mode = s.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--images", metavar="DIR", help="score the images listed in DIR/metadata.jsonl")
+    mode.add_argument("--write-prompts", metavar="DIR", help="write DIR/metadata.jsonl for a split, no images")
+    mode.add_argument("--write-ground-truth", metavar="DIR", help="render a split's ground truth into DIR")
+    s.add_argument("--split", default="eval", choices=("eval", "heldout"), help="prompt list to write")
+    s.add_argument("--size", type=int, default=32, help="canvas size of written ground truth (>= 32)")
+    s.add_argument("--per-prompt", type=int, default=1, help="images per prompt listed by --write-prompts")
+    s.add_argument("--json", metavar="PATH", help="also write the full report (every image's verdict) as JSON")
+    s.add_argument("--grid", metavar="PATH", help="also write a PNG grid of samples framed green/red")
+    s.add_argument("--features", action="store_true", help="also compute FD-probe and KID against ground truth")
+    s.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if args.write_prompts:
+        from t2i.data.dataset import write_prompts
+
+        path = write_prompts(args.write_prompts, args.split, per_prompt=args.per_prompt)
+        print(f"wrote {path}: render each listed file into {path.parent}, then run t2i eval shapes --images")
+        return 0
+    if args.write_ground_truth:
+        from t2i.data.dataset import write_folder
+
+        out = write_folder(args.write_ground_truth, args.split, args.size)
+        print(f"wrote the {args.split} split's ground truth at {args.size} px to {out}")
+        return 0
+
+    from t2i.eval.shapes import evaluate_folder
+
+    if not Path(args.images).is_dir():
+        raise FileNotFoundError(f"--images {args.images} is not a folder; pass the folder holding metadata.jsonl")
+    report = evaluate_folder(args.images, features=args.features, grid=args.grid, json_path=args.json)
+    print(f"shapes benchmark: {len(report.results)} images at {report.size} px from {args.images}")
+    print(report.table())
+    return 0
