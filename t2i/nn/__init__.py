@@ -1,0 +1,1 @@
+"""Reusable network blocks; no model wiring and no schedule math."""
