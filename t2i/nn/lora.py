@@ -284,3 +284,21 @@ def load_lora_state_dict(
             layer.lora_down[name].weight.copy_(down)
             layer.lora_up[name].weight.copy_(up)
     return modules
+
+
+def set_lora_state_dict(model: nn.Module, state: dict[str, Tensor], *, name: str = "default") -> None:
+    """Copy a ``lora_state_dict`` into the model's existing adapter ``name``; names and shapes must match exactly."""
+    from t2i.io import check_state_dict
+
+    expected = lora_state_dict(model, name)
+    check_state_dict(expected, state, what=f"LoRA adapter {name!r}")
+    with torch.no_grad():
+        for module_name, layer in lora_layers(model):
+            if name in layer.lora_down:
+                layer.lora_down[name].weight.copy_(state[f"{module_name}.lora_down.weight"])
+                layer.lora_up[name].weight.copy_(state[f"{module_name}.lora_up.weight"])
+                alpha = float(state[f"{module_name}.alpha"])
+                if alpha != layer.lora_alpha[name]:
+                    raise ValueError(
+                        f"{module_name}: file alpha {alpha} differs from the adapter's {layer.lora_alpha[name]}"
+                    )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,20 +154,31 @@ def resolve_resume(run_dir: str | Path, resume: str | bool) -> Path | None:
     return path
 
 
+def _load_checked(module: nn.Module, weights: dict[str, Any]) -> None:
+    check_state_dict(module.state_dict(), weights, what="model")
+    module.load_state_dict(weights, strict=True)
+
+
 def load_checkpoint(
-    path: str | Path, *, model: nn.Module, ema: nn.Module | None = None, allow_pickle: bool = False
+    path: str | Path,
+    *,
+    model: nn.Module,
+    ema: nn.Module | None = None,
+    allow_pickle: bool = False,
+    load_fn: Callable[[nn.Module, dict], None] | None = None,
 ) -> LoadedCheckpoint:
-    """Load weights into ``model`` (and ``ema``) after checking every name and shape; return the training state."""
+    """Load weights into ``model`` (and ``ema``) after checking every name and shape; return the training state.
+
+    ``load_fn(module, weights)`` replaces the default whole-model check-and-load (a LoRA run saves adapters only).
+    """
     path = Path(path)
+    load_fn = load_fn or _load_checked
     weights = load_weights(path / "model.safetensors", allow_pickle=allow_pickle)
-    check_state_dict(model.state_dict(), weights, what="model")
-    model.load_state_dict(weights, strict=True)
+    load_fn(model, weights)
     if ema is not None:
         ema_file = path / "ema.safetensors"
         if ema_file.exists():
-            ema_weights = load_weights(ema_file)
-            check_state_dict(ema.state_dict(), ema_weights, what="EMA model")
-            ema.load_state_dict(ema_weights, strict=True)
+            load_fn(ema, load_weights(ema_file))
         else:
             # EMA switched on for a run that had none: start the average from the current weights
             ema.load_state_dict(model.state_dict(), strict=True)

@@ -163,6 +163,12 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             except ValueError as err:
                 errors.append(str(err))
         raise ValueError(errors[0] if errors else f"{name} must not be null")
+    if origin is list or (origin is tuple and typing.get_args(tp)[-1] is Ellipsis):
+        (elem, *_) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name} must be a list, got {value!r}")
+        items = [_coerce(v, elem, f"{name}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):

@@ -91,6 +91,7 @@ class Trainer:
         if cfg.model.init_from:
             # fine-tuning start point; every name and shape is checked, and a resume below overrides it
             load_into(self.model, cfg.model.init_from, allow_pickle=allow_pickle)
+        self.task.setup_model(self.model)
         self.ema: EMA | None = None
         if cfg.ema.enabled:
             self.ema = EMA(
@@ -111,7 +112,11 @@ class Trainer:
             ckpt_path = resolve_resume(self.run_dir, resume)
             if ckpt_path is not None:
                 loaded = load_checkpoint(
-                    ckpt_path, model=self.model, ema=self.ema.module if self.ema else None, allow_pickle=allow_pickle
+                    ckpt_path,
+                    model=self.model,
+                    ema=self.ema.module if self.ema else None,
+                    allow_pickle=allow_pickle,
+                    load_fn=self.task.load_saved_state,
                 )
                 state, self.resumed_from = loaded.state, ckpt_path
                 self.step = self._saved_step = loaded.step
@@ -181,7 +186,8 @@ class Trainer:
     def save(self) -> Path | None:
         """Checkpoint the current step (rank 0 writes; every rank takes part in gathering sharded state)."""
         fsdp = self.cfg.run.distributed == "fsdp" and self.dist.enabled
-        model = _FullWeights(D.full_state_dict(self.model)) if fsdp else self.model
+        model = _FullWeights(D.full_state_dict(self.model) if fsdp else self.task.saved_state(self.model))
+        ema = _FullWeights(self.task.saved_state(self.ema.module)) if self.ema else None
         state = self._training_state()
         path = None
         if self.dist.is_main:
@@ -191,7 +197,7 @@ class Trainer:
                 model=model,
                 state=state,
                 config=self.cfg.to_dict(),
-                ema=self.ema.module if self.ema else None,
+                ema=ema,
                 keep_last=self.cfg.run.keep_last,
             )
             self._say(f"checkpoint step {self.step} -> {path}")

@@ -47,6 +47,20 @@ class Task(ABC):
             model.set_grad_checkpointing(True)
         return model
 
+    def setup_model(self, model: nn.Module) -> None:  # noqa: B027 - an optional hook, a no-op by default
+        """Called once ``model.init_from`` is loaded, before the optimiser exists (LoRA injects adapters here)."""
+
+    def saved_state(self, model: nn.Module) -> dict[str, Tensor]:
+        """What a checkpoint's ``model.safetensors`` holds: the whole state dict unless a task trains a part."""
+        return model.state_dict()
+
+    def load_saved_state(self, model: nn.Module, weights: dict[str, Tensor]) -> None:
+        """Inverse of ``saved_state``: check every name and shape, then load."""
+        from t2i.io import check_state_dict
+
+        check_state_dict(model.state_dict(), weights, what="model")
+        model.load_state_dict(weights, strict=True)
+
     @abstractmethod
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
         """Per-sample training losses ``[B]`` for one micro-batch."""
@@ -64,8 +78,9 @@ class Task(ABC):
 
 def _registry() -> dict[str, type[Task]]:
     from .diffusion import DiffusionTask
+    from .lora import LoRATask
 
-    return {"diffusion": DiffusionTask}
+    return {"diffusion": DiffusionTask, "lora": LoRATask}
 
 
 def task_names() -> list[str]:
