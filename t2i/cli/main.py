@@ -11,9 +11,9 @@ import sys
 
 from t2i import __version__
 from t2i.cli import eval as eval_cli
-from t2i.cli import generate, info, train
+from t2i.cli import generate, info, lora, train
 
-COMMANDS = (generate, info, train, eval_cli)
+COMMANDS = (generate, info, train, eval_cli, lora)
 
 
 class CLIError(Exception):

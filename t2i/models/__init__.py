@@ -13,11 +13,13 @@ from typing import Any
 
 from torch import nn
 
+from .mmdit import MMDiT, MMDiTConfig
 from .toy import ToyMLP, ToyMLPConfig, ToyUNet, ToyUNetConfig
 
 MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "toy_unet": (ToyUNetConfig, ToyUNet),
     "toy_mlp": (ToyMLPConfig, ToyMLP),
+    "mmdit": (MMDiTConfig, MMDiT),  # SD3 / SD3.5 MMDiT(-X); PRESETS in t2i.models.mmdit
 }
 
 

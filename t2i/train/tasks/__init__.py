@@ -79,8 +79,9 @@ class Task(ABC):
 def _registry() -> dict[str, type[Task]]:
     from .diffusion import DiffusionTask
     from .lora import LoRATask
+    from .sd3 import SD3Task
 
-    return {"diffusion": DiffusionTask, "lora": LoRATask}
+    return {"diffusion": DiffusionTask, "lora": LoRATask, "sd3": SD3Task}
 
 
 def task_names() -> list[str]:

@@ -1,0 +1,329 @@
+"""SD3 / SD3.5 checkpoint keys: official <-> diffusers converters and model detection from keys and shapes.
+
+The official single files (``sd3.5_large.safetensors`` ...) store the MMDiT under ``model.diffusion_model.`` and
+the VAE under ``first_stage_model.``, with the module names of the Stability reference; t2i's models use those
+names, so an official file loads 1:1. Diffusers folders use other names, split q/k/v, and store the last context
+block's and the final layer's adaLN rows as ``[scale; shift]`` instead of ``[shift; scale]``. The tables below are
+the SD3.5 spec's §2.2 and §3.3 mapping, written once and run in both directions.
+
+A leaf module: plain dict-of-tensor transforms, no model classes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+TRANSFORMER_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIXES = {
+    "clip_l": "text_encoders.clip_l.transformer.",
+    "clip_g": "text_encoders.clip_g.transformer.",
+    "t5xxl": "text_encoders.t5xxl.transformer.",
+}
+
+# official (inside joint_blocks.N.) -> diffusers (inside transformer_blocks.N.); tuples are q/k/v splits
+_BLOCK_RULES: list[tuple[str, str | tuple[str, str, str]]] = [
+    ("x_block.attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
+    ("context_block.attn.qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
+    ("x_block.attn2.qkv", ("attn2.to_q", "attn2.to_k", "attn2.to_v")),
+    ("x_block.attn.ln_q", "attn.norm_q"),
+    ("x_block.attn.ln_k", "attn.norm_k"),
+    ("context_block.attn.ln_q", "attn.norm_added_q"),
+    ("context_block.attn.ln_k", "attn.norm_added_k"),
+    ("x_block.attn2.ln_q", "attn2.norm_q"),
+    ("x_block.attn2.ln_k", "attn2.norm_k"),
+    ("x_block.attn.proj", "attn.to_out.0"),
+    ("context_block.attn.proj", "attn.to_add_out"),
+    ("x_block.attn2.proj", "attn2.to_out.0"),
+    ("x_block.adaLN_modulation.1", "norm1.linear"),
+    ("context_block.adaLN_modulation.1", "norm1_context.linear"),
+    ("x_block.mlp.fc1", "ff.net.0.proj"),
+    ("x_block.mlp.fc2", "ff.net.2"),
+    ("context_block.mlp.fc1", "ff_context.net.0.proj"),
+    ("context_block.mlp.fc2", "ff_context.net.2"),
+]
+_TOP_RULES: list[tuple[str, str]] = [
+    ("x_embedder.proj", "pos_embed.proj"),
+    ("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1"),
+    ("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2"),
+    ("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
+    ("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"),
+    ("context_embedder", "context_embedder"),
+    ("final_layer.linear", "proj_out"),
+    ("final_layer.adaLN_modulation.1", "norm_out.linear"),
+]
+
+
+def _swap_halves(t: Tensor) -> Tensor:
+    """``[shift; scale]`` <-> ``[scale; shift]`` along dim 0 (adaLN rows; its own inverse)."""
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def strip_prefix(sd: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The entries of ``sd`` under ``prefix``, with the prefix removed."""
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def split_official_checkpoint(sd: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """Split an official single file into ``{"transformer", "vae", "clip_l", "clip_g", "t5xxl"}`` (present parts)."""
+    parts = {"transformer": strip_prefix(sd, TRANSFORMER_PREFIX), "vae": strip_prefix(sd, VAE_PREFIX)}
+    for name, prefix in TEXT_PREFIXES.items():
+        parts[name] = strip_prefix(sd, prefix)
+    return {k: v for k, v in parts.items() if v}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Transformer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _depth(keys, pattern: str) -> int:
+    idx = [int(m.group(1)) for k in keys if (m := re.match(pattern, k))]
+    if not idx:
+        raise ValueError("no transformer blocks found; is this an SD3 transformer state dict?")
+    return max(idx) + 1
+
+
+def transformer_official_to_diffusers(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Official MMDiT keys (prefix already stripped) -> ``SD3Transformer2DModel`` keys."""
+    sd = dict(sd)
+    if any(k.startswith(TRANSFORMER_PREFIX) for k in sd):
+        sd = strip_prefix(sd, TRANSFORMER_PREFIX)
+    last = _depth(sd, r"joint_blocks\.(\d+)\.") - 1
+    out: dict[str, Tensor] = {}
+    used: set[str] = set()
+    if "pos_embed" in sd:
+        out["pos_embed.pos_embed"] = sd["pos_embed"]
+        used.add("pos_embed")
+    for src, dst in _TOP_RULES:
+        for suffix in ("weight", "bias"):
+            key = f"{src}.{suffix}"
+            if key in sd:
+                t = sd[key]
+                out[f"{dst}.{suffix}"] = _swap_halves(t) if src == "final_layer.adaLN_modulation.1" else t
+                used.add(key)
+    for n in range(last + 1):
+        for src, dst in _BLOCK_RULES:
+            for suffix in ("weight", "bias"):
+                key = f"joint_blocks.{n}.{src}.{suffix}"
+                if key not in sd:
+                    continue
+                t, used_key = sd[key], key
+                used.add(used_key)
+                if isinstance(dst, tuple):
+                    for name, piece in zip(dst, t.chunk(3, dim=0), strict=True):
+                        out[f"transformer_blocks.{n}.{name}.{suffix}"] = piece
+                    continue
+                if n == last and src == "context_block.adaLN_modulation.1":
+                    t = _swap_halves(t)  # the pre-only block's 2-chunk adaLN is AdaLayerNormContinuous there
+                out[f"transformer_blocks.{n}.{dst}.{suffix}"] = t
+    unknown = sorted(set(sd) - used)
+    if unknown:
+        raise ValueError(f"unrecognised official MMDiT keys (first few): {unknown[:5]}; not an SD3 transformer?")
+    return out
+
+
+def transformer_diffusers_to_official(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``SD3Transformer2DModel`` keys -> official MMDiT keys (q/k/v concatenated, adaLN halves swapped back)."""
+    sd = dict(sd)
+    last = _depth(sd, r"transformer_blocks\.(\d+)\.") - 1
+    out: dict[str, Tensor] = {}
+    used: set[str] = set()
+    if "pos_embed.pos_embed" in sd:
+        out["pos_embed"] = sd["pos_embed.pos_embed"]
+        used.add("pos_embed.pos_embed")
+    for dst, src in _TOP_RULES:
+        for suffix in ("weight", "bias"):
+            key = f"{src}.{suffix}"
+            if key in sd:
+                t = sd[key]
+                out[f"{dst}.{suffix}"] = _swap_halves(t) if dst == "final_layer.adaLN_modulation.1" else t
+                used.add(key)
+    for n in range(last + 1):
+        for dst, src in _BLOCK_RULES:
+            for suffix in ("weight", "bias"):
+                names = src if isinstance(src, tuple) else (src,)
+                keys = [f"transformer_blocks.{n}.{name}.{suffix}" for name in names]
+                if not all(k in sd for k in keys):
+                    continue
+                used.update(keys)
+                t = torch.cat([sd[k] for k in keys], dim=0)
+                if n == last and dst == "context_block.adaLN_modulation.1":
+                    t = _swap_halves(t)
+                out[f"joint_blocks.{n}.{dst}.{suffix}"] = t
+    unknown = sorted(set(sd) - used)
+    if unknown:
+        raise ValueError(f"unrecognised diffusers SD3 transformer keys (first few): {unknown[:5]}")
+    return out
+
+
+def detect_transformer(sd: Mapping[str, Tensor], *, head_dim: int | None = None) -> dict:
+    """MMDiT config fields and a model name from official keys and shapes (the reference loader's rules).
+
+    The head width is read from the QK-norm weights when present; without QK-norm (SD3-Medium) it is the
+    released models' 64 unless ``head_dim`` is given. Returns ``{"name": ..., "params": {...}}`` where name is
+    "sd3.5-large", "sd3.5-medium", "sd3-medium" or "custom".
+    """
+    if any(k.startswith("transformer_blocks.") for k in sd):
+        sd = transformer_diffusers_to_official(sd)
+    if any(k.startswith(TRANSFORMER_PREFIX) for k in sd):
+        sd = strip_prefix(sd, TRANSFORMER_PREFIX)
+    if "x_embedder.proj.weight" not in sd or "pos_embed" not in sd:
+        raise ValueError("not an SD3 transformer: x_embedder.proj.weight or pos_embed is missing")
+    D, in_ch, p, _ = sd["x_embedder.proj.weight"].shape
+    depth = _depth(sd, r"joint_blocks\.(\d+)\.")
+    qk = "joint_blocks.0.context_block.attn.ln_k.weight" in sd
+    if qk:
+        head_dim = int(sd["joint_blocks.0.context_block.attn.ln_k.weight"].shape[0])
+    head_dim = head_dim or 64
+    if D % head_dim:
+        raise ValueError(f"hidden size {D} is not a multiple of head_dim {head_dim}; pass the right head_dim")
+    P = math.isqrt(sd["pos_embed"].shape[1])
+    dual = tuple(
+        sorted(int(m.group(1)) for k in sd if (m := re.match(r"joint_blocks\.(\d+)\.x_block\.attn2\.qkv\.weight$", k)))
+    )
+    out_ch = sd["final_layer.linear.weight"].shape[0] // (p * p)
+    params = {
+        "depth": depth,
+        "num_heads": D // head_dim,
+        "head_dim": head_dim,
+        "patch_size": int(p),
+        "in_channels": int(in_ch),
+        "out_channels": int(out_ch),
+        "context_dim": int(sd["context_embedder.weight"].shape[1]),
+        "pooled_dim": int(sd["y_embedder.mlp.0.weight"].shape[1]),
+        "pos_embed_max_size": P,
+        "qk_norm": "rms" if qk else None,
+        "x_block_self_attn_layers": dual,
+        "mlp_ratio": sd["joint_blocks.0.x_block.mlp.fc1.weight"].shape[0] / D,
+    }
+    official = 64 * depth == D and head_dim == 64 and p == 2 and in_ch == 16
+    if official and depth == 38 and qk and not dual and P == 192:
+        name = "sd3.5-large"
+    elif official and depth == 24 and qk and dual == tuple(range(13)) and P == 384:
+        name = "sd3.5-medium"
+    elif official and depth == 24 and not qk and not dual and P == 192:
+        name = "sd3-medium"
+    else:
+        name = "custom"
+    return {"name": name, "params": params}
+
+
+def diffusers_transformer_config_to_params(config: Mapping) -> dict:
+    """``transformer/config.json`` of a diffusers SD3 folder -> MMDiT config fields."""
+    heads, head_dim = int(config["num_attention_heads"]), int(config["attention_head_dim"])
+    if config.get("caption_projection_dim", heads * head_dim) != heads * head_dim:
+        raise ValueError("caption_projection_dim must equal num_attention_heads * attention_head_dim in SD3 models")
+    qk = config.get("qk_norm")
+    if qk not in (None, "rms_norm"):
+        raise ValueError(f"unsupported qk_norm {qk!r} (SD3 models use 'rms_norm' or none)")
+    return {
+        "depth": int(config["num_layers"]),
+        "num_heads": heads,
+        "head_dim": head_dim,
+        "patch_size": int(config.get("patch_size", 2)),
+        "in_channels": int(config.get("in_channels", 16)),
+        "out_channels": config.get("out_channels"),
+        "context_dim": int(config.get("joint_attention_dim", 4096)),
+        "pooled_dim": int(config.get("pooled_projection_dim", 2048)),
+        "pos_embed_max_size": int(config.get("pos_embed_max_size", 96)),
+        "pos_embed_base_size": int(config.get("sample_size", 128)) // int(config.get("patch_size", 2)),
+        "qk_norm": "rms" if qk == "rms_norm" else None,
+        "x_block_self_attn_layers": tuple(config.get("dual_attention_layers", ()) or ()),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# VAE
+# ----------------------------------------------------------------------------------------------------------------
+
+_VAE_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+_VAE_RES = {"nin_shortcut": "conv_shortcut"}
+
+
+def _vae_levels(keys, pattern: str) -> int:
+    idx = [int(m.group(1)) for k in keys if (m := re.match(pattern, k))]
+    if not idx:
+        raise ValueError("no VAE encoder/decoder levels found; is this an SD3 VAE state dict?")
+    return max(idx) + 1
+
+
+def vae_official_to_diffusers(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Official (ldm) VAE keys -> diffusers ``AutoencoderKL`` keys; 1x1 attention convs become Linear weights."""
+    sd = dict(sd)
+    if any(k.startswith(VAE_PREFIX) for k in sd):
+        sd = strip_prefix(sd, VAE_PREFIX)
+    levels = _vae_levels(sd, r"decoder\.up\.(\d+)\.")
+    out = {}
+    for key, t in sd.items():
+        new = key
+        new = re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", new)
+        new = re.sub(r"^encoder\.down\.(\d+)\.block\.(\d+)\.", r"encoder.down_blocks.\1.resnets.\2.", new)
+        new = re.sub(r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0.", new)
+        new = re.sub(r"\.mid\.block_1\.", ".mid_block.resnets.0.", new)
+        new = re.sub(r"\.mid\.block_2\.", ".mid_block.resnets.1.", new)
+        m = re.match(r"^decoder\.up\.(\d+)\.(block|upsample)\.(.*)$", new)
+        if m:
+            b = levels - 1 - int(m.group(1))  # diffusers counts decoder levels from the bottleneck up
+            rest = f"resnets.{m.group(3)}" if m.group(2) == "block" else f"upsamplers.0.{m.group(3)}"
+            new = f"decoder.up_blocks.{b}.{rest}"
+        m = re.match(r"^(encoder|decoder)\.mid\.attn_1\.(norm|q|k|v|proj_out)\.(weight|bias)$", new)
+        if m:
+            new = f"{m.group(1)}.mid_block.attentions.0.{_VAE_ATTN[m.group(2)]}.{m.group(3)}"
+            if t.ndim == 4:
+                t = t[:, :, 0, 0]
+        new = new.replace(".nin_shortcut.", ".conv_shortcut.")
+        out[new] = t
+    return out
+
+
+def vae_diffusers_to_official(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Diffusers ``AutoencoderKL`` keys -> official (ldm) VAE keys; the inverse of ``vae_official_to_diffusers``."""
+    levels = _vae_levels(sd, r"decoder\.up_blocks\.(\d+)\.")
+    inv_attn = {v: k for k, v in _VAE_ATTN.items()}
+    out = {}
+    for key, t in sd.items():
+        if key.startswith(("quant_conv.", "post_quant_conv.")):
+            raise ValueError(f"{key}: SD3 VAEs have no quant convs; this is a different autoencoder")
+        new = key
+        new = re.sub(r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out.", new)
+        new = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2.", new)
+        new = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", new)
+        new = re.sub(r"\.mid_block\.resnets\.0\.", ".mid.block_1.", new)
+        new = re.sub(r"\.mid_block\.resnets\.1\.", ".mid.block_2.", new)
+        m = re.match(r"^decoder\.up_blocks\.(\d+)\.(resnets|upsamplers\.0)\.(.*)$", new)
+        if m:
+            b = levels - 1 - int(m.group(1))
+            kind = "block." if m.group(2) == "resnets" else "upsample."
+            new = f"decoder.up.{b}.{kind}{m.group(3)}"
+        m = re.match(r"^(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)$", new)
+        if m:
+            new = f"{m.group(1)}.mid.attn_1.{inv_attn[m.group(2)]}.{m.group(3)}"
+            if t.ndim == 2:
+                t = t[:, :, None, None]
+        new = new.replace(".conv_shortcut.", ".nin_shortcut.")
+        out[new] = t
+    return out
+
+
+def detect_vae(sd: Mapping[str, Tensor]) -> dict:
+    """VAE config fields (channels per level, blocks per level, latent channels) from official keys and shapes."""
+    if any(k.startswith("encoder.down_blocks.") for k in sd):
+        sd = vae_diffusers_to_official(sd)
+    if any(k.startswith(VAE_PREFIX) for k in sd):
+        sd = strip_prefix(sd, VAE_PREFIX)
+    levels = _vae_levels(sd, r"encoder\.down\.(\d+)\.")
+    chans = tuple(int(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0]) for i in range(levels))
+    blocks = _vae_levels(sd, r"encoder\.down\.0\.block\.(\d+)\.")
+    return {
+        "block_out_channels": chans,
+        "layers_per_block": blocks,
+        "in_channels": int(sd["encoder.conv_in.weight"].shape[1]),
+        "latent_channels": int(sd["decoder.conv_in.weight"].shape[1]),
+    }

@@ -1,0 +1,229 @@
+"""The SD3 text stack: CLIP-L/14 + OpenCLIP bigG/14 + T5-v1.1-XXL -> ``(context, pooled)`` (Esser et al. 2024).
+
+Built on ``transformers`` (``CLIPTextModelWithProjection`` twice, ``T5EncoderModel``) with tokenizers from local
+folders. What SD3 takes from each encoder (SD3.5 spec §4):
+
+- CLIP-L and CLIP-G: the **penultimate** layer's hidden states (no final LayerNorm), 77 tokens each; pooled = the
+  final-LN'd EOS state, CLIP-G's projected by ``text_projection``. CLIP-L's pooled vector is taken *unprojected*
+  as the official reference does (its ``clip_l.safetensors`` ships no projection); diffusers projects it, which
+  agrees only when that projection is the identity, so ``clip_l_projection=True`` reproduces diffusers.
+- T5: the last hidden state (after T5's final RMS norm), no attention mask, so pad tokens count: the sequence
+  length changes the output. 77 matches the reference for short prompts, 256 is diffusers' default.
+- ``context = [pad_4096(CLIP-L ‖ CLIP-G) ; T5]`` along the sequence, CLIP tokens first: ``(B, 77 + L_t5, 4096)``;
+  ``pooled = CLIP-L ‖ CLIP-G``: ``(B, 2048)``. Without T5 its rows are zeros (they still pass the context
+  embedder and are attended to, as in diffusers' T5-free mode).
+
+CLIP-L pads with EOS, CLIP-G with token 0 ("!"), whatever the tokenizer folders say, because that is what the
+models were trained with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+CLIP_LENGTH = 77
+
+
+def _module_device(m: nn.Module) -> torch.device:
+    return next(m.parameters()).device
+
+
+class SD3TextEncoder(nn.Module):
+    """CLIP-L + CLIP-G (+ optional T5) encoders and tokenizers producing SD3's ``(context, pooled)``.
+
+    Args:
+        clip_l, clip_g: ``transformers.CLIPTextModelWithProjection`` models.
+        t5: a ``transformers.T5EncoderModel`` or None (then T5 rows are zeros).
+        tokenizer_l, tokenizer_g, tokenizer_t5: Hugging Face tokenizers (needed only to encode strings).
+        t5_length: T5 tokens per prompt (77 as the reference for short prompts, 256 as diffusers).
+        t5_truncate: cut longer T5 prompts to ``t5_length`` (diffusers); False pads to at least ``t5_length``
+            and keeps every token (the reference; the batch is padded to its longest prompt).
+        context_dim: width of the context when T5 is absent (4096, T5-XXL's width).
+        clip_l_projection: project CLIP-L's pooled vector (diffusers) instead of using it raw (reference).
+    """
+
+    def __init__(
+        self,
+        clip_l: nn.Module,
+        clip_g: nn.Module,
+        t5: nn.Module | None = None,
+        *,
+        tokenizer_l=None,
+        tokenizer_g=None,
+        tokenizer_t5=None,
+        t5_length: int = 77,
+        t5_truncate: bool = True,
+        context_dim: int = 4096,
+        clip_l_projection: bool = False,
+    ):
+        super().__init__()
+        self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
+        self.tokenizer_l, self.tokenizer_g, self.tokenizer_t5 = tokenizer_l, tokenizer_g, tokenizer_t5
+        if t5_length < 1:
+            raise ValueError(f"t5_length must be positive, got {t5_length}")
+        self.t5_length, self.t5_truncate = t5_length, t5_truncate
+        self.context_dim = int(t5.config.d_model) if t5 is not None else context_dim
+        self.clip_l_projection = clip_l_projection
+        width = clip_l.config.hidden_size + clip_g.config.hidden_size
+        if width > self.context_dim:
+            raise ValueError(f"CLIP widths ({width}) exceed the context width {self.context_dim}")
+
+    # -- tokenisation -------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _clip_ids(tokenizer, prompts: Sequence[str], pad_id: int) -> Tensor:
+        if tokenizer is None:
+            raise ValueError("this text encoder has no CLIP tokenizers; pass token ids to encode_tokens instead")
+        enc = tokenizer(
+            list(prompts), padding="max_length", max_length=CLIP_LENGTH, truncation=True, return_tensors="pt"
+        )
+        ids = enc["input_ids"]
+        # force the trained padding token: EOS for CLIP-L, 0 ("!") for CLIP-G
+        return torch.where(enc["attention_mask"].bool(), ids, torch.full_like(ids, pad_id))
+
+    def tokenize(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        """Token ids ``{"l", "g", "t5"?}``: CLIP ``(B, 77)`` each, T5 ``(B, L)``."""
+        eos = self.tokenizer_l.eos_token_id if self.tokenizer_l is not None else None
+        out = {"l": self._clip_ids(self.tokenizer_l, prompts, eos), "g": self._clip_ids(self.tokenizer_g, prompts, 0)}
+        if self.t5 is not None:
+            if self.tokenizer_t5 is None:
+                raise ValueError("T5 is loaded but its tokenizer is not; pass tokenizer_t5 or drop T5")
+            pad = self.tokenizer_t5.pad_token_id or 0
+            if self.t5_truncate:
+                enc = self.tokenizer_t5(
+                    list(prompts), padding="max_length", max_length=self.t5_length, truncation=True,
+                    return_tensors="pt",
+                )  # fmt: skip
+            else:
+                enc = self.tokenizer_t5(list(prompts), padding="longest", return_tensors="pt")
+            ids = torch.where(enc["attention_mask"].bool(), enc["input_ids"], pad)
+            if ids.shape[1] < self.t5_length:
+                ids = F.pad(ids, (0, self.t5_length - ids.shape[1]), value=pad)
+            out["t5"] = ids
+        return out
+
+    # -- encoding -----------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _clip(model: nn.Module, ids: Tensor, project: bool) -> tuple[Tensor, Tensor]:
+        """Penultimate hidden states ``(B, 77, W)`` and the EOS pooled vector (projected or not)."""
+        out = model.text_model(input_ids=ids.to(_module_device(model)), output_hidden_states=True)
+        pooled = out.pooler_output
+        if project:
+            pooled = model.text_projection(pooled)
+        return out.hidden_states[-2], pooled
+
+    def encode_tokens(self, ids_l: Tensor, ids_g: Tensor, ids_t5: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(context (B, 77 + L_t5, D), pooled (B, W_l + W_g))`` from token ids, in float32."""
+        if ids_l.shape[1] != CLIP_LENGTH or ids_g.shape[1] != CLIP_LENGTH:
+            raise ValueError(f"CLIP token ids must be exactly {CLIP_LENGTH} long (SD3 adds the full position table)")
+        h_l, p_l = self._clip(self.clip_l, ids_l, self.clip_l_projection)
+        h_g, p_g = self._clip(self.clip_g, ids_g, True)
+        lg = torch.cat([h_l.float(), h_g.float().to(h_l.device)], dim=-1)  # (B, 77, W_l + W_g)
+        lg = F.pad(lg, (0, self.context_dim - lg.shape[-1]))  # zero channels up to the T5 width
+        if self.t5 is not None and ids_t5 is not None:
+            t5 = self.t5(input_ids=ids_t5.to(_module_device(self.t5))).last_hidden_state.float().to(lg.device)
+        else:
+            t5 = lg.new_zeros(lg.shape[0], self.t5_length, self.context_dim)
+        pooled = torch.cat([p_l.float(), p_g.float().to(p_l.device)], dim=-1)
+        return torch.cat([lg, t5], dim=1), pooled
+
+    @torch.no_grad()
+    def forward(self, prompts: str | Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Encode prompts to ``(context, pooled)``; the empty string gives SD3's unconditional embedding."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        ids = self.tokenize(prompts)
+        return self.encode_tokens(ids["l"], ids["g"], ids.get("t5"))
+
+    def clip_l_projection_is_identity(self, atol: float = 1e-3) -> bool:
+        """Whether CLIP-L's ``text_projection`` is I, i.e. the reference and diffusers pooled vectors agree."""
+        w = self.clip_l.text_projection.weight
+        if w.shape[0] != w.shape[1]:
+            return False
+        return bool(torch.allclose(w.float(), torch.eye(w.shape[0], device=w.device), atol=atol))
+
+
+# -- standard configurations of the released encoders (for the official single files, which carry no config) -----
+
+
+def clip_l_config():
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, bos_token_id=49406,
+        eos_token_id=49407, pad_token_id=1,
+    )  # fmt: skip
+
+
+def clip_g_config():
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+        max_position_embeddings=77, hidden_act="gelu", projection_dim=1280, bos_token_id=49406,
+        eos_token_id=49407, pad_token_id=1,
+    )  # fmt: skip
+
+
+def t5_xxl_config():
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+        relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+        dropout_rate=0.0, layer_norm_epsilon=1e-6, is_encoder_decoder=False, use_cache=False,
+    )  # fmt: skip
+
+
+def build_clip_from_state_dict(config, sd: dict[str, Tensor], *, dtype=None, device=None) -> nn.Module:
+    """A ``CLIPTextModelWithProjection`` from a bare state dict, built on ``meta`` and filled in place.
+
+    A missing ``text_projection`` (the official ``clip_l.safetensors``) becomes the identity, so projected and
+    unprojected pooled vectors agree, as kohya's and stable-diffusion.cpp's loaders do.
+    """
+    from transformers import CLIPTextModelWithProjection
+
+    sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+    sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
+    if "text_projection.weight" not in sd:
+        sd["text_projection.weight"] = torch.eye(config.hidden_size, config.projection_dim)
+    with torch.device("meta"):
+        model = CLIPTextModelWithProjection(config)
+    _assign(model, sd, dtype, device)
+    emb = model.text_model.embeddings  # the one non-persistent buffer, rebuilt off meta
+    emb.position_ids = torch.arange(config.max_position_embeddings, device=device).expand(1, -1)
+    return model.eval()
+
+
+def build_t5_from_state_dict(config, sd: dict[str, Tensor], *, dtype=None, device=None) -> nn.Module:
+    """A ``T5EncoderModel`` from a bare state dict (``encoder.*``, ``shared.weight``), built on ``meta``."""
+    from transformers import T5EncoderModel
+
+    sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+    if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
+        sd["shared.weight"] = sd["encoder.embed_tokens.weight"]
+    sd.pop("encoder.embed_tokens.weight", None)  # tied to shared.weight
+    with torch.device("meta"):
+        model = T5EncoderModel(config)
+    _assign(model, sd, dtype, device)
+    model.encoder.embed_tokens = model.shared
+    return model.eval()
+
+
+def _assign(model: nn.Module, sd: dict[str, Tensor], dtype, device) -> None:
+    sd = {
+        k: v.to(device=device or "cpu", dtype=dtype if v.is_floating_point() and dtype else v.dtype)
+        for k, v in sd.items()
+    }
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(sd) - {"encoder.embed_tokens.weight"})
+    unexpected = sorted(set(sd) - expected)
+    if missing or unexpected:
+        raise ValueError(f"text encoder weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict(sd, strict=False, assign=True)

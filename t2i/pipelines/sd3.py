@@ -1,0 +1,295 @@
+"""The SD3 / SD3.5 pipeline: text -> (context, pooled) -> rectified-flow sampling -> VAE decode.
+
+Composition only (Esser et al. 2024 for the model; the sd3.5 reference and diffusers for the defaults): the MMDiT
+becomes an x0-denoiser through ``FlowDenoiser`` on ``RectifiedFlow(shift)``, guidance (CFG and SD3.5's skip-layer
+guidance) wraps that denoiser, and any registered sampler of ``t2i.diffusion`` integrates it. No sampler or
+guidance code lives here.
+
+Per-model presets (``PRESETS``) hold steps, guidance, sampler, shift and SLG; "turbo" is just a preset (4 Euler
+steps, no CFG). Noise is drawn per sample from its own seed, on the CPU in fp32, so image k of a batch is the same
+image at any batch size and on any device.
+
+img2img start step: sampling starts at index ``t_start = int(max(N - N*strength, 0))`` of the N-step grid
+(so about ``N*strength`` steps run), from ``(1 - t) z0 + t eps`` at that grid time, as diffusers' SD3 img2img does
+(the reference uses ``int(N*(1-strength))``, which is one step earlier for some values, e.g. N=40, strength=0.8,
+because ``1 - 0.8`` is not exact in floating point). ``strength=1`` starts from pure noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from t2i.diffusion import (
+    SAMPLERS,
+    FlowDenoiser,
+    RectifiedFlow,
+    Seeds,
+    SkipLayerGuidance,
+    classifier_free_guidance,
+    sample,
+    step_interval_to_time,
+)
+
+
+@dataclass(frozen=True)
+class SD3Preset:
+    steps: int = 28
+    cfg: float = 4.5  # guidance scale w; 1.0 disables CFG (no unconditional pass)
+    sampler: str = "euler"  # a key of t2i.diffusion.SAMPLERS
+    shift: float = 3.0  # rectified-flow timestep shift
+    slg_scale: float = 0.0  # skip-layer guidance strength; 0 disables it
+    slg_layers: tuple[int, ...] = (7, 8, 9)
+    slg_window: tuple[float, float] = (0.01, 0.2)  # fractions of the steps where SLG is on (strict bounds)
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {sorted(SAMPLERS)}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+
+PRESETS: dict[str, SD3Preset] = {
+    # model card: 28 steps at guidance 3.5 (3.5-4.5 works)
+    "sd3.5-large": SD3Preset(steps=28, cfg=3.5, sampler="euler"),
+    # the sd3.5 reference CONFIGS entry: 40 steps, cfg 4.5, DPM++(2M)
+    "sd3.5-large-ref": SD3Preset(steps=40, cfg=4.5, sampler="dpmpp_2m"),
+    # ADD-distilled: 4 Euler steps, no CFG
+    "sd3.5-large-turbo": SD3Preset(steps=4, cfg=1.0, sampler="euler"),
+    # 40 steps, cfg 4.5, SLG on layers 7, 8, 9 at 2.5 between 1% and 20% of the steps
+    "sd3.5-medium": SD3Preset(steps=40, cfg=4.5, sampler="euler", slg_scale=2.5),
+    # diffusers' StableDiffusion3Pipeline defaults (tuned for SD3-Medium)
+    "sd3-medium": SD3Preset(steps=28, cfg=7.0, sampler="euler"),
+}
+
+
+def _to_pil(images: Tensor) -> list:
+    from PIL import Image
+
+    arr = (images.clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in arr]
+
+
+def _image_tensor(image, height: int, width: int) -> Tensor:
+    """PIL image(s) or a ``(B, 3, H, W)`` tensor in [0, 1] -> a tensor in [-1, 1] of the requested size."""
+    if isinstance(image, Tensor):
+        x = image.float()
+        if x.ndim == 3:
+            x = x[None]
+    else:
+        from PIL import Image
+
+        images = image if isinstance(image, list | tuple) else [image]
+        arrs = [np.asarray(im.convert("RGB").resize((width, height), Image.LANCZOS), dtype=np.float32) / 255
+                for im in images]  # fmt: skip
+        x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)
+    if x.shape[-2:] != (height, width):
+        raise ValueError(f"init_image is {tuple(x.shape[-2:])} but height x width is {(height, width)}; resize it")
+    return x * 2 - 1
+
+
+class SD3Pipeline:
+    """Text-to-image (and img2img) with an SD3/SD3.5 MMDiT, its VAE and its text stack.
+
+    Args:
+        transformer: the ``MMDiT``.
+        vae: the ``AutoencoderKL`` (optional when only latents are wanted).
+        text_encoder: the ``SD3TextEncoder`` (optional when embeddings are passed in).
+        preset: a key of ``PRESETS`` or an ``SD3Preset``.
+        device: where to run (default: the transformer's device).
+        offload: keep every component on the CPU and move each to ``device`` only while it runs (sequential CPU
+            offload: peak accelerator memory is the largest component, not the sum).
+        autocast: a dtype (e.g. ``torch.bfloat16``) to run the transformer under autocast, or None.
+    """
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        vae: nn.Module | None = None,
+        text_encoder: nn.Module | None = None,
+        *,
+        preset: str | SD3Preset = "sd3.5-medium",
+        device: torch.device | str | None = None,
+        offload: bool = False,
+        autocast: torch.dtype | None = None,
+    ):
+        self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
+        if isinstance(preset, str):
+            if preset not in PRESETS:
+                raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+            preset = PRESETS[preset]
+        self.preset = preset
+        self.device = torch.device(device) if device is not None else next(transformer.parameters()).device
+        self.offload, self.autocast = offload, autocast
+        if offload:
+            for m in (transformer, vae, text_encoder):
+                if m is not None:
+                    m.to("cpu")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, preset: str | SD3Preset | None = None, device=None, offload=False,
+                        autocast=None, **load_kwargs) -> SD3Pipeline:  # fmt: skip
+        """Load a diffusers folder or an official file (see ``t2i.models.sd3_loading.load_sd3``); the preset
+        defaults to the detected model (a file or folder named "*turbo*" gets the turbo preset)."""
+        from t2i.models.sd3_loading import load_sd3
+
+        parts = load_sd3(path, device="cpu" if offload else (device or "cpu"), **load_kwargs)
+        if preset is None:
+            name = parts.model_name
+            if name == "sd3.5-large" and "turbo" in Path(path).name.lower():
+                name = "sd3.5-large-turbo"
+            preset = name if name in PRESETS else "sd3.5-medium"
+        return cls(parts.transformer, parts.vae, parts.text_encoder, preset=preset, device=device,
+                   offload=offload, autocast=autocast)  # fmt: skip
+
+    @contextmanager
+    def _on_device(self, module: nn.Module | None):
+        if module is not None and self.offload:
+            module.to(self.device)
+        try:
+            yield module
+        finally:
+            if module is not None and self.offload:
+                module.to("cpu")
+
+    # -- steps ----------------------------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """``(context, pooled)`` for a list of prompts (the empty string is the unconditional embedding)."""
+        if self.text_encoder is None:
+            raise ValueError("this pipeline has no text encoder; pass context= and pooled= embeddings instead")
+        with self._on_device(self.text_encoder):
+            ctx, pooled = self.text_encoder(list(prompts))
+        return ctx.to(self.device), pooled.to(self.device)
+
+    def schedule(self, steps: int, shift: float, strength: float = 1.0) -> tuple[RectifiedFlow, Tensor]:
+        """The flow path and the (possibly img2img-truncated) descending time grid."""
+        path = RectifiedFlow(shift=shift)
+        ts = path.timesteps(steps)
+        if strength < 1.0:
+            if not strength > 0.0:
+                raise ValueError(f"strength must lie in (0, 1], got {strength}")
+            t_start = int(max(steps - steps * strength, 0))
+            if t_start >= steps:
+                raise ValueError(f"strength {strength} with {steps} steps leaves no step to run; raise either")
+            ts = ts[t_start:]
+        return path, ts
+
+    def decode(self, latents: Tensor, *, tile: int | None = None) -> Tensor:
+        """MMDiT-space latents -> images in [0, 1]."""
+        if self.vae is None:
+            raise ValueError("this pipeline has no VAE; use output='latent'")
+        with self._on_device(self.vae):
+            z = self.vae.latent_format.process_out(latents.to(self.device))
+            img = self.vae.decode(z, tile=tile).float()
+        return ((img + 1) / 2).clamp(0, 1)
+
+    def _sample(self, x: Tensor, ts: Tensor, path, p: SD3Preset, cond: dict, uncond: dict, noise, callback,
+                progress: bool) -> Tensor:  # fmt: skip
+        denoise = FlowDenoiser(self.transformer, path)
+        slg = None
+        if p.slg_scale != 0:
+            window = step_interval_to_time(ts, *p.slg_window)
+            slg = SkipLayerGuidance(scale=p.slg_scale, layers=tuple(p.slg_layers), interval=window)
+        guided = classifier_free_guidance(denoise, p.cfg, uncond, skip_layers=slg)
+        amp = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast is not None else nullcontext()
+        with self._on_device(self.transformer), amp:
+            return sample(p.sampler, guided, x, ts, path, extra_args=cond, noise=noise, callback=callback,
+                          progress=progress)  # fmt: skip
+
+    # -- the call -------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        *,
+        negative_prompt: str | Sequence[str] = "",
+        context: Tensor | None = None,
+        pooled: Tensor | None = None,
+        negative_context: Tensor | None = None,
+        negative_pooled: Tensor | None = None,
+        seeds: int | Sequence[int] = 0,
+        height: int = 1024,
+        width: int = 1024,
+        init_image=None,
+        strength: float = 0.8,
+        latents: Tensor | None = None,
+        output: str = "pil",
+        vae_tile: int | None = None,
+        callback: Callable | None = None,
+        progress: bool = False,
+        **overrides,
+    ):
+        """Generate images.
+
+        Args:
+            prompt: one prompt or one per image; or pass ``context``/``pooled`` embeddings instead.
+            negative_prompt: the unconditional prompt(s); or ``negative_context``/``negative_pooled``.
+            seeds: one seed per image (an int n gives one image with seed n); a single prompt is repeated.
+            height, width: image size in pixels, multiples of 8 * patch size (16 for the released models).
+            init_image: PIL image(s) or a ``(B, 3, H, W)`` tensor in [0, 1] for img2img, with ``strength``.
+            latents: explicit starting noise ``(B, C, H/8, W/8)`` instead of drawing it from ``seeds``.
+            output: "pil", "tensor" (``(B, 3, H, W)`` in [0, 1]) or "latent" (MMDiT-space latents).
+            vae_tile: decode in tiles of this many latent pixels (bounds VAE memory for large images).
+            overrides: any ``SD3Preset`` field: ``steps``, ``cfg``, ``sampler``, ``shift``, ``slg_scale``,
+                ``slg_layers``, ``slg_window``.
+        """
+        if output not in ("pil", "tensor", "latent"):
+            raise ValueError(f"output must be 'pil', 'tensor' or 'latent', got {output!r}")
+        p = replace(self.preset, **overrides)  # unknown keys raise TypeError naming them
+        # 1. conditioning
+        seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+        if context is None:
+            if prompt is None:
+                raise ValueError("pass a prompt, or context= and pooled= embeddings")
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if len(prompts) == 1 and len(seeds) > 1:
+                prompts = prompts * len(seeds)
+            context, pooled = self.encode_prompt(prompts)
+        if pooled is None:
+            raise ValueError("context= needs pooled= as well")
+        B = context.shape[0]
+        if len(seeds) == 1 and B > 1:
+            seeds = [seeds[0] + i for i in range(B)]
+        if len(seeds) != B:
+            raise ValueError(f"{len(seeds)} seeds for {B} prompts; pass one seed per image")
+        cond = {"context": context.to(self.device), "pooled": pooled.to(self.device)}
+        uncond = {}
+        if p.cfg != 1.0:
+            if negative_context is None:
+                negs = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+                negative_context, negative_pooled = self.encode_prompt(negs)
+            uncond = {"context": negative_context.to(self.device), "pooled": negative_pooled.to(self.device)}
+        # 2. schedule and starting point
+        cfg = self.transformer.cfg
+        factor = self.vae.downscale if self.vae is not None else 8
+        if height % (factor * cfg.patch_size) or width % (factor * cfg.patch_size):
+            raise ValueError(f"height and width must be multiples of {factor * cfg.patch_size}, got {height}x{width}")
+        shape = (B, cfg.in_channels, height // factor, width // factor)
+        noise = Seeds(seeds)
+        path, ts = self.schedule(p.steps, p.shift, strength if init_image is not None else 1.0)
+        eps = latents.float().to(self.device) if latents is not None else noise.randn(shape, device=self.device)
+        x = eps
+        if init_image is not None:
+            if self.vae is None:
+                raise ValueError("img2img needs a VAE to encode init_image")
+            img = _image_tensor(init_image, height, width).to(self.device)
+            if img.shape[0] == 1 and B > 1:
+                img = img.expand(B, -1, -1, -1)
+            with self._on_device(self.vae):
+                z0 = self.vae.latent_format.process_in(self.vae.encode(img, noise=noise))
+            x = path.add_noise(z0, eps, ts[0].expand(B))  # (1 - t0) z0 + t0 eps
+        # 3. sample with the guided denoiser
+        x = self._sample(x, ts, path, p, cond, uncond, noise, callback, progress)
+        # 4. decode
+        if output == "latent":
+            return x
+        images = self.decode(x, tile=vae_tile)
+        return images if output == "tensor" else _to_pil(images)

@@ -1,0 +1,204 @@
+"""The SD3 training task: rectified-flow matching of an MMDiT on VAE latents with CLIP-L/G + T5 conditioning.
+
+The SD3 recipe (Esser et al. 2024):
+
+- x_t = (1 - t) x0 + t eps on VAE latents in the MMDiT's latent format, velocity target eps - x0, plain MSE;
+- logit-normal training times (m=0, s=1, the paper's best ``rf/lognorm(0.00, 1.00)``), warped by the timestep
+  shift (3.0 for the released models), as diffusers' SD3 scripts effectively do;
+- each text encoder dropped independently per sample (≈46% each in the paper): a dropped encoder's features
+  become zeros, which is both the T5-free inference input and, with all three dropped, an unconditional input for
+  classifier-free guidance.
+
+Frozen components are loaded from ``task.params.vae`` / ``task.params.text`` (a diffusers folder or official file)
+or attached in Python (``task.vae = ...``); batches may instead carry precomputed ``latent`` (MMDiT space) and
+``context``/``pooled`` tensors. Two caches avoid re-running the frozen encoders: text embeddings by caption, and
+VAE posteriors (mean, std) by image content; a posterior sample is then drawn per draw from the sample's own
+generator, so caching never changes the training stream. Noise, times and dropout come from generators seeded by
+the draw index, as in the generic diffusion task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from t2i.data.transforms import sample_generator
+from t2i.diffusion import SAMPLERS, DenoisingObjective, LogitNormalTime, RectifiedFlow
+
+from . import Task
+
+NOISE_STREAM, DROPOUT_STREAM, POSTERIOR_STREAM = 1, 2, 3
+
+
+@dataclass
+class SD3TaskConfig:
+    shift: float = 3.0  # timestep shift applied to the logit-normal training times
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    weighting: str | None = None  # None (paper) | sigma_sqrt | cosmap
+    drop_clip_l: float = 0.46  # per-sample probability of zeroing each encoder's features
+    drop_clip_g: float = 0.46
+    drop_t5: float = 0.46
+    clip_widths: tuple[int, int] = (768, 1280)  # CLIP-L, CLIP-G widths (read from the text encoder when loaded)
+    clip_tokens: int = 77
+    vae: str | None = None  # VAE source (official file or diffusers vae/ folder); None: batches carry latents
+    text: str | None = None  # diffusers folder with text_encoder{,_2,_3} + tokenizers; None: batches carry text
+    load_t5: bool = True
+    t5_length: int = 77
+    cache_text: bool = True  # memoise text embeddings by caption
+    cache_latents: bool = True  # memoise VAE posteriors by image content
+    sampler: str = "euler"  # sample grids
+    guidance: float = 4.5
+    sample_prompts: str = ""  # "|"-separated prompts of the sample grids (default: the last batch's captions)
+
+
+class SD3Task(Task):
+    """Flow-matching training of an ``MMDiT`` (model name ``mmdit``) the SD3 way."""
+
+    params_cls = SD3TaskConfig
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        p = self.params
+        for name in ("drop_clip_l", "drop_clip_g", "drop_t5"):
+            if not 0.0 <= getattr(p, name) < 1.0:
+                raise ValueError(f"task.params.{name} must lie in [0, 1), got {getattr(p, name)}")
+        if p.sampler not in SAMPLERS:
+            raise ValueError(f"task.params.sampler {p.sampler!r} is not registered; choose one of {sorted(SAMPLERS)}")
+        self.path = RectifiedFlow(p.shift)
+        self.objective = DenoisingObjective(
+            self.path, "flow", LogitNormalTime(p.logit_mean, p.logit_std), weighting=p.weighting, shift_times=True
+        )
+        self.seed = cfg.run.seed
+        self.vae: nn.Module | None = None
+        self.text_encoder: nn.Module | None = None
+        if p.vae is not None:
+            from t2i.models.sd3_loading import load_vae
+
+            self.vae = load_vae(p.vae, dtype=torch.float32)
+        if p.text is not None:
+            from t2i.models.sd3_loading import load_text_encoder
+
+            self.text_encoder = load_text_encoder(p.text, load_t5=p.load_t5, t5_length=p.t5_length)
+        self._text_cache: dict[str, tuple[Tensor, Tensor]] = {}
+        self._latent_cache: dict[str, tuple[Tensor, Tensor]] = {}
+        self._last: dict[str, Any] = {}
+
+    # -- conditioning and latents ---------------------------------------------------------------------------------
+
+    def _widths(self) -> tuple[int, int]:
+        if self.text_encoder is not None:
+            return self.text_encoder.clip_l.config.hidden_size, self.text_encoder.clip_g.config.hidden_size
+        return tuple(self.params.clip_widths)
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        """``(context, pooled)`` for captions through the frozen text stack, memoised by caption."""
+        if self.text_encoder is None:
+            raise ValueError("batches carry captions but no text encoder is set; set task.params.text")
+        todo = [c for c in dict.fromkeys(captions) if c not in self._text_cache]
+        if todo:
+            ctx, pooled = self.text_encoder(todo)
+            if not self.params.cache_text:
+                found = dict(zip(todo, zip(ctx, pooled, strict=True), strict=True))
+                return torch.stack([found[c][0] for c in captions]), torch.stack([found[c][1] for c in captions])
+            for c, x, y in zip(todo, ctx, pooled, strict=True):
+                self._text_cache[c] = (x.cpu(), y.cpu())
+        return (torch.stack([self._text_cache[c][0] for c in captions]),
+                torch.stack([self._text_cache[c][1] for c in captions]))  # fmt: skip
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor, gens: list[torch.Generator]) -> Tensor:
+        """MMDiT-space latents: a posterior sample per image from its own generator (posteriors memoised)."""
+        if self.vae is None:
+            raise ValueError("batches carry images but no VAE is set; set task.params.vae or cache latents")
+        keys = [hashlib.sha1(im.float().cpu().numpy().tobytes()).hexdigest() for im in images]
+        missing = [i for i, k in enumerate(keys) if k not in self._latent_cache]
+        if missing:
+            dev = next(self.vae.parameters()).device
+            mean, std = self.vae.moments(images[missing].to(dev))
+            for i, m, s in zip(missing, mean, std, strict=True):
+                self._latent_cache[keys[i]] = (m.cpu(), s.cpu())
+        mean = torch.stack([self._latent_cache[k][0] for k in keys])
+        std = torch.stack([self._latent_cache[k][1] for k in keys])
+        if not self.params.cache_latents:
+            self._latent_cache.clear()
+        eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in gens])
+        return self.vae.latent_format.process_in(mean + std * eps)
+
+    def drop_text(self, context: Tensor, pooled: Tensor, gens: list[torch.Generator]) -> tuple[Tensor, Tensor]:
+        """Zero each encoder's features independently per sample (CLIP-L, CLIP-G, T5)."""
+        p = self.params
+        u = torch.stack([torch.rand(3, generator=g) for g in gens])  # (B, 3)
+        drop = u < torch.tensor([p.drop_clip_l, p.drop_clip_g, p.drop_t5])
+        wl, wg = self._widths()
+        n = p.clip_tokens
+        keep = lambda col: (~drop[:, col]).to(context.dtype).to(context.device)  # noqa: E731
+        context, pooled = context.clone(), pooled.clone()
+        context[:, :n, :wl] *= keep(0)[:, None, None]
+        context[:, :n, wl : wl + wg] *= keep(1)[:, None, None]
+        context[:, n:] *= keep(2)[:, None, None]
+        pooled[:, :wl] *= keep(0)[:, None]
+        pooled[:, wl : wl + wg] *= keep(1)[:, None]
+        return context, pooled
+
+    # -- Task interface ---------------------------------------------------------------------------------------------
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
+        device = next(model.parameters()).device
+        ids = [int(d) for d in batch["id"]]
+        if "latent" in batch:
+            x0 = batch["latent"].float()
+        else:
+            x0 = self.encode_images(batch["image"], [sample_generator(self.seed, d, POSTERIOR_STREAM) for d in ids])
+        if "context" in batch:
+            context, pooled = batch["context"].float(), batch["pooled"].float()
+        else:
+            context, pooled = self.encode_text(list(batch["caption"]))
+        context, pooled = self.drop_text(
+            context, pooled, [sample_generator(self.seed, d, DROPOUT_STREAM) for d in ids]
+        )
+        self._last = {"shape": tuple(x0.shape[1:]), "captions": list(batch.get("caption", [])),
+                      "context": context[:1].cpu(), "pooled": pooled[:1].cpu()}  # fmt: skip
+        gens = [sample_generator(self.seed, d, NOISE_STREAM) for d in ids]
+        t = torch.cat([self.objective.sample_time(1, g) for g in gens])  # (B,) float64, shifted logit-normal
+        eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens])
+        x0 = x0.to(device)
+        return self.objective(
+            model, x0, t=t.to(device), eps=eps.to(device), context=context.to(device), pooled=pooled.to(device)
+        )
+
+    @torch.no_grad()
+    def sample(self, model: nn.Module, n: int, *, seed: int, device: torch.device, steps: int | None = None):
+        if self.vae is None or "shape" not in self._last:
+            return None  # latents without a decoder: nothing to put in an image grid
+        from t2i.pipelines.sd3 import SD3Pipeline, SD3Preset
+
+        net = getattr(model, "module", model)
+        p = self.params
+        preset = SD3Preset(steps=steps or self.cfg.run.sample_steps, cfg=p.guidance, sampler=p.sampler,
+                           shift=p.shift)  # fmt: skip
+        pipe = SD3Pipeline(net, self.vae, self.text_encoder, preset=preset, device=device)
+        f = self.vae.downscale
+        _, h, w = self._last["shape"]
+        prompts = [s.strip() for s in p.sample_prompts.split("|") if s.strip()] or self._last["captions"]
+        if self.text_encoder is not None and prompts:
+            prompts = [prompts[i % len(prompts)] for i in range(n)]
+            context, pooled = pipe.encode_prompt(prompts)
+            neg = pipe.encode_prompt([""])
+        else:  # cached embeddings only: repeat the last batch's first conditioning, zeros as unconditional
+            context = self._last["context"].expand(n, -1, -1).to(device)
+            pooled = self._last["pooled"].expand(n, -1).to(device)
+            neg = (torch.zeros_like(context[:1]), torch.zeros_like(pooled[:1]))
+        was_training = net.training
+        net.eval()
+        try:
+            images = pipe(context=context, pooled=pooled, negative_context=neg[0], negative_pooled=neg[1],
+                          seeds=list(range(seed, seed + n)), height=h * f, width=w * f, output="tensor")  # fmt: skip
+        finally:
+            net.train(was_training)
+        return images * 2 - 1

@@ -1,0 +1,113 @@
+"""The SD3 text stack on tiny random CLIP/T5 models and local tokenizers: penultimate states, pooled vectors
+(the CLIP-L projection caveat), context assembly against diffusers' ``encode_prompt``, T5-free mode, and
+building encoders from bare (official single-file) state dicts on ``meta``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from t2i.models.text import SD3TextEncoder, build_clip_from_state_dict, build_t5_from_state_dict
+
+pytest.importorskip("transformers")
+pytest.importorskip("diffusers")
+from sd3_helpers import clip_tokenizer, t5_tokenizer, tiny_clip, tiny_t5
+
+
+@pytest.fixture(scope="module")
+def stack():
+    return SD3TextEncoder(
+        tiny_clip("quick_gelu", seed=1), tiny_clip("gelu", seed=2), tiny_t5(seed=3),
+        tokenizer_l=clip_tokenizer(), tokenizer_g=clip_tokenizer(pad="!"), tokenizer_t5=t5_tokenizer(),
+        t5_length=24,
+    )  # fmt: skip
+
+
+def test_tokenize_padding_rules(stack):
+    ids = stack.tokenize(["a red cube", ""])
+    assert ids["l"].shape == ids["g"].shape == (2, 77)
+    assert ids["l"][1, 0] == 512 and (ids["l"][1, 1:] == 513).all()  # CLIP-L: BOS, EOS, EOS padding
+    assert ids["g"][1, 1] == 513 and (ids["g"][1, 2:] == 0).all()  # CLIP-G pads with 0 ("!")
+    assert ids["t5"].shape == (2, 24) and (ids["t5"][1] == torch.tensor([1] + [0] * 23)).all()  # "</s>" then pad
+
+
+def test_clip_penultimate_and_pooled_match_transformers(stack):
+    ids = stack.tokenize(["a red cube", "two blue balls"])["l"]
+    clip = stack.clip_l
+    with torch.no_grad():
+        ref = clip(input_ids=ids, output_hidden_states=True)
+        hidden, pooled = stack._clip(clip, ids, project=True)
+        torch.testing.assert_close(hidden, ref.hidden_states[-2], atol=1e-6, rtol=0)  # measured: exact
+        torch.testing.assert_close(pooled, ref.text_embeds, atol=1e-6, rtol=0)
+        _, raw = stack._clip(clip, ids, project=False)
+        eos = (ids == 513).int().argmax(1)  # the first EOS
+        torch.testing.assert_close(raw, ref.last_hidden_state[torch.arange(2), eos], atol=1e-6, rtol=0)
+    assert not stack.clip_l_projection_is_identity()  # random projection: the two conventions differ here
+
+
+def test_context_matches_diffusers_encode_prompt(stack):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline(
+        transformer=None, scheduler=None, vae=None,
+        text_encoder=stack.clip_l, tokenizer=stack.tokenizer_l,
+        text_encoder_2=stack.clip_g, tokenizer_2=stack.tokenizer_g,
+        text_encoder_3=stack.t5, tokenizer_3=stack.tokenizer_t5,
+    )  # fmt: skip
+    prompts = ["a red cube", "two blue balls on grass"]
+    stack.clip_l_projection = True  # diffusers projects CLIP-L's pooled vector
+    try:
+        ctx, pooled = stack(prompts)
+    finally:
+        stack.clip_l_projection = False
+    with torch.no_grad():
+        ref_ctx, _, ref_pooled, _ = pipe.encode_prompt(
+            prompts, prompts, prompts, do_classifier_free_guidance=False, max_sequence_length=24, device="cpu"
+        )
+    assert ctx.shape == (2, 77 + 24, 96) and pooled.shape == (2, 64)
+    torch.testing.assert_close(ctx, ref_ctx, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pooled, ref_pooled, atol=1e-5, rtol=0)
+
+
+def test_t5_free_and_reference_length_modes(stack):
+    no_t5 = SD3TextEncoder(stack.clip_l, stack.clip_g, None, tokenizer_l=stack.tokenizer_l,
+                           tokenizer_g=stack.tokenizer_g, t5_length=11, context_dim=96)  # fmt: skip
+    ctx, pooled = no_t5(["a cube"])
+    full, full_pooled = stack(["a cube"])
+    assert ctx.shape == (1, 77 + 11, 96)
+    assert (ctx[:, 77:] == 0).all()
+    torch.testing.assert_close(ctx[:, :77], full[:, :77])  # CLIP tokens first, identical
+    torch.testing.assert_close(pooled, full_pooled)
+    assert (ctx[:, :77, 64:] == 0).all()  # CLIP-L ‖ CLIP-G (64 wide) zero-padded to the T5 width
+    # reference mode: no truncation, padded to at least t5_length
+    ref_mode = SD3TextEncoder(stack.clip_l, stack.clip_g, stack.t5, tokenizer_l=stack.tokenizer_l,
+                              tokenizer_g=stack.tokenizer_g, tokenizer_t5=stack.tokenizer_t5, t5_length=4,
+                              t5_truncate=False)  # fmt: skip
+    long = "the quick brown fox jumps"
+    assert ref_mode.tokenize([long])["t5"].shape[1] > 4
+    assert stack.tokenize([long * 3])["t5"].shape[1] == 24  # diffusers mode truncates
+
+
+def test_build_from_bare_state_dicts_on_meta(stack):
+    sd_l = {k: v for k, v in stack.clip_l.state_dict().items() if not k.startswith("text_projection")}
+    clip_l = build_clip_from_state_dict(stack.clip_l.config, sd_l, dtype=torch.float32)
+    assert torch.equal(clip_l.text_projection.weight, torch.eye(32))  # injected identity (official clip_l)
+    t5 = build_t5_from_state_dict(stack.t5.config, stack.t5.state_dict())
+    ids = stack.tokenize(["a red cube"])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            clip_l(input_ids=ids["l"], output_hidden_states=True).hidden_states[-2],
+            stack.clip_l(input_ids=ids["l"], output_hidden_states=True).hidden_states[-2],
+        )
+        torch.testing.assert_close(t5(ids["t5"]).last_hidden_state, stack.t5(ids["t5"]).last_hidden_state)
+    rebuilt = SD3TextEncoder(clip_l, stack.clip_g, t5, t5_length=24)
+    assert rebuilt.clip_l_projection_is_identity()
+    with torch.no_grad():
+        a = rebuilt.encode_tokens(ids["l"], ids["g"], ids["t5"])
+        b = stack.encode_tokens(ids["l"], ids["g"], ids["t5"])
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y)
+    bf16 = build_t5_from_state_dict(stack.t5.config, stack.t5.state_dict(), dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
+    with pytest.raises(ValueError, match="do not fit"):
+        build_t5_from_state_dict(stack.t5.config, {"shared.weight": stack.t5.shared.weight})
