@@ -1,8 +1,8 @@
 """Training-step throughput of the tiny models: samples/s and achieved GFLOP/s, fp32 and bf16 autocast.
 
-Achieved GFLOP/s divides the FLOPs of one training step, as counted by ``torch.utils.flop_counter`` (matmuls and
-convolutions of forward and backward; it agrees exactly with ``ToyUNet.flops_per_sample`` for the forward), by
-the measured step time. Norms, activations, the optimiser and data loading count as overhead. It is printed next
+Achieved GFLOP/s divides the FLOPs of one training step, as counted by ``torch.utils.flop_counter`` (matmuls,
+convolutions and attention of forward and backward, for any model), by the measured step time. Norms,
+activations, the optimiser and data loading count as overhead. It is printed next
 to this machine's measured peak for the same dtype and thread count: the best of dense matmuls (512-2048) and one
 large 3x3 convolution, because on some CPUs (AMD with MKL) oneDNN's convolutions outrun torch's matmul.
 
@@ -16,6 +16,7 @@ import argparse
 import io
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -31,6 +32,15 @@ CASES = [
     ("toy_unet 16px eps accum2", "configs/tiny/eps_vp.yaml", []),
     ("toy_unet 32px flow (w32)", "configs/tiny/flow_rf.yaml", ["data.image_size=32", "model.params.width=32"]),
     ("toy_mlp 48-d vectors", "configs/tiny/mlp_vectors.yaml", []),
+    ("unclip Unet 32px (d16)", "configs/tiny/unclip_decoder.yaml", []),
+    ("unclip Unet 32px (d32)", "configs/tiny/unclip_decoder.yaml", ["model.params.dim=32"]),
+    ("unclip prior (tiny)", "configs/tiny/unclip_prior.yaml", []),
+]
+
+# (label, MMDiT preset, latent size, batch): the SD3 model trained outside the toy loop, on random features
+MMDIT_CASES = [
+    ("mmdit tiny-x 16x16 latent", "tiny-x", 16, 8),
+    ("mmdit bench (9M) 32x32", "bench", 32, 4),
 ]
 
 
@@ -91,20 +101,53 @@ def bench_case(config: str, overrides: list[str], precision: str, steps: int, tm
     tr = Trainer(cfg, out=io.StringIO())
     for _ in range(3):  # warm-up: allocator, autocast caches, first-call overheads
         tr.train_step()
+    flops = step_flops(tr)  # counted, forward + backward, for any model
     t = time.perf_counter()
     for _ in range(steps):
         tr.train_step()
     seconds = time.perf_counter() - t
-    batch = cfg.data.batch_size
-    if cfg.data.source == "embeddings":
-        fwd = tr.model.flops_per_sample()
-    else:
-        fwd = tr.model.flops_per_sample(cfg.data.image_size, cfg.data.image_size)
-    sps = steps * batch / seconds
     return {
-        "samples_per_s": sps,
-        "gflops": 3 * fwd * sps / 1e9,
-        "params": sum(p.numel() for p in tr.model.parameters()),
+        "samples_per_s": steps * cfg.data.batch_size / seconds,
+        "gflops": steps * flops / seconds / 1e9,
+        "params": sum(p.numel() for p in tr.model.parameters() if p.requires_grad),
+    }
+
+
+def bench_mmdit(preset: str, latent: int, batch: int, precision: str, steps: int) -> dict:
+    """One AdamW step of an MMDiT preset on random latents and text features (flow-matching loss, SD3 recipe)."""
+    from t2i.diffusion import RectifiedFlow, flow_matching_objective
+    from t2i.models.mmdit import PRESETS, MMDiT
+
+    cfg = PRESETS[preset]
+    torch.manual_seed(0)
+    model = MMDiT(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    objective = flow_matching_objective(RectifiedFlow(3.0))
+    x0 = torch.randn(batch, cfg.in_channels, latent, latent)
+    ctx, pooled = torch.randn(batch, 77, cfg.context_dim), torch.randn(batch, cfg.pooled_dim)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            loss = objective(lambda x, t: model(x, t, ctx, pooled), x0).mean()
+        loss.backward()
+        opt.step()
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for _ in range(2):
+        step()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    seconds = time.perf_counter() - t
+    return {
+        "samples_per_s": steps * batch / seconds,
+        "gflops": steps * counter.get_total_flops() / seconds / 1e9,
+        "params": sum(p.numel() for p in model.parameters()),
     }
 
 
@@ -132,6 +175,14 @@ def main() -> None:
                     f"{label:<28} {r['params']:>8} {precision:<9} {r['samples_per_s']:>10.1f} "
                     f"{r['gflops']:>9.2f} {pct:>8.1f}%"
                 )
+    for label, preset, latent, batch in MMDIT_CASES:
+        for precision in ("fp32", "bf16"):
+            r = bench_mmdit(preset, latent, batch, precision, max(3, args.steps // 4))
+            pct = 100 * r["gflops"] / peaks[precision]
+            print(
+                f"{label:<28} {r['params']:>8} {precision:<9} {r['samples_per_s']:>10.1f} "
+                f"{r['gflops']:>9.2f} {pct:>8.1f}%"
+            )
 
 
 if __name__ == "__main__":
