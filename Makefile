@@ -1,4 +1,6 @@
 # One command runs the tests (`make test`); one runs the main job (`make generate`).
+# Tests run in 2 processes of 1 thread each: more threads than cores makes OpenMP spin-wait and slows the suite
+# more than tenfold on a 2-core machine.
 # Both create .venv on first use: torch is pinned to the CPU wheel (`torch==2.13.0`) before anything else is
 # installed, so no dependency can pull a multi-GB CUDA build.
 
@@ -22,10 +24,10 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n 2
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -n 2
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -m slow
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -m slow
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check .

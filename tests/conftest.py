@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one thread per test process: oversubscribed OpenMP threads spin-wait and slow tiny models tenfold or more
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
