@@ -315,8 +315,12 @@ class JointBlock(nn.Module):
         nx = xb.norm1(x)
         hx = modulate(nx, mod_x[0], mod_x[1])
         if cb.pre_only:
-            w, b = cb.attn.qkv.weight, cb.attn.qkv.bias
-            kc, vc = F.linear(hc, w[D:], b[D:]).view(B, Lc, 2, H, d).unbind(2)  # rows [k; v] only
+            if type(cb.attn.qkv) is nn.Linear:
+                w, b = cb.attn.qkv.weight, cb.attn.qkv.bias
+                kv = F.linear(hc, w[D:], b[D:])  # rows [k; v] only
+            else:  # a wrapped layer (e.g. LoRA) must run whole so that its own additions apply
+                kv = cb.attn.qkv(hc)[..., D:]
+            kc, vc = kv.view(B, Lc, 2, H, d).unbind(2)
             qx, kx, vx = xb.attn.qkv(hx).view(B, Lx, 3, H, d).unbind(2)
             if xb.attn.ln_q is not None:
                 kc, qx, kx = cb.attn.ln_k(kc), xb.attn.ln_q(qx), xb.attn.ln_k(kx)

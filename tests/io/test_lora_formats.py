@@ -103,3 +103,13 @@ def test_round_trips_through_every_layout(tmp_path):
     assert meta["t2i_lora_format"] == "kohya" and meta["base"] == "tiny-x" and set(loaded) == set(kohya)
     with pytest.raises(ValueError, match="safetensors only"):
         load_lora(tmp_path / "a.pt")
+
+
+def test_fast_path_applies_adapters_everywhere():
+    cfg, _, _, model = _models()
+    x, t, ctx, pooled = _inputs(cfg)
+    with torch.no_grad():
+        plain = model(x, t, ctx, pooled)
+        model.set_fast_path(True)
+        fast = model(x, t, ctx, pooled)
+    torch.testing.assert_close(fast, plain, atol=2e-5, rtol=1e-5)
