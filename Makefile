@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROMPT ?= a red circle above a blue square
 
-.PHONY: install test test-slow lint format generate bench-samplers bench-shapes clean
+.PHONY: install test test-slow lint format generate bench-samplers bench-shapes bench-dalle2 clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,5 +46,17 @@ bench-samplers: $(STAMP)
 bench-shapes: $(STAMP)
 	$(BIN)/python benchmarks/shapes_eval.py
 
+# t2i's unCLIP Unet and prior vs DALLE2-pytorch's. dalle2-pytorch pins torchvision, so it gets its own venv with the
+# same torch build installed first (see benchmarks/vs_dalle2_pytorch.py on PyPI torchvision's compiled ops).
+DALLE2_VENV := .venv-dalle2
+$(DALLE2_VENV)/.installed:
+	@test -x $(DALLE2_VENV)/bin/python || $(PYTHON) -m venv $(DALLE2_VENV)
+	$(DALLE2_VENV)/bin/pip install -q torch==2.13.0
+	$(DALLE2_VENV)/bin/pip install -q "dalle2-pytorch==1.15.6" "setuptools<81"
+	@touch $@
+
+bench-dalle2: $(STAMP) $(DALLE2_VENV)/.installed
+	$(BIN)/python benchmarks/vs_dalle2_pytorch.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(DALLE2_VENV) .pytest_cache .ruff_cache *.egg-info

@@ -13,12 +13,20 @@ from typing import Any
 
 from torch import nn
 
+from .clip import ClipConfig, ScratchClip
 from .mmdit import MMDiT, MMDiTConfig
+from .prior import PriorConfig, PriorNetwork
 from .toy import ToyMLP, ToyMLPConfig, ToyUNet, ToyUNetConfig
+from .unet import Unet, UnetConfig
+from .vqgan import VQGAN, VQGANConfig
 
 MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "toy_unet": (ToyUNetConfig, ToyUNet),
     "toy_mlp": (ToyMLPConfig, ToyMLP),
+    "unclip_unet": (UnetConfig, Unet),  # unCLIP decoder / super-resolution stages
+    "unclip_prior": (PriorConfig, PriorNetwork),
+    "vqgan": (VQGANConfig, VQGAN),
+    "clip": (ClipConfig, ScratchClip),  # from-scratch CLIP over the shapes caption vocabulary
     "mmdit": (MMDiTConfig, MMDiT),  # SD3 / SD3.5 MMDiT(-X); PRESETS in t2i.models.mmdit
 }
 

@@ -80,8 +80,17 @@ def _registry() -> dict[str, type[Task]]:
     from .diffusion import DiffusionTask
     from .lora import LoRATask
     from .sd3 import SD3Task
+    from .unclip import ClipTask, DecoderTask, PriorTask, VQGANTask
 
-    return {"diffusion": DiffusionTask, "lora": LoRATask, "sd3": SD3Task}
+    return {
+        "diffusion": DiffusionTask,
+        "lora": LoRATask,
+        "clip": ClipTask,
+        "unclip_prior": PriorTask,
+        "unclip_decoder": DecoderTask,
+        "vqgan": VQGANTask,
+        "sd3": SD3Task,
+    }
 
 
 def task_names() -> list[str]:

@@ -1,0 +1,376 @@
+"""CLIP for unCLIP (Radford et al. 2021): text and image towers with projections, tokenizer and preprocessing.
+
+The towers are ``transformers``' ``CLIPModel``, so OpenAI and OpenCLIP weights in Hugging Face format load from a
+local folder unchanged, and a from-scratch model trains with the symmetric contrastive loss.
+
+The tokenizer belongs to the encoder: ``ClipEncoder`` owns it and every caller tokenizes through
+``encoder.tokenize``, so a pipeline cannot pair a model with the wrong vocabulary, context length or special
+tokens (DALLE2-pytorch's bundled tokenizer adds no start/end tokens while OpenAI CLIP pools at the end token, so
+its text embeddings were wrong). Two tokenizers:
+
+- ``WordTokenizer``: a small word-level vocabulary built locally from a caption corpus (the shapes grammar), with
+  a character fallback for unseen words, saved next to the model as JSON. No download needed.
+- ``HFTokenizer``: the tokenizer files of a local Hugging Face folder (``CLIPTokenizer``'s BPE).
+
+Both put ``<start>`` first and ``<end>`` right after the last kept token (truncation keeps ``<end>``), pad with
+the pad id, and report a mask. The text tower pools at the first ``<end>`` (``config.eos_token_id``), which
+``tests/models/test_clip.py`` checks against the hidden states.
+
+Images enter in t2i's [-1, 1] convention and are preprocessed as the encoder expects: resize the short side
+(bicubic, antialiased), centre crop, normalise with the encoder's mean and std.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+_WORD_RE = re.compile(r"[a-z]+|[0-9]|[^\sa-z0-9]")
+
+
+class WordTokenizer:
+    """Word-level tokenizer with a character fallback; ids 0-3 are ``<pad> <unk> <start> <end>``.
+
+    ``<end>`` is deliberately not id 2: ``transformers``' CLIP treats ``eos_token_id == 2`` as a legacy config and
+    then pools at the arg-max id instead of at the end token.
+    """
+
+    SPECIALS = ("<pad>", "<unk>", "<start>", "<end>")
+
+    def __init__(self, vocab: Sequence[str], context_length: int = 32):
+        if list(vocab[:4]) != list(self.SPECIALS):
+            raise ValueError(f"the vocabulary must start with {self.SPECIALS}; build it with WordTokenizer.build")
+        if context_length < 3:
+            raise ValueError(f"context_length must be >= 3 (start, a token, end), got {context_length}")
+        self.vocab = list(vocab)
+        self.ids = {w: i for i, w in enumerate(self.vocab)}
+        self.context_length = context_length
+        self.pad_id, self.unk_id, self.start_id, self.end_id = 0, 1, 2, 3
+
+    @classmethod
+    def build(cls, texts: Iterable[str], *, context_length: int = 32, min_count: int = 1) -> WordTokenizer:
+        """A vocabulary of every word seen ``min_count`` times, plus a-z and 0-9 for the character fallback."""
+        counts = Counter(w for text in texts for w in _WORD_RE.findall(text.lower()))
+        words = sorted(w for w, c in counts.items() if c >= min_count)
+        chars = [c for c in "abcdefghijklmnopqrstuvwxyz0123456789" if c not in words]
+        return cls([*cls.SPECIALS, *words, *chars], context_length)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def encode(self, text: str) -> list[int]:
+        out = []
+        for w in _WORD_RE.findall(text.lower()):
+            if w in self.ids:
+                out.append(self.ids[w])
+            else:  # unseen word: spell it out so nothing becomes <unk> that the vocabulary could express
+                out.extend(self.ids.get(c, self.unk_id) for c in w)
+        return out
+
+    def __call__(self, texts: str | Sequence[str]) -> tuple[Tensor, Tensor]:
+        """(ids, mask) of shape (B, context_length): ``<start> tokens <end> <pad>...``, truncated to fit."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        ids = torch.full((len(texts), self.context_length), self.pad_id, dtype=torch.long)
+        for i, text in enumerate(texts):
+            toks = [self.start_id, *self.encode(text)[: self.context_length - 2], self.end_id]
+            ids[i, : len(toks)] = torch.tensor(toks)
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        lengths = (ids == self.end_id).int().argmax(1) + 1
+        mask[torch.arange(ids.shape[1])[None] < lengths[:, None]] = True
+        return ids, mask
+
+    def save(self, path: str | Path) -> None:
+        data = {"type": "word", "vocab": self.vocab, "context_length": self.context_length}
+        Path(path).write_text(json.dumps(data))
+
+    @classmethod
+    def load(cls, path: str | Path) -> WordTokenizer:
+        data = json.loads(Path(path).read_text())
+        if data.get("type") != "word":
+            raise ValueError(f"{path} is not a t2i word tokenizer file")
+        return cls(data["vocab"], data["context_length"])
+
+
+class HFTokenizer:
+    """The CLIP tokenizer of a local Hugging Face folder, padded to the model's context length."""
+
+    def __init__(self, folder: str | Path, context_length: int):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        self.context_length = context_length
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        self.start_id, self.end_id = self.tok.bos_token_id, self.tok.eos_token_id
+
+    def __call__(self, texts: str | Sequence[str]) -> tuple[Tensor, Tensor]:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        enc = self.tok(
+            texts, padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt"
+        )
+        return enc["input_ids"], enc["attention_mask"].bool()
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """A from-scratch CLIP's size (for pretrained weights the folder's ``config.json`` is used instead)."""
+
+    embed_dim: int = 512  # joint embedding (projection) width
+    text_width: int = 512
+    text_layers: int = 12
+    text_heads: int = 8
+    context_length: int = 77
+    vision_width: int = 768
+    vision_layers: int = 12
+    vision_heads: int = 12
+    image_size: int = 224
+    patch_size: int = 32
+
+
+CLIP_PRESETS: dict[str, ClipConfig] = {
+    "tiny": ClipConfig(
+        embed_dim=32,
+        text_width=32,
+        text_layers=2,
+        text_heads=2,
+        context_length=24,
+        vision_width=32,
+        vision_layers=2,
+        vision_heads=2,
+        image_size=32,
+        patch_size=8,
+    ),
+    "small": ClipConfig(
+        embed_dim=128,
+        text_width=128,
+        text_layers=4,
+        text_heads=4,
+        context_length=32,
+        vision_width=128,
+        vision_layers=4,
+        vision_heads=4,
+        image_size=64,
+        patch_size=8,
+    ),
+}
+
+
+def hf_clip_config(cfg: ClipConfig, tokenizer: WordTokenizer):
+    """The ``transformers.CLIPConfig`` of a from-scratch model for this tokenizer."""
+    from transformers import CLIPConfig
+
+    text = dict(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=cfg.text_width,
+        intermediate_size=4 * cfg.text_width,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads,
+        max_position_embeddings=cfg.context_length,
+        pad_token_id=tokenizer.pad_id,
+        bos_token_id=tokenizer.start_id,
+        eos_token_id=tokenizer.end_id,
+    )
+    vision = dict(
+        hidden_size=cfg.vision_width,
+        intermediate_size=4 * cfg.vision_width,
+        num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_heads,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+    )
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.embed_dim)
+
+
+class ClipEncoder(nn.Module):
+    """A CLIP model together with its tokenizer and image preprocessing.
+
+    Args:
+        model: a ``transformers.CLIPModel``.
+        tokenizer: its ``WordTokenizer`` or ``HFTokenizer``.
+        image_mean, image_std: per-channel normalisation of [0, 1] images.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: WordTokenizer | HFTokenizer,
+        *,
+        image_mean: Sequence[float] = OPENAI_MEAN,
+        image_std: Sequence[float] = OPENAI_STD,
+    ):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        ctx = model.config.text_config.max_position_embeddings
+        if tokenizer.context_length > ctx:
+            raise ValueError(
+                f"tokenizer context_length {tokenizer.context_length} exceeds the model's {ctx} positions"
+            )
+        if tokenizer.end_id != model.config.text_config.eos_token_id:
+            raise ValueError(
+                f"the tokenizer's end id {tokenizer.end_id} is not the model's eos_token_id "
+                f"{model.config.text_config.eos_token_id}: the text tower would pool at the wrong token"
+            )
+        self.register_buffer("image_mean", torch.tensor(image_mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(image_std).view(1, -1, 1, 1), persistent=False)
+
+    @classmethod
+    def from_config(cls, cfg: ClipConfig, tokenizer: WordTokenizer) -> ClipEncoder:
+        """A randomly initialised CLIP (use ``torch.manual_seed`` for reproducibility) for ``tokenizer``."""
+        from transformers import CLIPModel
+
+        if tokenizer.context_length > cfg.context_length:
+            raise ValueError("the tokenizer's context_length must not exceed ClipConfig.context_length")
+        model = CLIPModel(hf_clip_config(cfg, tokenizer))
+        return cls(model, tokenizer, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+
+    # -- properties -------------------------------------------------------------------------------------------
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.config.projection_dim
+
+    @property
+    def text_width(self) -> int:
+        return self.model.config.text_config.hidden_size
+
+    @property
+    def image_size(self) -> int:
+        return self.model.config.vision_config.image_size
+
+    @property
+    def context_length(self) -> int:
+        return self.tokenizer.context_length
+
+    # -- text ---------------------------------------------------------------------------------------------------
+
+    def tokenize(self, texts: str | Sequence[str], device: str | torch.device | None = None) -> tuple[Tensor, Tensor]:
+        ids, mask = self.tokenizer(texts)
+        dev = device or self.image_mean.device
+        return ids.to(dev), mask.to(dev)
+
+    def encode_text(self, ids: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(text_embed (B, E) unit-norm, per-token encodings (B, L, W)) for token ids from ``tokenize``."""
+        out = self.model.text_model(input_ids=ids, attention_mask=None if mask is None else mask.long())
+        embed = self.model.text_projection(out.pooler_output)
+        return F.normalize(embed.float(), dim=-1), out.last_hidden_state
+
+    def embed_text(self, texts: str | Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
+        """(text_embed, text_tokens, text_mask) for raw strings."""
+        ids, mask = self.tokenize(texts)
+        embed, tokens = self.encode_text(ids, mask)
+        return embed, tokens, mask
+
+    # -- images -------------------------------------------------------------------------------------------------
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """[-1, 1] images (B, 3, H, W) of any size -> the tower's normalised (B, 3, S, S) input."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W) in [-1, 1], got {tuple(images.shape)}")
+        x = (images.float() + 1) / 2
+        s = self.image_size
+        h, w = x.shape[-2:]
+        if (h, w) != (s, s):
+            scale = s / min(h, w)
+            nh, nw = max(s, round(h * scale)), max(s, round(w * scale))
+            x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+            top, left = (nh - s) // 2, (nw - s) // 2
+            x = x[..., top : top + s, left : left + s]
+        return (x - self.image_mean) / self.image_std
+
+    def embed_image(self, images: Tensor) -> Tensor:
+        """Unit-norm CLIP image embeddings (B, E) of [-1, 1] images."""
+        pixels = self.preprocess(images).to(self.model.visual_projection.weight.dtype)
+        out = self.model.vision_model(pixel_values=pixels)
+        return F.normalize(self.model.visual_projection(out.pooler_output).float(), dim=-1)
+
+    # -- training -----------------------------------------------------------------------------------------------
+
+    def contrastive_loss(self, images: Tensor, ids: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Per-sample symmetric InfoNCE (Radford et al. 2021, Fig. 3): mean of image->text and text->image CE."""
+        img = self.embed_image(images)
+        txt, _ = self.encode_text(ids, mask)
+        logits = self.model.logit_scale.exp().clamp(max=100) * img @ txt.t()  # (B, B)
+        target = torch.arange(len(img), device=img.device)
+        return 0.5 * (
+            F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.t(), target, reduction="none")
+        )
+
+    def forward(self, images: Tensor, ids: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The per-sample contrastive loss (so DDP's forward hooks see the training computation)."""
+        return self.contrastive_loss(images, ids, mask)
+
+    # -- files --------------------------------------------------------------------------------------------------
+
+    def save(self, folder: str | Path) -> None:
+        """A folder with the HF model (safetensors), the tokenizer and the preprocessing constants."""
+        if not isinstance(self.tokenizer, WordTokenizer):
+            raise ValueError("only from-scratch encoders (WordTokenizer) are saved by t2i; HF folders already exist")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(folder, safe_serialization=True)
+        self.tokenizer.save(folder / "t2i_tokenizer.json")
+        prep = {"image_mean": self.image_mean.flatten().tolist(), "image_std": self.image_std.flatten().tolist()}
+        (folder / "t2i_preprocess.json").write_text(json.dumps(prep))
+
+    @classmethod
+    def load(cls, folder: str | Path, *, device: str | torch.device | None = None) -> ClipEncoder:
+        """Load a folder written by ``save``, or a local Hugging Face CLIP folder (OpenAI / OpenCLIP weights).
+
+        HF folders must contain ``config.json``, the weights and the tokenizer files; the image mean/std come
+        from ``preprocessor_config.json`` when present, else OpenAI's.
+        """
+        from transformers import CLIPModel
+
+        folder = Path(folder)
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(f"{folder} has no config.json; it is not a saved CLIP folder")
+        model = CLIPModel.from_pretrained(str(folder), local_files_only=True)
+        ctx = model.config.text_config.max_position_embeddings
+        mean, std = OPENAI_MEAN, OPENAI_STD
+        if (folder / "t2i_tokenizer.json").exists():
+            tokenizer = WordTokenizer.load(folder / "t2i_tokenizer.json")
+            prep = json.loads((folder / "t2i_preprocess.json").read_text())
+            mean, std = tuple(prep["image_mean"]), tuple(prep["image_std"])
+        else:
+            tokenizer = HFTokenizer(folder, ctx)
+            pre = folder / "preprocessor_config.json"
+            if pre.exists():
+                data = json.loads(pre.read_text())
+                mean, std = tuple(data.get("image_mean", mean)), tuple(data.get("image_std", std))
+        enc = cls(model.eval(), tokenizer, image_mean=mean, image_std=std)
+        return enc.to(device) if device is not None else enc
+
+
+def shapes_tokenizer(context_length: int = 24, n: int = 4000) -> WordTokenizer:
+    """A WordTokenizer over the shapes caption grammar: the first ``n`` train captions plus the eval/heldout lists."""
+    from t2i.data.captions import split_prompts, train_prompt
+
+    texts = [train_prompt(0, i).caption for i in range(n)]
+    texts += [p.caption for split in ("eval", "heldout") for p in split_prompts(split)]
+    return WordTokenizer.build(texts, context_length=context_length)
+
+
+class ScratchClip(ClipEncoder):
+    """A from-scratch CLIP over the shapes caption vocabulary, built from a ``ClipConfig`` alone (the ``clip`` entry
+    of ``t2i.models.MODELS``): the tokenizer is rebuilt deterministically from the caption grammar."""
+
+    def __init__(self, cfg: ClipConfig | None = None):
+        from transformers import CLIPModel
+
+        cfg = cfg or ClipConfig()
+        self.cfg = cfg
+        tokenizer = shapes_tokenizer(context_length=cfg.context_length)
+        super().__init__(
+            CLIPModel(hf_clip_config(cfg, tokenizer)), tokenizer, image_mean=(0.5,) * 3, image_std=(0.5,) * 3
+        )

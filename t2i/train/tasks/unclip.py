@@ -1,0 +1,473 @@
+"""unCLIP training tasks: CLIP (contrastive), the diffusion prior, one decoder stage, and the VQ-GAN.
+
+Each plugs into the one generic loop (``t2i.train.loop``): it returns per-sample losses and the loop does
+accumulation, precision, EMA and checkpoints. Per-sample randomness (noise, times, condition dropping, low-res
+augmentation) comes from generators seeded by the sample's draw index, like the diffusion task, so a sample's
+noise does not depend on the batch split or a resume.
+
+The prior and decoder tasks need CLIP embeddings. They come from a frozen ``ClipEncoder`` that is never part of
+the trained model (so the optimiser cannot touch it): ``clip_path`` names a folder saved by ``ClipEncoder.save``, a
+local Hugging Face CLIP folder, or a ``clip`` training run (its folder, a checkpoint, or its weights; the
+architecture comes from the config stored there). Without ``clip_path`` a random ``clip_preset`` CLIP seeded by
+``clip_seed`` is used: random features are still a fixed, informative embedding of each image, which is what the
+smoke configs need, but a real run should point at a trained CLIP. The prior can instead read precomputed embeddings
+(``cache_path``, written by ``precompute_embeddings``), looked up by each sample's dataset ``index``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils.data import Dataset
+
+from t2i.data.transforms import sample_generator
+from t2i.diffusion import SAMPLERS, DenoisingObjective, Seeds, VPPath, make_time_sampler, x0_from_prediction
+from t2i.diffusion.paths import append_dims
+from t2i.io import load_weights, save_weights
+from t2i.models.clip import ClipEncoder
+
+from . import Task
+
+NOISE_STREAM, AUG_STREAM = 1, 2
+
+
+def _gens(cfg, batch) -> list[torch.Generator]:
+    return [sample_generator(cfg.run.seed, int(d), NOISE_STREAM) for d in batch["id"]]
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)  # DDP / FSDP keep the network in .module
+
+
+def load_trained(path: str, name: str) -> nn.Module:
+    """A model trained by ``t2i train``: ``path`` is a run folder (its newest checkpoint, EMA weights when
+    present), a checkpoint folder, or a weights file; the architecture comes from the config stored with it."""
+    from pathlib import Path
+
+    from t2i.io import read_config, read_metadata
+    from t2i.models import MODELS, build_model
+
+    from ..checkpoint import latest_checkpoint
+
+    p = Path(path)
+    if p.is_dir():
+        ckpt = latest_checkpoint(p) if (p / "checkpoints").is_dir() else p
+        if ckpt is None:
+            raise FileNotFoundError(f"{path} has no finished checkpoint yet")
+        p = ckpt / "ema.safetensors" if (ckpt / "ema.safetensors").exists() else ckpt / "model.safetensors"
+    if not p.exists():
+        raise FileNotFoundError(
+            f"no trained {name!r} model at {p}: give a run folder (train it first with `t2i train`), a checkpoint "
+            "folder or a weights file"
+        )
+    if read_metadata(p).get("t2i_model"):  # written by Model.save
+        return MODELS[name][1].load(p)
+    cfg = read_config(p)
+    if not cfg or cfg.get("model", {}).get("name") != name:
+        raise ValueError(f"{p} was not written by a {name!r} training run (its stored config names another model)")
+    model = build_model(name, cfg["model"]["params"])
+    model.load_state_dict(load_weights(p), strict=True)
+    return model
+
+
+def load_clip(clip_path: str | None, preset: str, seed: int) -> ClipEncoder:
+    """The frozen CLIP of the prior/decoder tasks (see module docstring)."""
+    from pathlib import Path
+
+    from t2i.models.clip import CLIP_PRESETS, ClipEncoder, ScratchClip
+
+    if preset not in CLIP_PRESETS:
+        raise ValueError(f"unknown clip_preset {preset!r}; choose one of {sorted(CLIP_PRESETS)}")
+    if clip_path and (Path(clip_path) / "config.json").exists():
+        enc = ClipEncoder.load(clip_path)  # ClipEncoder.save folder or a local Hugging Face CLIP
+    elif clip_path:
+        enc = load_trained(clip_path, "clip")  # a `t2i train` clip run
+    else:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            enc = ScratchClip(CLIP_PRESETS[preset])
+    enc.eval().requires_grad_(False)
+    return enc
+
+
+@torch.no_grad()
+def precompute_embeddings(clip: ClipEncoder, dataset: Dataset, path: str, *, batch_size: int = 64) -> None:
+    """Write CLIP image/text embeddings and text encodings of ``dataset`` (items with image, caption, index)."""
+    rows: dict[str, list[Tensor]] = {
+        "index": [],
+        "image_embed": [],
+        "text_embed": [],
+        "text_tokens": [],
+        "text_mask": [],
+    }
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        images = torch.stack([it["image"] for it in items])
+        text_embed, tokens, mask = clip.embed_text([it["caption"] for it in items])
+        rows["index"].append(torch.tensor([int(it["index"]) for it in items]))
+        rows["image_embed"].append(clip.embed_image(images))
+        rows["text_embed"].append(text_embed)
+        rows["text_tokens"].append(tokens.float())
+        rows["text_mask"].append(mask)
+    save_weights(path, {k: torch.cat(v) for k, v in rows.items()}, metadata={"content": "unclip_embeddings"})
+
+
+class _EmbeddingSource:
+    """CLIP conditioning for a batch: from precomputed rows (by dataset index) or a frozen CLIP on the fly."""
+
+    def __init__(self, p):
+        self.cache = None
+        if getattr(p, "cache_path", None):
+            self.cache = load_weights(p.cache_path)
+            self.row = {int(i): r for r, i in enumerate(self.cache["index"].tolist())}
+            self.clip = None
+        else:
+            self.clip = load_clip(p.clip_path, p.clip_preset, p.clip_seed)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.cache["image_embed"].shape[1] if self.cache is not None else self.clip.embed_dim
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, Any], device, *, need_image: bool = True) -> dict[str, Tensor]:
+        if self.cache is not None:
+            if "index" not in batch:
+                raise ValueError("cache_path lookups need batches with a dataset 'index' (e.g. data.source=shapes)")
+            missing = [int(i) for i in batch["index"] if int(i) not in self.row]
+            if missing:
+                raise ValueError(f"dataset indices {missing[:5]} are not in the embedding cache; recompute it")
+            rows = torch.tensor([self.row[int(i)] for i in batch["index"]])
+            out = {
+                k: self.cache[k][rows].to(device) for k in ("image_embed", "text_embed", "text_tokens", "text_mask")
+            }
+            out["text_mask"] = out["text_mask"].bool()
+            return out
+        self.clip.to(device)
+        text_embed, tokens, mask = self.clip.embed_text(list(batch["caption"]))
+        out = {"text_embed": text_embed, "text_tokens": tokens.float(), "text_mask": mask}
+        if need_image:
+            out["image_embed"] = self.clip.embed_image(batch["image"].to(device))
+        return out
+
+
+def _self_conditioned(net, prediction: str, path, t: Tensor, use: Tensor):
+    """``net`` with self-conditioning on the samples where ``use`` (B,) is True (Chen et al. 2023): a first,
+    gradient-free pass gives an x0 estimate that the second pass receives as ``self_cond``."""
+
+    def wrapped(x_t: Tensor, model_t: Tensor, *, return_variance: bool = False, **cond):
+        sc = torch.zeros_like(x_t)
+        if bool(use.any()):
+            with torch.no_grad():
+                pred = net(x_t, model_t, **cond)
+                a = append_dims(path.alpha(t), x_t.ndim).to(x_t)
+                s = append_dims(path.sigma(t), x_t.ndim).to(x_t)
+                sc = torch.where(
+                    append_dims(use, x_t.ndim), x0_from_prediction(prediction, pred.float(), x_t, a, s), sc
+                )
+        extra = {"return_variance": True} if return_variance else {}
+        return net(x_t, model_t, self_cond=sc.to(x_t.dtype), **extra, **cond)
+
+    return wrapped
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLIP
+
+
+@dataclass
+class ClipTaskConfig:
+    caption_key: str = "caption"
+
+
+class ClipTask(Task):
+    """Contrastive CLIP training from scratch (model ``clip``); per-sample symmetric InfoNCE."""
+
+    params_cls = ClipTaskConfig
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
+        enc = _inner(model)
+        device = enc.image_mean.device
+        ids, mask = enc.tokenize(list(batch[self.params.caption_key]), device=device)
+        # in-batch negatives only: under DDP each rank contrasts its own micro-batch (no all-gather)
+        return model(batch["image"].to(device), ids, mask)
+
+    def sample(self, model, n, *, seed, device, steps=None):
+        return None  # CLIP has no images to show
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prior
+
+
+@dataclass
+class PriorTaskConfig:
+    clip_path: str | None = None  # ClipEncoder / HF folder, or a `t2i train` clip run (folder or weights)
+    clip_preset: str = "tiny"  # architecture of the random CLIP used when clip_path is null
+    clip_seed: int = 0
+    cache_path: str | None = None  # precomputed embeddings (precompute_embeddings), instead of running CLIP
+    prediction: str = "x0"  # x0 (the paper) or v
+    vp_schedule: str = "cosine"
+    num_train_timesteps: int | None = 1000
+    loss_type: str = "l2"
+    drop_text_prob: float = 0.1  # classifier-free guidance: train this fraction unconditionally
+    self_cond_prob: float = 0.5  # used when the prior has self_cond=True
+
+
+class PriorTask(Task):
+    """Diffusion prior on scaled CLIP image embeddings, conditioned on the caption's CLIP text encodings."""
+
+    params_cls = PriorTaskConfig
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        p = self.params
+        if p.prediction not in ("x0", "v", "eps"):
+            raise ValueError(f"task.params.prediction must be x0, v or eps, got {p.prediction!r}")
+        if not 0 <= p.drop_text_prob < 1 or not 0 <= p.self_cond_prob <= 1:
+            raise ValueError("drop_text_prob must lie in [0, 1) and self_cond_prob in [0, 1]")
+        self.path = VPPath(p.vp_schedule, p.num_train_timesteps)
+        self.objective = DenoisingObjective(
+            self.path, p.prediction, make_time_sampler("uniform"), loss_type=p.loss_type
+        )
+        self.embeddings = _EmbeddingSource(p)
+
+    def build_model(self) -> nn.Module:
+        model = super().build_model()
+        if model.cfg.embed_dim != self.embeddings.embed_dim:
+            raise ValueError(f"model.params.embed_dim must be the CLIP width {self.embeddings.embed_dim}")
+        return model
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
+        net = _inner(model)
+        device = next(model.parameters()).device
+        emb = self.embeddings(batch, device)
+        gens = _gens(self.cfg, batch)
+        x0 = net.scale_embed(emb["image_embed"])  # a new tensor: the cached embedding is never scaled in place
+        t = torch.cat([self.objective.sample_time(1, g) for g in gens]).to(device)
+        eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(device)
+        u = torch.stack([torch.rand(2, generator=g) for g in gens]).to(device)
+        cond = {"text_embed": emb["text_embed"], "drop_text": u[:, 0] < self.params.drop_text_prob}
+        if net.cfg.text_token_dim:
+            cond.update(text_tokens=emb["text_tokens"], text_mask=emb["text_mask"])
+        fn = model
+        if net.cfg.self_cond:
+            fn = _self_conditioned(model, self.params.prediction, self.path, t, u[:, 1] < self.params.self_cond_prob)
+        return self.objective(fn, x0, t=t, eps=eps, **cond)
+
+    def sample(self, model, n, *, seed, device, steps=None):
+        return None  # embeddings, not images
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# decoder stage
+
+
+@dataclass
+class DecoderTaskConfig:
+    clip_path: str | None = None
+    clip_preset: str = "tiny"
+    clip_seed: int = 0
+    lowres_size: int | None = None  # super-resolution stage: the previous stage's size
+    blur_prob: float = 0.5
+    max_train_level: float = 0.5  # low-res noise augmentation levels ~ U[0, max]
+    sample_level: float = 0.2
+    latent_path: str | None = None  # a VQGAN (VQGAN.save file or a vqgan run): diffuse in its latent space
+    prediction: str = "eps"
+    vp_schedule: str = "cosine"
+    num_train_timesteps: int | None = 1000
+    weighting: str | None = None  # None | p2 | min_snr
+    drop_image_prob: float = 0.1
+    drop_text_prob: float = 0.5
+    self_cond_prob: float = 0.5
+    vb_weight: float = 0.001  # hybrid-loss weight of the variance term (learned_variance Unets only)
+    sampler: str = "ddim"
+    guidance: float = 1.0
+
+
+class DecoderTask(Task):
+    """One decoder stage (base or super-resolution, pixel or latent) conditioned on CLIP image embeddings."""
+
+    params_cls = DecoderTaskConfig
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        from t2i.pipelines.unclip import LowresAugment
+
+        p = self.params
+        if p.sampler not in SAMPLERS:
+            raise ValueError(f"task.params.sampler must be one of {sorted(SAMPLERS)}, got {p.sampler!r}")
+        self.path = VPPath(p.vp_schedule, p.num_train_timesteps)
+        self.objective = DenoisingObjective(
+            self.path, p.prediction, make_time_sampler("uniform"), weighting=p.weighting
+        )
+        self.embeddings = _EmbeddingSource(p)
+        self.lowres = None
+        if p.lowres_size is not None:
+            self.lowres = LowresAugment(
+                p.lowres_size, blur_prob=p.blur_prob, max_train_level=p.max_train_level, sample_level=p.sample_level
+            )
+        self.latent = load_trained(p.latent_path, "vqgan").eval().requires_grad_(False) if p.latent_path else None
+        self._last: dict[str, Tensor] | None = None
+
+    def build_model(self) -> nn.Module:
+        model = super().build_model()
+        c = model.cfg
+        if c.lowres_cond != (self.lowres is not None):
+            raise ValueError("model.params.lowres_cond must be true exactly when task.params.lowres_size is set")
+        if c.image_embed_dim and c.image_embed_dim != self.embeddings.embed_dim:
+            raise ValueError(f"model.params.image_embed_dim must be the CLIP width {self.embeddings.embed_dim}")
+        want = self.latent.cfg.latent_channels if self.latent is not None else 3
+        if c.channels != want:
+            raise ValueError(
+                f"model.params.channels must be {want} for this stage's {'latent' if self.latent else 'pixel'} space"
+            )
+        return model
+
+    def _space(self, images: Tensor) -> Tensor:
+        if self.latent is None:
+            return images
+        self.latent.to(images.device)
+        with torch.no_grad():
+            return self.latent.encode(images)
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
+        from t2i.models.unet import variance_bound_loss
+
+        net, p = _inner(model), self.params
+        device = next(model.parameters()).device
+        images = batch["image"].to(device=device, dtype=torch.float32)
+        emb = self.embeddings(batch, device, need_image=bool(net.cfg.image_embed_dim))
+        gens = _gens(self.cfg, batch)
+        u = torch.stack([torch.rand(3, generator=g) for g in gens]).to(device)
+        cond: dict[str, Tensor] = {}
+        if net.cfg.image_embed_dim:
+            cond.update(image_embed=emb["image_embed"], drop_image=u[:, 0] < p.drop_image_prob)
+        if net.cfg.text_embed_dim:
+            cond.update(
+                text_tokens=emb["text_tokens"], text_mask=emb["text_mask"], drop_text=u[:, 1] < p.drop_text_prob
+            )
+        if self.lowres is not None:
+            aug = [sample_generator(self.cfg.run.seed, int(d), AUG_STREAM) for d in batch["id"]]
+            low, level = self.lowres.train(images, aug)
+            cond.update(lowres=self._space(low), lowres_t=level)
+        x0 = self._space(images)
+        self._last = {"images": images[:16].detach(), **{k: v[:16].detach() for k, v in cond.items()}}
+        t = torch.cat([self.objective.sample_time(1, g) for g in gens]).to(device)
+        eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(device)
+        fn = model
+        if net.cfg.self_cond:
+            fn = _self_conditioned(model, p.prediction, self.path, t, u[:, 2] < p.self_cond_prob)
+        if not net.cfg.learned_variance:
+            return self.objective(fn, x0, t=t, eps=eps, **cond)
+        # hybrid loss (iDDPM): the simple loss on the mean plus the variance bound on the learned variance
+        x_t = self.path.add_noise(x0, eps, t)
+        pred, v = fn(x_t, self.path.model_time(t).float(), return_variance=True, **cond)
+        simple = self.objective.loss_from_prediction(pred, x0, eps, t)
+        a = append_dims(self.path.alpha(t), x0.ndim).to(x0)
+        s = append_dims(self.path.sigma(t), x0.ndim).to(x0)
+        x0_hat = x0_from_prediction(p.prediction, pred.float(), x_t, a, s)
+        return simple + p.vb_weight * variance_bound_loss(self.path, x0, x_t, x0_hat, v.float(), t)
+
+    @torch.no_grad()
+    def sample(self, model, n, *, seed, device, steps=None):
+        """Reconstructions of the last training images from their own CLIP image embeddings (the decoder sanity
+        check the reference lacked): if these are noise, the decoder is not learning."""
+        from t2i.pipelines.unclip import DecoderStage, run_stage
+
+        if self._last is None:
+            return None
+        last = {k: v[:n].to(device) for k, v in self._last.items()}
+        images = last["images"]
+        stage = DecoderStage(
+            model,
+            images.shape[-1],
+            self.path,
+            self.params.prediction,
+            sampler=self.params.sampler,
+            steps=steps or self.cfg.run.sample_steps,
+            guidance=self.params.guidance,
+            lowres=self.lowres,
+            latent=self.latent,
+        )
+        prev = self.lowres.downsample(images) if self.lowres is not None else None
+        return run_stage(
+            stage,
+            last.get("image_embed"),
+            last.get("text_tokens"),
+            last.get("text_mask"),
+            prev,
+            Seeds.from_base(seed, len(images)),
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VQ-GAN
+
+
+@dataclass
+class VQGANTaskConfig:
+    recon_loss: str = "l1"  # l1 | l2
+    gan_weight: float = 0.0  # adversarial weight (needs model.params.discriminator=true); 0 disables
+    gan_start: int = 0  # optimiser step after which the adversarial terms switch on
+
+
+class VQGANTask(Task):
+    """Reconstruction + VQ losses, and an optional hinge GAN trained with the same optimiser.
+
+    The generator term is computed through the discriminator with *detached* weights (``functional_call``) and the
+    discriminator term on detached reconstructions, so each part of the model only gets its own gradient.
+    """
+
+    params_cls = VQGANTaskConfig
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if self.params.recon_loss not in ("l1", "l2"):
+            raise ValueError(f"task.params.recon_loss must be l1 or l2, got {self.params.recon_loss!r}")
+        if self.params.gan_weight < 0:
+            raise ValueError("task.params.gan_weight must be >= 0")
+        self._calls = 0
+        self._last: Tensor | None = None
+
+    def build_model(self) -> nn.Module:
+        model = super().build_model()
+        if self.params.gan_weight > 0 and model.discriminator is None:
+            raise ValueError("task.params.gan_weight > 0 needs model.params.discriminator=true")
+        return model
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
+        net = _inner(model)
+        device = next(model.parameters()).device
+        x = batch["image"].to(device=device, dtype=torch.float32)
+        self._last = x[:16].detach()
+        recon, _, vq = model(x)
+        err = (recon - x).abs() if self.params.recon_loss == "l1" else (recon - x) ** 2
+        loss = err.flatten(1).mean(1) + vq
+        step = self._calls // max(self.cfg.optim.grad_accum, 1)
+        self._calls += 1
+        if self.params.gan_weight > 0 and step >= self.params.gan_start:
+            disc = net.discriminator
+            frozen = {k: v.detach() for k, v in disc.named_parameters()}
+            g = -functional_call(disc, frozen, (recon,)).flatten(1).mean(1)  # generator hinge term
+            d = F.relu(1 - disc(x)).flatten(1).mean(1) + F.relu(1 + disc(recon.detach())).flatten(1).mean(1)
+            loss = loss + self.params.gan_weight * g + d
+        return loss
+
+    @torch.no_grad()
+    def sample(self, model, n, *, seed, device, steps=None):
+        """Reconstructions of the last training images (top half of the grid: inputs)."""
+        if self._last is None:
+            return None
+        x = self._last[: max(1, n // 2)].to(device)
+        was = model.training
+        model.eval()
+        try:
+            recon = model.decode(model.encode(x))
+        finally:
+            model.train(was)
+        return torch.cat([x, recon]).clamp(-1, 1)
