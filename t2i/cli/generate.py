@@ -27,5 +27,5 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--num-images must be at least 1, got {args.num_images}")
     raise CLIError(
         "no default model is shipped yet: the small shapes models are still to be trained "
-        "(see the README's roadmap). Nothing was generated."
+        "(see the Status table in the README). Nothing was generated."
     )
