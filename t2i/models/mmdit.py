@@ -62,6 +62,18 @@ class MMDiTConfig:
 
 
 _SD3_MEDIUM = MMDiTConfig(depth=24, pos_embed_max_size=192)
+# diffusers' own test transformer (test_models_transformer_sd3.py)
+_TINY = MMDiTConfig(
+    depth=4,
+    num_heads=4,
+    head_dim=8,
+    patch_size=1,
+    in_channels=4,
+    context_dim=32,
+    pooled_dim=64,
+    pos_embed_max_size=96,
+    pos_embed_base_size=32,
+)
 PRESETS: dict[str, MMDiTConfig] = {
     "sd3-medium": _SD3_MEDIUM,
     "sd3.5-medium": replace(
@@ -70,30 +82,8 @@ PRESETS: dict[str, MMDiTConfig] = {
     "sd3.5-large": MMDiTConfig(depth=38, pos_embed_max_size=192, qk_norm="rms"),
     "sd3.5-large-turbo": MMDiTConfig(depth=38, pos_embed_max_size=192, qk_norm="rms"),  # same net, new weights
     # diffusers' own test transformer (test_models_transformer_sd3.py), SD3 and SD3.5 flavours
-    "tiny": MMDiTConfig(
-        depth=4,
-        num_heads=4,
-        head_dim=8,
-        patch_size=1,
-        in_channels=4,
-        context_dim=32,
-        pooled_dim=64,
-        pos_embed_max_size=96,
-        pos_embed_base_size=32,
-    ),
-    "tiny-x": MMDiTConfig(
-        depth=4,
-        num_heads=4,
-        head_dim=8,
-        patch_size=1,
-        in_channels=4,
-        context_dim=32,
-        pooled_dim=64,
-        pos_embed_max_size=96,
-        pos_embed_base_size=32,
-        qk_norm="rms",
-        x_block_self_attn_layers=(0,),
-    ),
+    "tiny": _TINY,
+    "tiny-x": replace(_TINY, qk_norm="rms", x_block_self_attn_layers=(0,)),
     # the 4-layer, 9M-parameter benchmark config of the SD3.5 spec (Appendix B)
     "bench": MMDiTConfig(
         depth=4,
