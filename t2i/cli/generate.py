@@ -1,31 +1,171 @@
-"""``t2i generate``: text to image with a shipped or local model.
+"""``t2i generate``: text to images with a shipped model, a t2i model folder or an official SD3.5 checkpoint.
 
-No default model ships yet (it is trained by this project's own code in a later milestone), so for now the
-command checks its arguments and says so plainly instead of pretending to generate anything.
+    t2i generate "a red circle above a blue square" -n 4 --seed 7 -o out/
+    t2i generate --from-file prompts.txt --model unclip-shapes --steps 16
+
+Image ``k`` of a prompt uses seed ``seed + k``, whatever the batch it runs in, so a file can be regenerated
+alone from the settings in its PNG ``parameters`` chunk. All (prompt, seed) pairs are batched together across
+prompts (``--batch-size``). Every image is written as ``<prompt#>-<seed>-<slug>.png``; a contact sheet of all of
+them goes to ``contact_sheet.png``. Arguments are checked before any model is loaded, so a typo costs no time.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_MODEL = "sd3-shapes"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate images from a text prompt")
-    p.add_argument("prompt", help="the text prompt")
-    p.add_argument("-n", "--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k")
-    p.add_argument("-o", "--output", default="out", help="output folder")
+    p = sub.add_parser(
+        "generate",
+        help="generate images from text prompts",
+        description="Generate images from text prompts. Flags left out take the model's own defaults.",
+    )
+    p.add_argument("prompt", nargs="?", help="the text prompt (or use --from-file)")
+    p.add_argument("-n", "--num-images", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of each prompt's first image; image k uses seed + k")
+    p.add_argument("-o", "--output", default="out", help="output folder (default out/)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"a shipped model (sd3-shapes, unclip-shapes), a t2i model folder, or an official SD3/SD3.5 "
+                        f".safetensors file or diffusers folder (default {DEFAULT_MODEL})")  # fmt: skip
+    p.add_argument("--steps", type=int, help="sampler steps")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 disables it)")
+    p.add_argument("--sampler", help="sampler name (see `t2i info`)")
+    p.add_argument("--size", type=int, help="image side in pixels")
+    p.add_argument("--negative", default="", help="negative prompt (SD3-family models)")
+    p.add_argument("--preset", help="a named settings preset of the model (e.g. sd3.5-large-turbo, fast)")
+    p.add_argument("--from-file", help="a text file with one prompt per line (blank lines and # comments skipped)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per model call (default 16)")
+    p.add_argument("--no-sheet", action="store_true", help="do not write contact_sheet.png")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def _prompts(args) -> list[str]:
     from t2i.cli.main import CLIError
 
-    if not args.prompt.strip():
-        raise CLIError('the prompt is empty; pass some text, e.g. t2i generate "a red circle"')
+    if args.from_file is not None:
+        if args.prompt is not None:
+            raise CLIError("give a prompt or --from-file, not both")
+        path = Path(args.from_file)
+        if not path.is_file():
+            raise CLIError(f"--from-file {path}: no such file")
+        prompts = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        prompts = [p for p in prompts if p and not p.startswith("#")]
+        if not prompts:
+            raise CLIError(f"--from-file {path} has no prompts (one per line; blank lines and # comments skipped)")
+        return prompts
+    if args.prompt is None or not args.prompt.strip():
+        raise CLIError('the prompt is empty; pass some text, e.g. t2i generate "a red circle above a blue square"')
+    return [args.prompt.strip()]
+
+
+def _check_args(args) -> None:
+    from t2i.cli.main import CLIError
+    from t2i.diffusion import SAMPLERS
+
     if args.num_images < 1:
         raise CLIError(f"--num-images must be at least 1, got {args.num_images}")
-    raise CLIError(
-        "no default model is shipped yet: the small shapes models are still to be trained "
-        "(see the Status table in the README). Nothing was generated."
-    )
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.steps is not None and args.steps < 1:
+        raise CLIError(f"--steps must be at least 1, got {args.steps}")
+    if args.cfg is not None and args.cfg < 0:
+        raise CLIError(f"--cfg must be >= 0 (1 disables guidance), got {args.cfg}")
+    if args.sampler is not None and args.sampler not in SAMPLERS:
+        import difflib
+
+        close = difflib.get_close_matches(args.sampler, list(SAMPLERS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise CLIError(f"unknown sampler {args.sampler!r}{hint} (choose one of {', '.join(sorted(SAMPLERS))})")
+    if args.seed < 0:
+        raise CLIError(f"--seed must be >= 0, got {args.seed}")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--output {out} exists and is not a folder")
+
+
+def _slug(text: str, n: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n].strip("-") or "image"
+
+
+def _settings(gen, args):
+    from dataclasses import replace
+
+    from t2i.cli.main import CLIError
+
+    s = gen.defaults
+    if args.preset is not None:
+        presets = gen.presets()
+        if args.preset not in presets:
+            raise CLIError(
+                f"unknown --preset {args.preset!r} for {gen.name}; choose one of {sorted(presets) or '(none)'}"
+            )
+        s = presets[args.preset]
+    s = replace(s, extra=dict(s.extra))
+    for flag in ("steps", "cfg", "sampler", "size"):
+        if getattr(args, flag) is not None:
+            s = replace(s, **{flag: getattr(args, flag)})
+    try:
+        gen.check_size(s.size)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    return s
+
+
+def run(args: argparse.Namespace) -> int:
+    t_start = time.perf_counter()
+    prompts = _prompts(args)
+    _check_args(args)
+
+    import torch
+
+    from t2i import __version__
+    from t2i.io.png import contact_sheet, format_parameters, save_png, to_pil
+    from t2i.pipelines.shipped import load_generator
+
+    torch.set_grad_enabled(False)
+    gen = load_generator(args.model)
+    s = _settings(gen, args)
+    jobs = [(i, p, args.seed + k) for i, p in enumerate(prompts) for k in range(args.num_images)]
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs), unit="img", desc=f"{gen.name} {s.size}px {s.steps} steps", file=sys.stderr)
+    files, pils, labels, first = [], [], [], None
+    for b in range(0, len(jobs), args.batch_size):
+        batch = jobs[b : b + args.batch_size]
+        images = gen.generate([p for _, p, _ in batch], [seed for _, _, seed in batch], s, negative=args.negative)
+        for (i, prompt, seed), image in zip(batch, images, strict=True):
+            settings = {"Steps": s.steps, "Sampler": s.sampler, "CFG scale": s.cfg, "Seed": seed,
+                        "Size": f"{s.size}x{s.size}", "Model": gen.name,
+                        **{k.replace("_", " ").capitalize(): v for k, v in s.extra.items()},
+                        "Version": f"t2i {__version__}"}  # fmt: skip
+            pil = to_pil(image)
+            path = save_png(
+                out / f"{i:03d}-{seed}-{_slug(prompt)}.png", pil, format_parameters(prompt, settings, args.negative)
+            )
+            files.append(path)
+            pils.append(pil)
+            labels.append(f"{seed}: {prompt}")
+        if first is None:
+            first = time.perf_counter() - t_start
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+    print(f"wrote {len(files)} image{'s' * (len(files) != 1)} to {out}/ (first after {first:.1f} s, all after "
+          f"{time.perf_counter() - t_start:.1f} s)")  # fmt: skip
+    if not args.no_sheet:
+        sheet = contact_sheet(pils, labels, cell=max(128, s.size))
+        sheet.save(out / "contact_sheet.png")
+        print(f"contact sheet: {out / 'contact_sheet.png'}")
+    return 0

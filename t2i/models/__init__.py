@@ -18,6 +18,7 @@ from .mmdit import MMDiT, MMDiTConfig
 from .prior import PriorConfig, PriorNetwork
 from .toy import ToyMLP, ToyMLPConfig, ToyUNet, ToyUNetConfig
 from .unet import Unet, UnetConfig
+from .vae import AutoencoderKL, VAEConfig
 from .vqgan import VQGAN, VQGANConfig
 
 MODELS: dict[str, tuple[type, type[nn.Module]]] = {
@@ -28,6 +29,7 @@ MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "vqgan": (VQGANConfig, VQGAN),
     "clip": (ClipConfig, ScratchClip),  # from-scratch CLIP over the shapes caption vocabulary
     "mmdit": (MMDiTConfig, MMDiT),  # SD3 / SD3.5 MMDiT(-X); PRESETS in t2i.models.mmdit
+    "sd3_vae": (VAEConfig, AutoencoderKL),  # the SD3 KL autoencoder at any width; PRESETS in t2i.models.vae
 }
 
 

@@ -227,3 +227,34 @@ def _assign(model: nn.Module, sd: dict[str, Tensor], dtype, device) -> None:
     if missing or unexpected:
         raise ValueError(f"text encoder weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.load_state_dict(sd, strict=False, assign=True)
+
+
+class ClipTextConditioner(nn.Module):
+    """One CLIP text tower as an SD3-style text encoder, for MMDiTs trained with a small CLIP (``sd3-shapes``).
+
+    ``context`` is the ``layer``-th hidden state (the penultimate by default, SD3's choice for its CLIPs), padding
+    positions zeroed; ``pooled`` is the projected end-token state. An empty prompt encodes to zeros for both,
+    which is exactly what the SD3 task's text dropping trains as the unconditional input, so classifier-free
+    guidance at sampling time sees the input it was trained with. ``widths`` and ``tokens`` tell the task how the
+    context is laid out (a single encoder: ``(width, 0)``).
+    """
+
+    def __init__(self, clip: nn.Module, layer: int = -2):
+        super().__init__()
+        self.clip, self.layer = clip, layer
+        text_cfg = clip.model.config.text_config
+        if not -text_cfg.num_hidden_layers - 1 <= layer <= text_cfg.num_hidden_layers:
+            raise ValueError(f"layer {layer} is outside the text tower's {text_cfg.num_hidden_layers} layers")
+        self.widths = (text_cfg.hidden_size, 0)
+        self.tokens = clip.tokenizer.context_length
+
+    @torch.no_grad()
+    def forward(self, prompts: str | Sequence[str]) -> tuple[Tensor, Tensor]:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        ids, mask = self.clip.tokenize(prompts)
+        text = self.clip.model.text_model
+        out = text(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True)
+        context = out.hidden_states[self.layer].float() * mask[..., None]
+        pooled = self.clip.model.text_projection(out.pooler_output).float()
+        keep = torch.tensor([bool(p.strip()) for p in prompts], device=context.device)
+        return context * keep[:, None, None], pooled * keep[:, None]

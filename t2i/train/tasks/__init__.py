@@ -81,6 +81,7 @@ def _registry() -> dict[str, type[Task]]:
     from .lora import LoRATask
     from .sd3 import SD3Task
     from .unclip import ClipTask, DecoderTask, PriorTask, VQGANTask
+    from .vae import VAETask
 
     return {
         "diffusion": DiffusionTask,
@@ -90,6 +91,7 @@ def _registry() -> dict[str, type[Task]]:
         "unclip_decoder": DecoderTask,
         "vqgan": VQGANTask,
         "sd3": SD3Task,
+        "vae": VAETask,
     }
 
 

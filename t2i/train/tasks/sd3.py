@@ -30,6 +30,7 @@ from t2i.data.transforms import sample_generator
 from t2i.diffusion import SAMPLERS, DenoisingObjective, LogitNormalTime, RectifiedFlow
 
 from . import Task
+from .unclip import load_trained, stored_model_name
 
 NOISE_STREAM, DROPOUT_STREAM, POSTERIOR_STREAM = 1, 2, 3
 
@@ -54,6 +55,9 @@ class SD3TaskConfig:
     sampler: str = "euler"  # sample grids
     guidance: float = 4.5
     sample_prompts: str = ""  # "|"-separated prompts of the sample grids (default: the last batch's captions)
+    latent_scale: float | None = None  # a VAE trained by t2i: its LatentFormat (None: measured on the data)
+    latent_shift: float | None = None
+    text_layer: int = -2  # a CLIP trained by t2i as the text encoder: the hidden layer used as context
 
 
 class SD3Task(Task):
@@ -77,20 +81,54 @@ class SD3Task(Task):
         self.vae: nn.Module | None = None
         self.text_encoder: nn.Module | None = None
         if p.vae is not None:
-            from t2i.models.sd3_loading import load_vae
-
-            self.vae = load_vae(p.vae, dtype=torch.float32)
+            self.vae = self._load_vae(p.vae)
         if p.text is not None:
-            from t2i.models.sd3_loading import load_text_encoder
+            if stored_model_name(p.text) == "clip":  # a small CLIP trained by `t2i train` (the shapes models)
+                from t2i.models.text import ClipTextConditioner
 
-            self.text_encoder = load_text_encoder(p.text, load_t5=p.load_t5, t5_length=p.t5_length)
+                self.text_encoder = ClipTextConditioner(load_trained(p.text, "clip").eval(), p.text_layer)
+                self.params.clip_widths, self.params.clip_tokens = self.text_encoder.widths, self.text_encoder.tokens
+            else:
+                from t2i.models.sd3_loading import load_text_encoder
+
+                self.text_encoder = load_text_encoder(p.text, load_t5=p.load_t5, t5_length=p.t5_length)
         self._text_cache: dict[str, tuple[Tensor, Tensor]] = {}
         self._latent_cache: dict[str, tuple[Tensor, Tensor]] = {}
         self._last: dict[str, Any] = {}
 
+    def _load_vae(self, source: str) -> nn.Module:
+        """An official/diffusers SD3 VAE, or an ``sd3_vae`` trained by ``t2i train`` with its latent format."""
+        p = self.params
+        if stored_model_name(source) != "sd3_vae":
+            from t2i.models.sd3_loading import load_vae
+
+            return load_vae(source, dtype=torch.float32)
+        from t2i.models.vae import LatentFormat
+
+        vae = load_trained(source, "sd3_vae").eval().requires_grad_(False)
+        if (p.latent_scale is None) != (p.latent_shift is None):
+            raise ValueError("set both task.params.latent_scale and task.params.latent_shift, or neither")
+        if p.latent_scale is not None:
+            vae.latent_format = LatentFormat(p.latent_scale, p.latent_shift)
+            return vae
+        if self.cfg.data.source != "shapes":
+            raise ValueError("measure the VAE's latent format on your data (t2i.train.tasks.vae.latent_format_"
+                             "from_data) and set task.params.latent_scale and latent_shift")  # fmt: skip
+        from t2i.data.dataset import ShapesDataset
+
+        from .vae import latent_format_from_data
+
+        data = ShapesDataset("train", self.cfg.data.image_size, seed=self.seed + 1)
+        vae.latent_format = latent_format_from_data(vae, torch.stack([data[i]["image"] for i in range(512)]))
+        print(f"measured the VAE's latent format: task.params.latent_scale={vae.latent_format.scale} "
+              f"task.params.latent_shift={vae.latent_format.shift} (set both to pin them)")  # fmt: skip
+        return vae
+
     # -- conditioning and latents ---------------------------------------------------------------------------------
 
     def _widths(self) -> tuple[int, int]:
+        if hasattr(self.text_encoder, "widths"):
+            return tuple(self.text_encoder.widths)
         if self.text_encoder is not None:
             return self.text_encoder.clip_l.config.hidden_size, self.text_encoder.clip_g.config.hidden_size
         return tuple(self.params.clip_widths)

@@ -75,6 +75,26 @@ def load_trained(path: str, name: str) -> nn.Module:
     return model
 
 
+def stored_model_name(path: str) -> str | None:
+    """The model name in the config stored with a ``t2i train`` run folder, checkpoint or weights file (None for
+    anything else: an official file, a diffusers folder, a missing path)."""
+    from pathlib import Path
+
+    from t2i.io import read_config
+
+    from ..checkpoint import latest_checkpoint
+
+    p = Path(path)
+    if p.is_dir():
+        if (p / "checkpoints").is_dir():
+            p = latest_checkpoint(p) or p
+        p = p / "model.safetensors"
+    if p.suffix != ".safetensors" or not p.is_file():
+        return None
+    cfg = read_config(p)
+    return cfg.get("model", {}).get("name") if cfg else None
+
+
 def load_clip(clip_path: str | None, preset: str, seed: int) -> ClipEncoder:
     """The frozen CLIP of the prior/decoder tasks (see module docstring)."""
     from pathlib import Path
@@ -134,7 +154,9 @@ class _EmbeddingSource:
         return self.cache["image_embed"].shape[1] if self.cache is not None else self.clip.embed_dim
 
     @torch.no_grad()
-    def __call__(self, batch: dict[str, Any], device, *, need_image: bool = True) -> dict[str, Tensor]:
+    def __call__(
+        self, batch: dict[str, Any], device, *, need_image: bool = True, need_text: bool = True
+    ) -> dict[str, Tensor]:
         if self.cache is not None:
             if "index" not in batch:
                 raise ValueError("cache_path lookups need batches with a dataset 'index' (e.g. data.source=shapes)")
@@ -148,8 +170,10 @@ class _EmbeddingSource:
             out["text_mask"] = out["text_mask"].bool()
             return out
         self.clip.to(device)
-        text_embed, tokens, mask = self.clip.embed_text(list(batch["caption"]))
-        out = {"text_embed": text_embed, "text_tokens": tokens.float(), "text_mask": mask}
+        out: dict[str, Tensor] = {}
+        if need_text:
+            text_embed, tokens, mask = self.clip.embed_text(list(batch["caption"]))
+            out.update(text_embed=text_embed, text_tokens=tokens.float(), text_mask=mask)
         if need_image:
             out["image_embed"] = self.clip.embed_image(batch["image"].to(device))
         return out
@@ -272,6 +296,7 @@ class DecoderTaskConfig:
     clip_path: str | None = None
     clip_preset: str = "tiny"
     clip_seed: int = 0
+    stage_size: int | None = None  # the size this stage makes, when below data.image_size (CLIP sees the full image)
     lowres_size: int | None = None  # super-resolution stage: the previous stage's size
     blur_prob: float = 0.5
     max_train_level: float = 0.5  # low-res noise augmentation levels ~ U[0, max]
@@ -341,7 +366,12 @@ class DecoderTask(Task):
         net, p = _inner(model), self.params
         device = next(model.parameters()).device
         images = batch["image"].to(device=device, dtype=torch.float32)
-        emb = self.embeddings(batch, device, need_image=bool(net.cfg.image_embed_dim))
+        emb = self.embeddings(
+            batch, device, need_image=bool(net.cfg.image_embed_dim), need_text=bool(net.cfg.text_embed_dim)
+        )
+        if p.stage_size is not None and p.stage_size != images.shape[-1]:
+            # as in DALL-E 2, CLIP embeds the full-resolution image and the base stage makes a downsampled copy
+            images = F.interpolate(images, size=(p.stage_size, p.stage_size), mode="area")
         gens = _gens(self.cfg, batch)
         u = torch.stack([torch.rand(3, generator=g) for g in gens]).to(device)
         cond: dict[str, Tensor] = {}

@@ -1,0 +1,108 @@
+"""PNG files that remember how they were made, and contact sheets.
+
+Generation settings go in the PNG ``parameters`` text chunk, in the layout AUTOMATIC1111's web UI writes and
+ComfyUI, InvokeAI, civitai and PNG-info readers parse:
+
+    a red circle above a blue square
+    Negative prompt: blurry
+    Steps: 28, Sampler: euler, CFG scale: 4.0, Seed: 7, Size: 64x64, Model: sd3-shapes, Version: t2i 0.1.0
+
+The prompt comes first (it may span lines), then an optional ``Negative prompt:`` line, then one line of
+``key: value`` pairs. ``parse_parameters`` reads that back, so a file's settings can be replayed exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, PngImagePlugin
+from torch import Tensor
+
+_PAIR = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^"\\])*"|[^,]*)(?:,|$)')
+
+
+def format_parameters(prompt: str, settings: Mapping[str, Any], negative: str = "") -> str:
+    """The ``parameters`` text for ``prompt``, ``settings`` (ordered key -> value) and a negative prompt."""
+
+    def value(v: Any) -> str:
+        s = str(v)
+        return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"' if ("," in s or ":" in s or '"' in s) else s
+
+    lines = [prompt]
+    if negative:
+        lines.append(f"Negative prompt: {negative}")
+    lines.append(", ".join(f"{k}: {value(v)}" for k, v in settings.items()))
+    return "\n".join(lines)
+
+
+def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:
+    """(prompt, negative prompt, settings as strings) from a ``parameters`` text."""
+    lines = text.split("\n")
+    settings: dict[str, str] = {}
+    if lines and _PAIR.match(lines[-1]) and "Steps:" in lines[-1]:
+        for key, val in _PAIR.findall(lines[-1]):
+            if val.startswith('"') and val.endswith('"') and len(val) >= 2:
+                val = re.sub(r"\\(.)", r"\1", val[1:-1])
+            settings[key.strip()] = val.strip()
+        lines = lines[:-1]
+    negative = ""
+    if lines and lines[-1].startswith("Negative prompt: "):
+        negative = lines[-1].removeprefix("Negative prompt: ")
+        lines = lines[:-1]
+    return "\n".join(lines), negative, settings
+
+
+def to_pil(image: Tensor) -> Image.Image:
+    """``(3, H, W)`` in [0, 1] -> an RGB PIL image (rounded, not truncated)."""
+    arr = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
+def save_png(path: str | Path, image: Image.Image, parameters: str) -> Path:
+    """Write ``image`` with ``parameters`` in its ``parameters`` text chunk (iTXt, so any Unicode prompt fits)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("parameters", parameters)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, pnginfo=info)
+    return path
+
+
+def read_parameters(path: str | Path) -> str | None:
+    """The ``parameters`` text of a PNG file, or None."""
+    with Image.open(path) as im:
+        return im.text.get("parameters") if hasattr(im, "text") else None
+
+
+def contact_sheet(images: Sequence[Image.Image], labels: Sequence[str] | None = None, *, cell: int = 128,
+                  columns: int | None = None) -> Image.Image:  # fmt: skip
+    """A grid of ``images`` scaled to ``cell`` px (nearest neighbour: small images stay crisp), each captioned."""
+    from t2i.data.shapes import font
+
+    n = len(images)
+    if n == 0:
+        raise ValueError("a contact sheet needs at least one image")
+    cols = columns or min(n, max(1, math.ceil(math.sqrt(n))))
+    rows = math.ceil(n / cols)
+    label_h = 14 if labels else 0
+    pad = 4
+    sheet = Image.new("RGB", (cols * (cell + pad) + pad, rows * (cell + label_h + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    f = font(10)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        x, y = pad + c * (cell + pad), pad + r * (cell + label_h + pad)
+        resample = Image.NEAREST if im.width < cell else Image.LANCZOS
+        sheet.paste(im.convert("RGB").resize((cell, cell), resample), (x, y))
+        if labels:
+            text = labels[i]
+            while text and draw.textlength(text, font=f) > cell:
+                text = text[:-2] + "…" if len(text) > 2 else ""
+            draw.text((x, y + cell + 1), text, fill=(0, 0, 0), font=f)
+    return sheet
