@@ -3,6 +3,7 @@
     t2i eval shapes --images DIR [--json report.json] [--grid grid.png] [--features]
     t2i eval shapes --write-prompts DIR [--split eval] [--per-prompt 4]     # metadata.jsonl for a sampler
     t2i eval shapes --write-ground-truth DIR [--split eval] [--size 32]     # rendered ground truth
+    t2i eval quality [--models sd3-shapes unclip-shapes] [--per-category N]  # docs/quality.md
 
 The folder format (``metadata.jsonl`` + images) is documented in ``t2i/data/dataset.py`` and docs/shapes.md.
 """
@@ -27,6 +28,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--grid", metavar="PATH", help="also write a PNG grid of samples framed green/red")
     s.add_argument("--features", action="store_true", help="also compute FD-probe and KID against ground truth")
     s.set_defaults(func=run)
+    q = bench.add_parser("quality", help="the quality report of models (default: both shipped models)")
+    q.add_argument("--models", nargs="+", default=["sd3-shapes", "unclip-shapes"], help="shipped names or folders")
+    q.add_argument("--out", default="docs/quality.md", help="Markdown report (a .json copy is written beside it)")
+    q.add_argument("--per-category", type=int, help="only the first N prompts of each category (a quick subset)")
+    q.add_argument("--sweep-per-category", type=int, default=20, help="prompts per category in the step sweep")
+    q.add_argument("--steps", type=int, nargs="+", default=[4, 8, 16, 28, 50], help="step counts of the sweep")
+    q.add_argument("--grid-dir", default="docs/images", help="where the per-split sample grids go ('' for none)")
+    q.set_defaults(func=run_quality)
+
+
+def run_quality(args: argparse.Namespace) -> int:
+    from t2i.eval.quality import run_report
+
+    data = run_report(
+        args.models,
+        out_md=args.out,
+        per_category=args.per_category,
+        sweep_per_category=args.sweep_per_category,
+        steps=args.steps,
+        grid_dir=args.grid_dir or None,
+    )
+    for r in data["models"]:
+        print(f"{r['model']}: eval {r['eval']['overall']:.3f}, heldout {r['heldout']['overall']:.3f}")
+    print(f"wrote {args.out} and {args.out.removesuffix('.md')}.json in {data['seconds']:.0f} s")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:

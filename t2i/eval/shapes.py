@@ -522,16 +522,26 @@ def evaluate_generator(
     per_prompt: int = 1,
     batch_size: int = 64,
     categories: Sequence[str] | None = None,
+    per_category: int | None = None,
     features: bool = False,
     grid: str | Path | None = None,
 ) -> Report:
     """Score a generator ``fn(prompts, seeds) -> list of PIL images | uint8 (B, H, W, 3) | float (B, 3, H, W)``.
 
-    Each prompt of the split is sampled ``per_prompt`` times with seeds ``prompt.seed + k``.
+    Each prompt of the split is sampled ``per_prompt`` times with seeds ``prompt.seed + k``; ``per_category``
+    keeps only the first prompts of each category (a fixed subset, for quick sweeps).
     """
     from t2i.data.captions import split_prompts
 
     prompts = [p for p in split_prompts(split) if categories is None or p.spec.category in categories]
+    if per_category is not None:
+        seen: dict[str, int] = {}
+        keep = []
+        for p in prompts:
+            seen[p.spec.category] = seen.get(p.spec.category, 0) + 1
+            if seen[p.spec.category] <= per_category:
+                keep.append(p)
+        prompts = keep
     if not prompts:
         raise ValueError(f"no prompts in split {split!r} for categories {categories}")
     jobs = [(p, p.seed + k) for p in prompts for k in range(per_prompt)]

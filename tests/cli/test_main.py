@@ -21,14 +21,3 @@ def test_info_lists_every_sampler(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in SAMPLERS)
-
-
-def test_generate_refuses_an_empty_prompt(capsys):
-    assert main(["generate", "   "]) == 2
-    assert "prompt is empty" in capsys.readouterr().err
-
-
-def test_generate_says_plainly_that_no_model_ships_yet(capsys, tmp_path):
-    assert main(["generate", "a red circle", "-o", str(tmp_path)]) == 2
-    assert "Nothing was generated" in capsys.readouterr().err
-    assert not any(tmp_path.iterdir())

@@ -111,3 +111,22 @@ def test_build_from_bare_state_dicts_on_meta(stack):
     assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
     with pytest.raises(ValueError, match="do not fit"):
         build_t5_from_state_dict(stack.t5.config, {"shared.weight": stack.t5.shared.weight})
+
+
+def test_clip_text_conditioner_layout_padding_and_empty_prompt():
+    from t2i.models.clip import CLIP_PRESETS, ScratchClip
+    from t2i.models.text import ClipTextConditioner
+
+    torch.manual_seed(0)
+    clip = ScratchClip(CLIP_PRESETS["tiny"]).eval()
+    enc = ClipTextConditioner(clip)
+    assert enc.widths == (32, 0) and enc.tokens == 24
+    ctx, pooled = enc(["a red circle", ""])
+    assert ctx.shape == (2, 24, 32) and pooled.shape == (2, 32)
+    ids, mask = clip.tokenize(["a red circle"])
+    assert ctx[0, mask[0]].abs().sum(-1).gt(0).all() and ctx[0, ~mask[0]].abs().max() == 0  # padding zeroed
+    assert ctx[1].abs().max() == 0 and pooled[1].abs().max() == 0  # "" is the trained unconditional input
+    out = clip.model.text_model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True)
+    torch.testing.assert_close(ctx[0, mask[0]], out.hidden_states[-2][0, mask[0]])
+    with pytest.raises(ValueError, match="outside"):
+        ClipTextConditioner(clip, layer=9)

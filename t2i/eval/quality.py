@@ -1,0 +1,205 @@
+"""The quality report of the default models: ``make quality`` / ``t2i eval quality`` -> ``docs/quality.md``.
+
+For each model (shipped name or model folder) it measures, on the shapes benchmark (``docs/shapes.md``):
+
+1. the per-category table on the ``eval`` split (all 840 prompts, text track included) and the ``heldout`` split
+   (480) at the model's default settings, with the distribution metric (FD / KID in the probe's feature space)
+   on ``eval``;
+2. score vs steps for several samplers on a fixed subset of ``eval`` (``sweep_per_category`` prompts of each
+   category), the overall GenEval-style score and the text track's word accuracy;
+3. the ground-truth row: the evaluator on the renderer's own images, the ceiling every score is read against.
+
+Timings are wall-clock seconds on the machine that ran the report (recorded in the output with its CPU count).
+Everything is also written as JSON next to the Markdown, which the slow test and the model cards read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from t2i.data.captions import ALL_CATEGORIES, CATEGORIES, TEXT_CATEGORY
+
+STEPS = (4, 8, 16, 28, 50)
+SAMPLERS = {"sd3": ("euler", "heun", "dpmpp_2m"), "unclip": ("ddim", "euler", "dpmpp_2m")}
+
+
+def _kind(gen) -> str:
+    from t2i.pipelines.shipped import UnCLIPGenerator
+
+    return "unclip" if isinstance(gen, UnCLIPGenerator) else "sd3"
+
+
+def _fn(gen, settings, batch_size: int):
+    def fn(prompts: list[str], seeds: list[int]):
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            out.append(gen.generate(prompts[i : i + batch_size], seeds[i : i + batch_size], settings))
+        return torch.cat(out).mul(2).sub(1)  # the evaluator takes [-1, 1] floats
+
+    return fn
+
+
+def _ground_truth(split: str, size: int, per_category: int | None = None) -> dict[str, Any]:
+    from t2i.data.dataset import ground_truth
+    from t2i.eval.shapes import evaluate_generator
+
+    def fn(prompts, seeds):
+        from t2i.data.captions import split_prompts
+
+        by_caption = {(p.caption, p.seed): p for p in split_prompts(split)}
+        return np.stack([ground_truth(by_caption[(c, s)], size).image for c, s in zip(prompts, seeds, strict=True)])
+
+    report = evaluate_generator(fn, split=split, size=size, per_category=per_category, features=split == "eval")
+    return _summary(report, 0.0)
+
+
+def _summary(report, seconds: float) -> dict[str, Any]:
+    d = report.to_dict()
+    d.pop("results")
+    d["seconds"] = round(seconds, 1)
+    return d
+
+
+def evaluate_model(model: str, *, per_category: int | None = None, sweep_per_category: int = 20,
+                   steps: Sequence[int] = STEPS, samplers: Sequence[str] | None = None, batch_size: int = 64,
+                   grid_dir: str | Path | None = None, log=print) -> dict[str, Any]:  # fmt: skip
+    """All measurements of one model (see the module docstring) as a JSON-able dict."""
+    from t2i.eval.shapes import evaluate_generator
+    from t2i.pipelines.shipped import load_generator
+
+    torch.set_grad_enabled(False)
+    t0 = time.perf_counter()
+    gen = load_generator(model)
+    load_s = time.perf_counter() - t0
+    d = gen.defaults
+    out: dict[str, Any] = {"model": gen.name, "kind": _kind(gen), "defaults": {**d.__dict__}, "load_seconds": load_s}
+    for split in ("eval", "heldout"):
+        t = time.perf_counter()
+        grid = Path(grid_dir) / f"{gen.name}_{split}.png" if grid_dir else None
+        report = evaluate_generator(_fn(gen, d, batch_size), split=split, size=d.size, per_category=per_category,
+                                    features=split == "eval", batch_size=512, grid=grid)  # fmt: skip
+        out[split] = _summary(report, time.perf_counter() - t)
+        log(f"{gen.name} {split}: overall {report.overall:.3f} ({len(report.results)} images, "
+            f"{out[split]['seconds']} s)")  # fmt: skip
+    sweep = []
+    for sampler in samplers or SAMPLERS[out["kind"]]:
+        for n in steps:
+            s = replace(d, sampler=sampler, steps=int(n))
+            t = time.perf_counter()
+            report = evaluate_generator(_fn(gen, s, batch_size), split="eval", size=d.size,
+                                        per_category=sweep_per_category, batch_size=512)  # fmt: skip
+            row = {"sampler": sampler, "steps": int(n), "overall": report.overall,
+                   "text": report.accuracy().get(TEXT_CATEGORY), "n_images": len(report.results),
+                   "seconds": round(time.perf_counter() - t, 1)}  # fmt: skip
+            sweep.append(row)
+            log(f"{gen.name} {sampler} {n} steps: overall {row['overall']:.3f}, text {row['text']}")
+    out["sweep"] = sweep
+    return out
+
+
+def run_report(models: Sequence[str], *, out_md: str | Path = "docs/quality.md", per_category: int | None = None,
+               sweep_per_category: int = 20, steps: Sequence[int] = STEPS, batch_size: int = 64,
+               grid_dir: str | Path | None = "docs/images", log=print) -> dict[str, Any]:  # fmt: skip
+    """Evaluate ``models`` and the ground truth; write ``out_md`` and ``out_md`` with ``.json``."""
+    t0 = time.perf_counter()
+    if grid_dir:
+        Path(grid_dir).mkdir(parents=True, exist_ok=True)
+    results = [evaluate_model(m, per_category=per_category, sweep_per_category=sweep_per_category, steps=steps,
+                              batch_size=batch_size, grid_dir=grid_dir, log=log) for m in models]  # fmt: skip
+    sizes = sorted({r["defaults"]["size"] for r in results}) or [64]
+    truth = {split: _ground_truth(split, sizes[0], per_category) for split in ("eval", "heldout")}
+    data = {
+        "models": results,
+        "ground_truth": truth,
+        "settings": {"per_category": per_category, "sweep_per_category": sweep_per_category, "steps": list(steps)},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+        },
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    out_md = Path(out_md)
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    out_md.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    out_md.write_text(markdown(data))
+    return data
+
+
+def _f(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def markdown(data: dict[str, Any]) -> str:
+    """The report as Markdown (tables only; the prose around them lives in the header)."""
+    m = data["machine"]
+    s = data["settings"]
+    subset = "all prompts" if s["per_category"] is None else f"the first {s['per_category']} prompts per category"
+    lines = [
+        "# Quality of the default models",
+        "",
+        "Generated by `make quality` (`t2i eval quality`); do not edit by hand. The benchmark is described in",
+        f"[shapes.md](shapes.md). Scores use {subset} of each split; the sweep uses the first "
+        f"{s['sweep_per_category']} prompts of each `eval` category. Machine: {m['cpus']} CPUs, "
+        f"{m['torch_threads']} torch threads, torch {m['torch']}; whole report {data['seconds']:.0f} s.",
+        "",
+        "## Shapes benchmark per category",
+        "",
+    ]
+    cols = [(r["model"], split, r[split]) for r in data["models"] for split in ("eval", "heldout")]
+    cols += [("ground truth", split, data["ground_truth"][split]) for split in ("eval", "heldout")]
+    lines.append("| category | " + " | ".join(f"{name} `{split}`" for name, split, _ in cols) + " |")
+    lines.append("|---|" + "---:|" * len(cols))
+    for c in ALL_CATEGORIES:
+        cells = [_f(rep["accuracy"].get(c)) for _, _, rep in cols]
+        label = f"{c} (text track)" if c == TEXT_CATEGORY else c
+        if any(x != "-" for x in cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("| **overall** (mean of the 6 GenEval categories) | "
+                 + " | ".join(f"**{_f(rep['overall'])}**" for _, _, rep in cols) + " |")  # fmt: skip
+    lines.append("| text: letter accuracy | " + " | ".join(_f(rep.get("text_letter_accuracy")) for _, _, rep in cols)
+                 + " |")  # fmt: skip
+    lines.append("| images | " + " | ".join(str(rep["n_images"]) for _, _, rep in cols) + " |")
+    lines += ["", "## Distribution metric (`eval`, probe features vs fresh ground truth)", "",
+              "| model | FD-probe | KID-probe |", "|---|---:|---:|"]  # fmt: skip
+    for name, rep in [(r["model"], r["eval"]) for r in data["models"]] + [
+        ("ground truth", data["ground_truth"]["eval"])
+    ]:
+        lines.append(
+            f"| {name} | {rep.get('fd_probe', float('nan')):.3f} | {rep.get('kid_probe', float('nan')):.4f} |"
+        )
+    lines += ["", "## Defaults and generation time", ""]
+    lines += ["| model | sampler | steps | cfg | size | eval images | seconds |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in data["models"]:
+        d = r["defaults"]
+        lines.append(f"| {r['model']} | {d['sampler']} | {d['steps']} | {d['cfg']} | {d['size']} | "
+                     f"{r['eval']['n_images']} | {r['eval']['seconds']} |")  # fmt: skip
+    for r in data["models"]:
+        lines += ["", f"## Score vs steps: {r['model']}", "",
+                  "Overall GenEval-style score (text-track word accuracy in brackets); seconds for the whole subset.",
+                  ""]  # fmt: skip
+        steps = sorted({row["steps"] for row in r["sweep"]})
+        lines.append("| sampler | " + " | ".join(f"{n} steps" for n in steps) + " |")
+        lines.append("|---|" + "---:|" * len(steps))
+        for sampler in dict.fromkeys(row["sampler"] for row in r["sweep"]):
+            rows = {row["steps"]: row for row in r["sweep"] if row["sampler"] == sampler}
+            cells = [f"{_f(rows[n]['overall'])} ({_f(rows[n]['text'])}, {rows[n]['seconds']} s)" if n in rows else "-"
+                     for n in steps]  # fmt: skip
+            lines.append(f"| {sampler} | " + " | ".join(cells) + " |")
+    gt = data["ground_truth"]["eval"]["overall"]
+    lines += ["", f"Ground truth scores {_f(gt)} on `eval` with the same evaluator.", ""]
+    return "\n".join(lines)
+
+
+__all__ = ["CATEGORIES", "evaluate_model", "markdown", "run_report"]

@@ -1,0 +1,108 @@
+"""``t2i generate``: files, metadata, batching across prompts, contact sheet, and every error message."""
+
+from __future__ import annotations
+
+import pytest
+from model_folders import tiny_sd3_folder, tiny_unclip_folder
+from PIL import Image
+
+from t2i.cli.main import main
+from t2i.io.png import parse_parameters, read_parameters
+
+
+@pytest.fixture(scope="module")
+def sd3_folder(tmp_path_factory):
+    return str(tiny_sd3_folder(tmp_path_factory.mktemp("sd3")))
+
+
+def test_generate_writes_pngs_with_parameters_and_a_sheet(sd3_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["generate", "a red circle above a blue square", "-n", "2", "--seed", "7", "-o", str(out),
+               "--model", sd3_folder, "--quiet"])  # fmt: skip
+    assert rc == 0
+    files = sorted(out.glob("0*.png"))
+    assert [f.name for f in files] == ["000-7-a-red-circle-above-a-blue-square.png",
+                                       "000-8-a-red-circle-above-a-blue-square.png"]  # fmt: skip
+    prompt, negative, settings = parse_parameters(read_parameters(files[1]))
+    assert prompt == "a red circle above a blue square" and negative == ""
+    assert settings["Seed"] == "8" and settings["Steps"] == "3" and settings["Sampler"] == "euler"
+    assert settings["Size"] == "32x32" and settings["Model"] == "tiny-sd3" and settings["CFG scale"] == "3.0"
+    assert Image.open(files[0]).size == (32, 32)
+    assert (out / "contact_sheet.png").exists()
+    assert "wrote 2 images" in capsys.readouterr().out
+
+
+def test_an_image_regenerates_alone_from_its_seed(sd3_folder, tmp_path):
+    import numpy as np
+
+    main(
+        ["generate", "a cross", "-n", "3", "--seed", "1", "-o", str(tmp_path / "a"), "--model", sd3_folder, "--quiet"]
+    )
+    main(["generate", "a cross", "--seed", "3", "-o", str(tmp_path / "b"), "--model", sd3_folder, "--quiet"])
+    a = np.asarray(Image.open(tmp_path / "a" / "000-3-a-cross.png")).astype(int)
+    b = np.asarray(Image.open(tmp_path / "b" / "000-3-a-cross.png")).astype(int)
+    assert np.abs(a - b).max() <= 1  # batch of 3 vs alone: the same image up to rounding
+
+
+def test_from_file_batches_across_prompts_and_flags_override(sd3_folder, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text('# shapes\na red circle\n\nthe word "CAT", big\n')
+    out = tmp_path / "out"
+    rc = main(["generate", "--from-file", str(prompts), "-n", "2", "-o", str(out), "--model", sd3_folder,
+               "--steps", "2", "--cfg", "1.5", "--sampler", "heun", "--size", "48", "--negative", "blurry",
+               "--batch-size", "3", "--quiet", "--no-sheet"])  # fmt: skip
+    assert rc == 0
+    files = sorted(out.glob("*.png"))
+    assert len(files) == 4 and not (out / "contact_sheet.png").exists()
+    prompt, negative, settings = parse_parameters(read_parameters(out / "001-1-the-word-cat-big.png"))
+    assert prompt == 'the word "CAT", big' and negative == "blurry"
+    assert (settings["Steps"], settings["CFG scale"], settings["Sampler"], settings["Size"]) == (
+        "2", "1.5", "heun", "48x48")  # fmt: skip
+
+
+def test_preset_sets_steps_and_cfg(sd3_folder, tmp_path):
+    assert (
+        main(["generate", "a cross", "-o", str(tmp_path), "--model", sd3_folder, "--preset", "fast", "--quiet"]) == 0
+    )
+    settings = parse_parameters(read_parameters(tmp_path / "000-0-a-cross.png"))[2]
+    assert settings["Steps"] == "1" and settings["CFG scale"] == "1.0"
+
+
+def test_unclip_models_generate_through_the_same_command(tmp_path):
+    folder = str(tiny_unclip_folder(tmp_path / "m"))
+    assert main(["generate", "a red circle", "-o", str(tmp_path / "o"), "--model", folder, "--quiet"]) == 0
+    assert Image.open(tmp_path / "o" / "000-0-a-red-circle.png").size == (32, 32)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["   "], "prompt is empty"),
+        ([], "prompt is empty"),
+        (["a cross", "--from-file", "x.txt"], "not both"),
+        (["--from-file", "/nonexistent/prompts.txt"], "no such file"),
+        (["a cross", "--sampler", "eular"], "did you mean 'euler'"),
+        (["a cross", "-n", "0"], "at least 1"),
+        (["a cross", "--steps", "0"], "--steps must be at least 1"),
+        (["a cross", "--cfg", "-1"], "--cfg must be >= 0"),
+        (["a cross", "--model", "/nonexistent/model"], "unknown model"),
+        (["a cross", "--size", "30"], "makes square images"),
+        (["a cross", "--preset", "turbo"], "unknown --preset 'turbo'"),
+    ],
+)
+def test_bad_input_gets_a_clear_error_and_writes_nothing(argv, message, sd3_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    full = ["generate", *argv, "-o", str(out)]
+    if "--model" not in argv:
+        full += ["--model", sd3_folder]
+    assert main(full) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_empty_prompt_file(tmp_path, capsys, sd3_folder):
+    f = tmp_path / "p.txt"
+    f.write_text("# nothing\n\n")
+    assert main(["generate", "--from-file", str(f), "--model", sd3_folder, "-o", str(tmp_path / "o")]) == 2
+    assert "has no prompts" in capsys.readouterr().err

@@ -1,0 +1,87 @@
+"""Tiny random model folders in the shipped format (``t2i.pipelines.shipped``), for pipeline and CLI tests."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from t2i.models import build_model
+from t2i.models.clip import CLIP_PRESETS, ScratchClip
+from t2i.pipelines.shipped import _clip_extra, _write_model, save_component
+
+
+def _randomize(module: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
+    """Small random values in every parameter, so zero-initialised output layers do not hide a wrong wiring."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.ndim > 1 and p.abs().sum() == 0:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return module
+
+
+def tiny_clip(seed: int = 0) -> ScratchClip:
+    torch.manual_seed(seed)
+    cfg = dataclasses.replace(CLIP_PRESETS["tiny"], image_size=32)
+    return ScratchClip(cfg).eval()
+
+
+def tiny_sd3_folder(root: str | Path, seed: int = 0, **defaults) -> Path:
+    """An ``sd3`` folder: a 2-block MMDiT-X over a 2-level VAE (factor 2, 4 channels), a tiny CLIP text tower."""
+    root = Path(root)
+    torch.manual_seed(seed)
+    clip = tiny_clip(seed)
+    mmdit = dict(
+        depth=2,
+        num_heads=2,
+        head_dim=8,
+        patch_size=2,
+        in_channels=4,
+        context_dim=32,
+        pooled_dim=32,
+        pos_embed_max_size=16,
+        pos_embed_base_size=8,
+        qk_norm="rms",
+        x_block_self_attn_layers=[0],
+    )
+    net = _randomize(build_model("mmdit", mmdit), seed)
+    vae = build_model("sd3_vae", dict(block_out_channels=[8, 8], layers_per_block=1, latent_channels=4, norm_groups=4))
+    root.mkdir(parents=True, exist_ok=True)
+    save_component(root / "transformer.safetensors", "mmdit", net)
+    save_component(root / "vae.safetensors", "sd3_vae", vae, latent_format={"scale": 1.0, "shift": 0.0})
+    save_component(root / "clip.safetensors", "clip", clip, **_clip_extra(clip))
+    d = {"steps": 3, "cfg": 3.0, "sampler": "euler", "size": 32, "shift": 1.0, **defaults}
+    _write_model(root, {"kind": "sd3", "name": "tiny-sd3", "text_layer": -2, "defaults": d,
+                        "presets": {"fast": {"steps": 1, "cfg": 1.0}}})  # fmt: skip
+    return root
+
+
+def tiny_unclip_folder(root: str | Path, seed: int = 0) -> Path:
+    """An ``unclip`` folder: tiny CLIP, prior, 16 px base Unet and a 16 -> 32 px upsampler."""
+    root = Path(root)
+    torch.manual_seed(seed)
+    clip = tiny_clip(seed)
+    prior = build_model("unclip_prior", dict(embed_dim=32, depth=1, heads=2, head_dim=8, text_token_dim=32,
+                                             max_text_len=24, self_cond=True))  # fmt: skip
+    unet = dict(dim=8, dim_mults=[1, 2], num_res_blocks=1, attn_levels=[False, True], self_attn=[False, False],
+                heads=2, head_dim=8, groups=4)  # fmt: skip
+    base = _randomize(build_model("unclip_unet", dict(unet, image_embed_dim=32, text_embed_dim=32)), seed)
+    sr = _randomize(build_model("unclip_unet", dict(unet, attn_levels=[False, False], lowres_cond=True,
+                                                    lowres_noise_cond=True)), seed + 1)  # fmt: skip
+    root.mkdir(parents=True, exist_ok=True)
+    save_component(root / "clip.safetensors", "clip", clip, **_clip_extra(clip))
+    save_component(root / "prior.safetensors", "unclip_prior", prior)
+    save_component(root / "decoder.safetensors", "unclip_unet", base)
+    save_component(root / "sr.safetensors", "unclip_unet", sr)
+    stage = {"schedule": "cosine", "timesteps": 1000, "sampler": "ddim", "steps": 2, "sample_level": 0.2}
+    _write_model(root, {
+        "kind": "unclip", "name": "tiny-unclip",
+        "prior": {"file": "prior.safetensors", "schedule": "cosine", "timesteps": 1000, "prediction": "x0",
+                  "sampler": "ddim", "steps": 2, "guidance": 2.0, "candidates": 2},
+        "stages": [dict(stage, file="decoder.safetensors", size=16, prediction="eps", guidance=2.0, lowres_size=None),
+                   dict(stage, file="sr.safetensors", size=32, prediction="v", guidance=1.0, lowres_size=16)],
+        "defaults": {"steps": 2, "cfg": 2.0, "sampler": "ddim", "size": 32},
+    })  # fmt: skip
+    return root

@@ -1,0 +1,192 @@
+"""Model folders: component round trips, generators of both families, export from training runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from model_folders import tiny_clip, tiny_sd3_folder, tiny_unclip_folder
+
+from t2i.pipelines.shipped import (
+    SD3Generator,
+    Settings,
+    UnCLIPGenerator,
+    export_sd3,
+    export_unclip,
+    load_component,
+    load_generator,
+    save_component,
+)
+
+
+def test_component_round_trip_keeps_config_and_fp16_weights(tmp_path):
+    from t2i.models import build_model
+
+    net = build_model("unclip_prior", dict(embed_dim=16, depth=1, heads=2, head_dim=8))
+    save_component(tmp_path / "p.safetensors", "unclip_prior", net, note={"a": 1})
+    back, extra = load_component(tmp_path / "p.safetensors")
+    assert extra == {"note": {"a": 1}}
+    assert back.cfg == net.cfg and not back.training
+    for (k, a), (_, b) in zip(net.state_dict().items(), back.state_dict().items(), strict=True):
+        assert b.dtype == torch.float32, k
+        torch.testing.assert_close(b, a.half().float(), rtol=0, atol=0)
+
+
+def test_clip_component_keeps_its_tokenizer(tmp_path):
+    clip = tiny_clip()
+    from t2i.pipelines.shipped import _clip_extra
+
+    save_component(tmp_path / "c.safetensors", "clip", clip, **_clip_extra(clip))
+    back, _ = load_component(tmp_path / "c.safetensors")
+    assert back.tokenizer.vocab == clip.tokenizer.vocab
+    ids, _ = back.tokenize(["a red circle"])
+    torch.testing.assert_close(ids, clip.tokenize(["a red circle"])[0])
+    with torch.no_grad():
+        a = clip.embed_text(["a red circle"])[0]
+        b = back.embed_text(["a red circle"])[0]
+    torch.testing.assert_close(a, b, atol=2e-3, rtol=0)  # fp16 storage
+
+
+def test_load_component_refuses_other_files(tmp_path):
+    from t2i.io import save_weights
+
+    save_weights(tmp_path / "x.safetensors", {"w": torch.zeros(2)})
+    with pytest.raises(ValueError, match="not a t2i model component"):
+        load_component(tmp_path / "x.safetensors")
+
+
+@pytest.fixture(scope="module")
+def sd3_gen(tmp_path_factory):
+    return load_generator(str(tiny_sd3_folder(tmp_path_factory.mktemp("sd3"))))
+
+
+@pytest.fixture(scope="module")
+def unclip_gen(tmp_path_factory):
+    return load_generator(str(tiny_unclip_folder(tmp_path_factory.mktemp("unclip"))))
+
+
+def test_sd3_folder_generates_deterministically_per_seed(sd3_gen):
+    assert isinstance(sd3_gen, SD3Generator) and sd3_gen.name == "tiny-sd3"
+    s = sd3_gen.defaults
+    a = sd3_gen.generate(["a red circle", "a blue square"], [3, 4], s)
+    assert a.shape == (2, 3, 32, 32) and a.min() >= 0 and a.max() <= 1
+    b = sd3_gen.generate(["a blue square"], [4], s)  # same seed alone in its batch: same image
+    torch.testing.assert_close(a[1:], b, atol=1e-5, rtol=0)
+    c = sd3_gen.generate(["a blue square"], [5], s)
+    assert (c - b).abs().max() > 1e-3
+
+
+def test_sd3_folder_presets_and_sizes(sd3_gen):
+    assert sd3_gen.presets()["fast"].steps == 1 and sd3_gen.presets()["fast"].cfg == 1.0
+    sd3_gen.check_size(32)
+    sd3_gen.check_size(48)
+    for bad in (30, 4, 1024):
+        with pytest.raises(ValueError, match="makes square images"):
+            sd3_gen.check_size(bad)
+
+
+def test_sd3_negative_prompt_changes_the_image(sd3_gen):
+    s = sd3_gen.defaults
+    a = sd3_gen.generate(["a red circle"], [0], s)
+    b = sd3_gen.generate(["a red circle"], [0], s, negative="a blue square")
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_unclip_folder_generates_each_stage_size(unclip_gen):
+    assert isinstance(unclip_gen, UnCLIPGenerator)
+    s = unclip_gen.defaults
+    full = unclip_gen.generate(["a red circle"], [1], s)
+    assert full.shape == (1, 3, 32, 32)
+    from dataclasses import replace
+
+    base = unclip_gen.generate(["a red circle"], [1], replace(s, size=16))
+    assert base.shape == (1, 3, 16, 16)
+    again = unclip_gen.generate(["a red circle"], [1], s)
+    torch.testing.assert_close(full, again)
+    with pytest.raises(ValueError, match="16 or 32 px"):
+        unclip_gen.check_size(64)
+    with pytest.raises(ValueError, match="negative"):
+        unclip_gen.generate(["a red circle"], [1], s, negative="blue")
+
+
+def test_unknown_models_get_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="shipped name"):
+        load_generator(str(tmp_path / "nope"))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ValueError, match="format"):
+        load_generator(str(bad))
+
+
+def test_settings_extra_is_per_instance():
+    a = Settings(1, 1.0, "euler", 32)
+    a.extra["x"] = 1
+    assert Settings(1, 1.0, "euler", 32).extra == {}
+
+
+# -- export from `t2i train` runs -----------------------------------------------------------------------------------
+
+
+def _train(tmp_path, name, overrides):
+    from t2i.train.config import load_config
+    from t2i.train.loop import train
+
+    cfg = load_config(f"configs/default/{name}.yaml", [f"run.out_dir={tmp_path}", "run.steps=2", "run.log_every=1",
+                                                        "run.sample_every=0", "run.ckpt_every=0", "run.threads=0",
+                                                        "run.precision=fp32", *overrides])  # fmt: skip
+    train(cfg)
+    return str(tmp_path / cfg.run.name)
+
+
+def test_export_from_training_runs_round_trips(tmp_path):
+    clip_model = (
+        "model.params={embed_dim: 32, text_width: 32, text_layers: 2, text_heads: 2, context_length: 24, "
+        "vision_width: 32, vision_layers: 1, vision_heads: 2, image_size: 64, patch_size: 16}"
+    )
+    clip = _train(tmp_path, "clip", [clip_model, "data.batch_size=4"])
+    vae_model = ["model.params.block_out_channels=[8, 8, 8]", "model.params.norm_groups=4"]
+    vae = _train(tmp_path, "vae", [*vae_model, "data.batch_size=2"])
+    sd3_task = [f"task.params.vae={vae}", f"task.params.text={clip}", "task.params.latent_scale=1.5",
+                "task.params.latent_shift=0.1"]  # fmt: skip
+    sd3_model = [
+        "model.params.depth=1",
+        "model.params.x_block_self_attn_layers=[0]",
+        "model.params.context_dim=32",
+        "model.params.pooled_dim=32",
+    ]
+    sd3 = _train(tmp_path, "sd3", [*sd3_task, *sd3_model, "data.batch_size=2"])
+    out = export_sd3(tmp_path / "m_sd3", transformer=sd3, vae=vae, clip=clip, defaults={"steps": 2})
+    spec = json.loads((out / "model.json").read_text())
+    assert spec["training"]["transformer"]["step"] == 2 and spec["defaults"]["steps"] == 2
+    gen = load_generator(str(out))
+    assert gen.pipe.vae.latent_format.scale == 1.5
+    assert gen.generate(["a red circle"], [0], gen.defaults).shape == (1, 3, 64, 64)
+
+    unet = (
+        "model.params={dim: 8, dim_mults: [1, 2], num_res_blocks: 1, attn_levels: [false, true], "
+        "self_attn: [false, false], heads: 2, head_dim: 8, groups: 4, image_embed_dim: 32, text_embed_dim: 32}"
+    )
+    prior_model = ["model.params.embed_dim=32", "model.params.text_token_dim=32", "model.params.depth=1"]
+    prior = _train(tmp_path, "prior", [f"task.params.clip_path={clip}", *prior_model, "data.batch_size=2"])
+    dec = _train(tmp_path, "decoder", [f"task.params.clip_path={clip}", unet, "data.batch_size=2"])
+    sr_unet = (
+        "model.params={dim: 8, dim_mults: [1, 2], num_res_blocks: 1, attn_levels: [false, false], "
+        "self_attn: [false, false], groups: 4, lowres_cond: true, lowres_noise_cond: true}"
+    )
+    sr = _train(tmp_path, "sr", [sr_unet, "data.batch_size=2"])
+    out = export_unclip(
+        tmp_path / "m_unclip", clip=clip, prior=prior, decoder=dec, sr=sr, defaults={"steps": 2},
+        prior_settings={"steps": 2},
+    )  # fmt: skip
+    spec = json.loads((out / "model.json").read_text())
+    assert [st["size"] for st in spec["stages"]] == [32, 64]
+    assert spec["stages"][0]["prediction"] == "eps" and spec["stages"][1]["prediction"] == "v"
+    gen = load_generator(str(out))
+    assert gen.generate(["a red circle"], [0], gen.defaults).shape == (1, 3, 64, 64)
+
+
+def test_export_needs_a_pinned_latent_format(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        export_sd3(tmp_path / "x", transformer=str(tmp_path), vae=str(tmp_path), clip=str(tmp_path))
