@@ -8,14 +8,20 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PROMPT ?= a red circle above a blue square
+RUN_STAMP := $(VENV)/.installed-run
 
-.PHONY: install test test-slow lint format generate bench-samplers bench-shapes bench-dalle2 clean
+.PHONY: install test test-slow lint format generate quality train-defaults export-defaults bench-samplers \
+	bench-shapes bench-dalle2 clean
 
-$(STAMP): pyproject.toml
+# `make generate` needs only the runtime dependencies; `make test` adds the dev and interop extras.
+$(RUN_STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e .
+	@touch $(RUN_STAMP)
+
+$(STAMP): pyproject.toml $(RUN_STAMP)
 	$(BIN)/pip install -q -e ".[dev,interop]"
 	@touch $(STAMP)
 
@@ -37,8 +43,28 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-generate: $(STAMP)
-	$(BIN)/t2i generate "$(PROMPT)"
+# The main job: images for the example prompts with the shipped default model (sd3-shapes), into out/.
+generate: $(RUN_STAMP)
+	$(BIN)/t2i generate --from-file examples/prompts.txt -n 4 --seed 0 -o out/
+
+# docs/quality.md (+ .json and sample grids in docs/images/): both shipped models on the shapes benchmark.
+quality: $(RUN_STAMP)
+	$(BIN)/t2i eval quality --models sd3-shapes unclip-shapes --out docs/quality.md
+
+# Retrain the default models from scratch (configs/default, seed 0; hours on 2 CPU cores), resuming where a
+# previous run stopped, then write models/. The stages that do not depend on each other could run side by side.
+train-defaults: $(RUN_STAMP)
+	$(BIN)/t2i train configs/default/clip.yaml --resume
+	$(BIN)/t2i train configs/default/vae.yaml --resume
+	$(BIN)/t2i train configs/default/sd3.yaml --resume
+	$(BIN)/t2i train configs/default/prior.yaml --resume
+	$(BIN)/t2i train configs/default/decoder.yaml --resume
+	$(BIN)/t2i train configs/default/sr.yaml --resume
+	$(MAKE) export-defaults
+
+export-defaults: $(RUN_STAMP)
+	$(BIN)/t2i export sd3 --out models/sd3-shapes
+	$(BIN)/t2i export unclip --out models/unclip-shapes
 
 bench-samplers: $(STAMP)
 	$(BIN)/python benchmarks/samplers.py

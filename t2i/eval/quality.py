@@ -134,6 +134,13 @@ def run_report(models: Sequence[str], *, out_md: str | Path = "docs/quality.md",
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
     out_md.write_text(markdown(data))
+    from t2i.pipelines.model_card import write_model_card
+    from t2i.pipelines.shipped import model_folder
+
+    for m in models:  # refresh the model cards with the new scores
+        folder = model_folder(m)
+        if folder is not None:
+            write_model_card(folder, out_md.with_suffix(".json"))
     return data
 
 

@@ -222,6 +222,14 @@ def _unclip_from_folder(folder: Path, spec: dict[str, Any]) -> UnCLIPGenerator:
     return gen
 
 
+def model_folder(model: str) -> Path | None:
+    """The t2i model folder ``model`` names (a shipped name or a path), or None if it is not one."""
+    path = Path(model)
+    if model in SHIPPED and not path.exists():
+        path = models_dir() / model
+    return path if (path / "model.json").exists() else None
+
+
 def load_generator(model: str) -> Generator:
     """A shipped model name, a t2i model folder, or an official SD3/SD3.5 file or diffusers folder."""
     path = Path(model)
@@ -275,9 +283,14 @@ def _run_part(run: str | Path, name: str) -> tuple[nn.Module, dict[str, Any], di
         raise FileNotFoundError(f"{run} has no checkpoint; train it with `t2i train configs/default/...yaml`")
     weights = ckpt / ("ema.safetensors" if (ckpt / "ema.safetensors").exists() else "model.safetensors")
     cfg = read_config(weights)
-    record = {"run": run.name, "checkpoint": ckpt.name, "weights": weights.name, "step": int(ckpt.name.split("_")[-1]),
+    net = load_trained(str(weights), name)
+    step = int(ckpt.name.split("_")[-1])
+    record = {"run": run.name, "checkpoint": ckpt.name, "weights": weights.name, "step": step,
+              "batch_size": cfg["data"]["batch_size"], "samples": step * cfg["data"]["batch_size"],
+              "precision": cfg["run"]["precision"], "threads": cfg["run"]["threads"],
+              "params": sum(p.numel() for p in net.parameters()),
               "seed": cfg["run"]["seed"], "train_seconds": _train_seconds(run)}  # fmt: skip
-    return load_trained(str(weights), name), cfg, record
+    return net, cfg, record
 
 
 def _train_seconds(run: Path) -> float | None:

@@ -1,0 +1,49 @@
+"""``t2i export``: write a model folder (what ships in ``models/``) from ``t2i train`` runs.
+
+    t2i export sd3 --out models/sd3-shapes          # runs/default_{sd3,vae,clip}
+    t2i export unclip --out models/unclip-shapes    # runs/default_{clip,prior,decoder,sr}
+
+Each network is taken from its run's newest checkpoint (EMA weights), stored in fp16 with its config, and the
+sampling settings are read from the runs' own configs; a model card (README.md) records the training.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a model folder from training runs (see models/)")
+    kinds = p.add_subparsers(dest="kind", metavar="<kind>", required=True)
+    s = kinds.add_parser("sd3", help="an MMDiT run + its VAE and CLIP runs")
+    s.add_argument("--transformer", default="runs/default_sd3", help="the sd3 task run")
+    s.add_argument("--vae", default="runs/default_vae", help="the sd3_vae run")
+    s.add_argument("--clip", default="runs/default_clip", help="the clip run (text encoder)")
+    s.add_argument("--name", default="sd3-shapes")
+    s.add_argument("--out", required=True, help="the model folder to write")
+    s.set_defaults(func=run)
+    u = kinds.add_parser("unclip", help="CLIP + prior + base decoder + super-resolution runs")
+    u.add_argument("--clip", default="runs/default_clip")
+    u.add_argument("--prior", default="runs/default_prior")
+    u.add_argument("--decoder", default="runs/default_decoder")
+    u.add_argument("--sr", default="runs/default_sr")
+    u.add_argument("--name", default="unclip-shapes")
+    u.add_argument("--out", required=True)
+    u.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from t2i.pipelines.model_card import write_model_card
+    from t2i.pipelines.shipped import export_sd3, export_unclip
+
+    if args.kind == "sd3":
+        out = export_sd3(args.out, transformer=args.transformer, vae=args.vae, clip=args.clip, name=args.name)
+    else:
+        out = export_unclip(args.out, clip=args.clip, prior=args.prior, decoder=args.decoder, sr=args.sr,
+                            name=args.name)  # fmt: skip
+    card = write_model_card(out)
+    sizes = {f.name: f.stat().st_size for f in sorted(out.glob("*.safetensors"))}
+    for name, size in sizes.items():
+        print(f"{out / name}: {size / 1e6:.2f} MB")
+    print(f"wrote {out} ({sum(sizes.values()) / 1e6:.2f} MB of weights) and its model card {card}")
+    return 0

@@ -1,0 +1,118 @@
+"""Model cards (``README.md``) of model folders, written from ``model.json`` and the quality report.
+
+A card states what the model is, how it was trained (config, steps, samples, seed, wall-clock time, hardware),
+what it scores on the shapes benchmark (read from ``docs/quality.json`` when the report has evaluated the model)
+and what it cannot do. ``t2i export`` writes it; ``t2i eval quality`` rewrites it with fresh scores.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from t2i.io.safetensors_io import atomic_write_text
+
+_PARTS = {
+    "sd3": [("transformer", "MMDiT-X (QK-norm) denoiser", "sd3"), ("vae", "KL autoencoder (SD3 VAE design)", "vae"),
+            ("clip", "CLIP (text tower used)", "clip")],
+    "unclip": [("clip", "CLIP (text and image towers)", "clip"), ("prior", "diffusion prior", "prior"),
+               ("decoder", "32 px base decoder Unet", "decoder"), ("sr", "32 -> 64 px upsampler Unet", "sr")],
+}  # fmt: skip
+
+_LIMITS = {
+    "sd3": [
+        "It knows only the shapes world (docs/shapes.md): 5 shapes, 9 colours, 1-4 objects, 4 relations and 116 "
+        "words of 2-4 capital letters, on a plain light-grey 64 px canvas. Other prompts give shapes anyway.",
+        "Words outside the caption vocabulary are spelled out letter by letter by the tokenizer; the model never "
+        "saw such token sequences, so do not expect them to render.",
+        "Trained at 64 px only; other sizes (32-128 px in steps of 8) run but are out of distribution.",
+        "Held-out colour-shape pairs and arrangements (the `heldout` split) test composition it never saw.",
+    ],
+    "unclip": [
+        "It knows only the shapes world (docs/shapes.md), at 64 px (or 32 px from the base stage alone).",
+        "CLIP is trained contrastively with in-batch negatives only, so its embeddings bind attributes weakly; "
+        "colour attribution and position suffer first, as in DALL-E 2 (paper, Sec. 7).",
+        "The upsampler sees no text or CLIP embedding (as in DALL-E 2): it sharpens what the base stage made.",
+        "`--negative` is not supported: guidance contrasts with a null caption.",
+    ],
+}
+
+
+def _fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    return f"{s / 60:.0f} min" if s >= 60 else f"{s:.0f} s"
+
+
+def _quality(name: str, report: Path) -> dict[str, Any] | None:
+    if not report.exists():
+        return None
+    data = json.loads(report.read_text())
+    for m in data.get("models", []):
+        if m.get("model") == name:
+            return {**m, "machine": data.get("machine", {})}
+    return None
+
+
+def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str:
+    folder = Path(folder)
+    spec = json.loads((folder / "model.json").read_text())
+    kind, name, d = spec["kind"], spec["name"], spec["defaults"]
+    files = {f.name: f.stat().st_size for f in sorted(folder.glob("*.safetensors"))}
+    train = spec.get("training", {})
+    lines = [f"# {name}", ""]
+    if kind == "sd3":
+        lines.append("A small Stable Diffusion 3.5-style model trained by t2i from scratch on the shapes world: a "
+                     "rectified-flow MMDiT-X with QK-norm over the latents of a KL autoencoder, conditioned on a "
+                     "small CLIP text tower's per-token states and pooled embedding, sampled with classifier-free "
+                     "guidance.")  # fmt: skip
+    else:
+        lines.append("A small DALL-E 2 (unCLIP) cascade trained by t2i from scratch on the shapes world: CLIP, a "
+                     "diffusion prior from text to CLIP image embeddings, a 32 px base decoder conditioned on the "
+                     "image embedding and caption, and a 32 -> 64 px upsampler.")  # fmt: skip
+    lines += ["", "```bash", f't2i generate "a red circle above a blue square" --model {name} -n 4', "```", "",
+              f"Defaults: {d['steps']} steps of `{d['sampler']}`, CFG {d['cfg']}, {d['size']} px"
+              + (f", shift {d['shift']}" if "shift" in d else "") + ".", ""]  # fmt: skip
+    lines += ["## Parts and training", "",
+              "All parts were trained with `t2i train` on the `train` stream of the shapes benchmark (`shapes-v1`, "
+              "procedurally rendered, never stored), on a machine with 2 CPU cores and no GPU, bf16 autocast, one "
+              "torch thread per run (runs went side by side). Times are wall-clock, with other runs sharing the "
+              "cores.", "",
+              "| part | what | config | params | steps | batch | samples seen | seed | time | file |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    for key, what, cfgname in _PARTS[kind]:
+        r = train.get(key, {})
+        fname = f"{key}.safetensors"
+        size = f"`{fname}` ({files[fname] / 1e6:.1f} MB)" if fname in files else "-"
+        lines.append(f"| {key} | {what} | `configs/default/{cfgname}.yaml` | {r.get('params', 0) / 1e6:.2f} M | "
+                     f"{r.get('step', '-')} | {r.get('batch_size', '-')} | {r.get('samples', '-')} | "
+                     f"{r.get('seed', '-')} | {_fmt_seconds(r.get('train_seconds'))} | {size} |")  # fmt: skip
+    lines += ["", "Weights are the EMA weights of each run's last checkpoint, stored in fp16 (loaded as fp32). "
+              "Retrain everything with `make train-defaults`.", ""]  # fmt: skip
+    q = _quality(name, Path(quality_json)) if quality_json else None
+    lines += ["## Shapes benchmark", ""]
+    if q is None:
+        lines += ["Not measured yet: run `make quality` (writes docs/quality.md and refreshes this card).", ""]
+    else:
+        lines += ["At the defaults above, from `make quality` (full table and step sweeps: docs/quality.md):", "",
+                  "| split | overall | single | two | counting | colors | position | attribution | text words |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for split in ("eval", "heldout"):
+            a = q[split]["accuracy"]
+            cells = [a.get(c) for c in ("single_object", "two_objects", "counting", "colors", "position",
+                                        "color_attribution", "text")]  # fmt: skip
+            lines.append(f"| `{split}` | **{q[split]['overall']:.3f}** | "
+                         + " | ".join("-" if v is None else f"{v:.3f}" for v in cells) + " |")  # fmt: skip
+        if "fd_probe" in q["eval"]:
+            lines += ["", f"Distribution metric on `eval`: FD-probe {q['eval']['fd_probe']:.2f}, "
+                          f"KID-probe {q['eval']['kid_probe']:.4f}."]  # fmt: skip
+        lines.append("")
+    lines += ["## Limits", ""] + [f"- {x}" for x in _LIMITS[kind]] + [""]
+    return "\n".join(lines)
+
+
+def write_model_card(folder: str | Path, quality_json: str | Path | None = "docs/quality.json") -> Path:
+    path = Path(folder) / "README.md"
+    atomic_write_text(path, card_text(folder, quality_json))
+    return path

@@ -1,0 +1,36 @@
+"""The quality report command on a tiny model folder: tables, JSON, sample grids and the refreshed model card."""
+
+from __future__ import annotations
+
+import json
+
+from model_folders import tiny_sd3_folder
+
+from t2i.cli.main import main
+from t2i.eval.quality import run_report
+
+
+def test_report_tables_json_and_card(tmp_path):
+    folder = tiny_sd3_folder(tmp_path / "m", size=32)
+    data = run_report([str(folder)], out_md=tmp_path / "q.md", per_category=1, sweep_per_category=1, steps=(1, 2),
+                      grid_dir=tmp_path / "grids", log=lambda *_: None)  # fmt: skip
+    (m,) = data["models"]
+    assert m["model"] == "tiny-sd3" and m["eval"]["n_images"] == 7 and m["heldout"]["n_images"] == 4
+    assert {(r["sampler"], r["steps"]) for r in m["sweep"]} == {(s, n) for s in ("euler", "heun", "dpmpp_2m")
+                                                               for n in (1, 2)}  # fmt: skip
+    assert data["ground_truth"]["eval"]["overall"] == 1.0  # the evaluator passes the renderer's own images
+    assert "fd_probe" in m["eval"] and "fd_probe" not in m["heldout"]
+    md = (tmp_path / "q.md").read_text()
+    for heading in ("## Shapes benchmark per category", "## Distribution metric", "## Score vs steps: tiny-sd3"):
+        assert heading in md
+    assert "| **overall** (mean of the 6 GenEval categories) |" in md
+    assert json.loads((tmp_path / "q.json").read_text())["models"][0]["model"] == "tiny-sd3"
+    assert (tmp_path / "grids" / "tiny-sd3_eval.png").exists()
+    card = (folder / "README.md").read_text()
+    assert "| `eval` | **" in card and "| `heldout` | **" in card
+
+
+def test_export_cli_says_what_is_missing(tmp_path, capsys):
+    rc = main(["export", "sd3", "--transformer", str(tmp_path / "none"), "--out", str(tmp_path / "m")])
+    assert rc == 2
+    assert "has no checkpoint" in capsys.readouterr().err
