@@ -85,3 +85,31 @@ def tiny_unclip_folder(root: str | Path, seed: int = 0) -> Path:
         "defaults": {"steps": 2, "cfg": 2.0, "sampler": "ddim", "size": 32},
     })  # fmt: skip
     return root
+
+
+def train_default(tmp_path: str | Path, name: str, overrides: list[str]) -> str:
+    """Two fp32 steps of ``configs/default/<name>.yaml`` (shrunk by ``overrides``) under ``tmp_path``; the run."""
+    from t2i.train.config import load_config
+    from t2i.train.loop import train
+
+    common = [f"run.out_dir={tmp_path}", "run.steps=2", "run.log_every=1", "run.sample_every=0", "run.ckpt_every=0",
+              "run.threads=0", "run.precision=fp32"]  # fmt: skip
+    cfg = load_config(f"configs/default/{name}.yaml", [*common, *overrides])
+    train(cfg)
+    return str(Path(tmp_path) / cfg.run.name)
+
+
+TINY_CLIP = ("model.params={embed_dim: 32, text_width: 32, text_layers: 2, text_heads: 2, context_length: 24, "
+             "vision_width: 32, vision_layers: 1, vision_heads: 2, image_size: 64, patch_size: 16}")  # fmt: skip
+TINY_VAE = ["model.params.block_out_channels=[8, 8, 8]", "model.params.norm_groups=4"]
+TINY_MMDIT = ["model.params.depth=1", "model.params.x_block_self_attn_layers=[0]", "model.params.context_dim=32",
+              "model.params.pooled_dim=32"]  # fmt: skip
+
+
+def train_tiny_sd3(tmp_path: str | Path) -> tuple[str, str, str]:
+    """(mmdit, vae, clip) runs of a tiny sd3-shapes trained for two steps."""
+    clip = train_default(tmp_path, "clip", [TINY_CLIP, "data.batch_size=4"])
+    vae = train_default(tmp_path, "vae", [*TINY_VAE, "data.batch_size=2"])
+    task = [f"task.params.vae={vae}", f"task.params.text={clip}", "task.params.latent_scale=1.5",
+            "task.params.latent_shift=0.1"]  # fmt: skip
+    return train_default(tmp_path, "sd3", [*task, *TINY_MMDIT, "data.batch_size=2"]), vae, clip

@@ -308,6 +308,31 @@ def sample_euler_ancestral(
     return x
 
 
+@torch.no_grad()
+def sample_consistency(
+    denoise: DenoiseFn,
+    x: Tensor,
+    ts: Tensor,
+    path: NoisePath,
+    *,
+    extra_args: dict | None = None,
+    callback: Callable | None = None,
+    noise: NoiseSource = None,
+    progress: bool = False,
+) -> Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Alg. 1; LCM): jump to x0, re-noise with fresh noise to the
+    next time, repeat. Made for few-step students whose denoiser maps any x_t straight to the end of its ODE path;
+    one denoiser call per step."""
+    grid, extra_args = _Grid(ts, path), extra_args or {}
+    x = x.float()
+    for i in _steps(grid, progress, "consistency"):
+        x0 = denoise(x, grid.t(i, x), **extra_args)
+        _call(callback, x, i, grid, x0)
+        a_n, s_n = grid.alphas[i + 1], grid.sigmas[i + 1]
+        x = a_n * x0 + s_n * randn_like(x, noise) if s_n > 0 else x0
+    return x
+
+
 # -- registry ---------------------------------------------------------------------------------------------------
 
 
@@ -334,6 +359,7 @@ SAMPLERS: dict[str, SamplerInfo] = {
     "heun": SamplerInfo(sample_heun, False, 2, "Heun 2nd order (Karras et al. 2022); 2 calls per step"),
     "dpmpp_2m": SamplerInfo(sample_dpmpp_2m, False, 2, "DPM-Solver++(2M) (Lu et al. 2022)"),
     "dpmpp_2m_sde": SamplerInfo(sample_dpmpp_2m_sde, True, 2, "DPM-Solver++(2M) SDE (Lu et al. 2022)"),
+    "consistency": SamplerInfo(sample_consistency, True, 1, "multistep consistency sampling, for distilled students"),
 }
 
 

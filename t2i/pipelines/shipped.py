@@ -321,6 +321,14 @@ def export_sd3(out: str | Path, *, transformer: str, vae: str, clip: str, name: 
     out = Path(out)
     net, cfg, rec = _run_part(transformer, "mmdit")
     task = cfg["task"]["params"]
+    student = {}
+    if cfg["task"]["name"] == "distill":  # a few-step student: its base task's settings, its own step preset
+        from t2i.train.tasks.sd3 import SD3TaskConfig
+
+        student = {"steps": task["student_steps"], "cfg": 1.0,
+                   "sampler": "consistency" if task["method"] == "consistency" else "euler"}  # fmt: skip
+        rec["distilled"] = {k: task[k] for k in ("method", "teacher", "guidance", "student_steps")}
+        task = {**dataclasses.asdict(SD3TaskConfig()), **task["base_params"]}
     vae_net, _, vae_rec = _run_part(vae, "sd3_vae")
     if task.get("latent_scale") is None:
         raise ValueError(f"{transformer}: pin task.params.latent_scale/latent_shift in its config before export")
@@ -331,7 +339,7 @@ def export_sd3(out: str | Path, *, transformer: str, vae: str, clip: str, name: 
     save_component(out / "vae.safetensors", "sd3_vae", vae_net, latent_format=dataclasses.asdict(fmt))
     save_component(out / "clip.safetensors", "clip", clip_net, **_clip_extra(clip_net))
     d = {"steps": cfg["run"]["sample_steps"], "cfg": task["guidance"], "sampler": task["sampler"],
-         "size": cfg["data"]["image_size"], "shift": task["shift"], **(defaults or {})}  # fmt: skip
+         "size": cfg["data"]["image_size"], "shift": task["shift"], **student, **(defaults or {})}  # fmt: skip
     _write_model(out, {"kind": "sd3", "name": name, "text_layer": task["text_layer"], "defaults": d,
                        "training": {"transformer": rec, "vae": vae_rec, "clip": clip_rec}})  # fmt: skip
     return out

@@ -57,8 +57,13 @@ def _lambda_grid(path, n, lo=-3.0, hi=3.0):
     return (a + b) / 2
 
 
+# samplers of the probability-flow ODE / SDE: exact in the limit with the exact posterior-mean denoiser. The
+# consistency sampler needs the exact ODE map instead (test_consistency_sampler_with_the_exact_ode_map).
+SOLVERS = [n for n in SAMPLERS if n != "consistency"]
+
+
 @pytest.mark.parametrize("path_name", PATHS)
-@pytest.mark.parametrize("name", SAMPLERS)
+@pytest.mark.parametrize("name", SOLVERS)
 def test_gaussian_moments(name, path_name):
     path = PATHS[path_name]
     x = _noise(4000) * path.sigma(1.0).item()
@@ -74,7 +79,7 @@ def test_gaussian_moments(name, path_name):
 
 
 @pytest.mark.parametrize("path_name", ["vp-linear-1000", "flow-shift3"])
-@pytest.mark.parametrize("name", SAMPLERS)
+@pytest.mark.parametrize("name", SOLVERS)
 def test_mixture_weights_and_modes(name, path_name):
     path = PATHS[path_name]
     out = sample(
@@ -208,6 +213,22 @@ def test_nfe_callback_and_progress(name):
     assert len(calls) == SAMPLERS[name].nfe(ts)
     assert [d["i"] for d in seen] == list(range(5))
     assert set(seen[0]) == {"x", "i", "t", "denoised"} and seen[0]["t"] == 1.0
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+@pytest.mark.parametrize("path_name", ["vp-cosine-cont", "flow-shift3"])
+def test_consistency_sampler_with_the_exact_ode_map(steps, path_name):
+    """A perfect consistency model (the exact ODE map to t=0) samples exactly in any number of steps."""
+    path = PATHS[path_name]
+
+    def consistency_fn(x, t, **_):
+        return GAUSS.ode_solution(x, float(t[0]), 0.0, path)
+
+    ts = path.timesteps(steps)
+    x = _noise(4000) * path.sigma(ts[0]).item() + GAUSS.means[0].float() * path.alpha(ts[0]).item()
+    out = sample("consistency", consistency_fn, x, ts, path, noise=torch.Generator().manual_seed(4))
+    assert torch.allclose(out.mean(0), GAUSS.means[0].float(), atol=0.05), out.mean(0)
+    assert torch.allclose(out.std(0), GAUSS.stds[0].float(), rtol=0.06), out.std(0)
 
 
 def test_bad_inputs_give_clear_errors():

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from model_folders import tiny_clip, tiny_sd3_folder, tiny_unclip_folder
+from model_folders import tiny_clip, tiny_sd3_folder, tiny_unclip_folder, train_default, train_tiny_sd3
 
 from t2i.pipelines.shipped import (
     SD3Generator,
@@ -129,34 +129,8 @@ def test_settings_extra_is_per_instance():
 # -- export from `t2i train` runs -----------------------------------------------------------------------------------
 
 
-def _train(tmp_path, name, overrides):
-    from t2i.train.config import load_config
-    from t2i.train.loop import train
-
-    cfg = load_config(f"configs/default/{name}.yaml", [f"run.out_dir={tmp_path}", "run.steps=2", "run.log_every=1",
-                                                        "run.sample_every=0", "run.ckpt_every=0", "run.threads=0",
-                                                        "run.precision=fp32", *overrides])  # fmt: skip
-    train(cfg)
-    return str(tmp_path / cfg.run.name)
-
-
 def test_export_from_training_runs_round_trips(tmp_path):
-    clip_model = (
-        "model.params={embed_dim: 32, text_width: 32, text_layers: 2, text_heads: 2, context_length: 24, "
-        "vision_width: 32, vision_layers: 1, vision_heads: 2, image_size: 64, patch_size: 16}"
-    )
-    clip = _train(tmp_path, "clip", [clip_model, "data.batch_size=4"])
-    vae_model = ["model.params.block_out_channels=[8, 8, 8]", "model.params.norm_groups=4"]
-    vae = _train(tmp_path, "vae", [*vae_model, "data.batch_size=2"])
-    sd3_task = [f"task.params.vae={vae}", f"task.params.text={clip}", "task.params.latent_scale=1.5",
-                "task.params.latent_shift=0.1"]  # fmt: skip
-    sd3_model = [
-        "model.params.depth=1",
-        "model.params.x_block_self_attn_layers=[0]",
-        "model.params.context_dim=32",
-        "model.params.pooled_dim=32",
-    ]
-    sd3 = _train(tmp_path, "sd3", [*sd3_task, *sd3_model, "data.batch_size=2"])
+    sd3, vae, clip = train_tiny_sd3(tmp_path)
     out = export_sd3(tmp_path / "m_sd3", transformer=sd3, vae=vae, clip=clip, defaults={"steps": 2})
     spec = json.loads((out / "model.json").read_text())
     assert spec["training"]["transformer"]["step"] == 2 and spec["defaults"]["steps"] == 2
@@ -169,13 +143,13 @@ def test_export_from_training_runs_round_trips(tmp_path):
         "self_attn: [false, false], heads: 2, head_dim: 8, groups: 4, image_embed_dim: 32, text_embed_dim: 32}"
     )
     prior_model = ["model.params.embed_dim=32", "model.params.text_token_dim=32", "model.params.depth=1"]
-    prior = _train(tmp_path, "prior", [f"task.params.clip_path={clip}", *prior_model, "data.batch_size=2"])
-    dec = _train(tmp_path, "decoder", [f"task.params.clip_path={clip}", unet, "data.batch_size=2"])
+    prior = train_default(tmp_path, "prior", [f"task.params.clip_path={clip}", *prior_model, "data.batch_size=2"])
+    dec = train_default(tmp_path, "decoder", [f"task.params.clip_path={clip}", unet, "data.batch_size=2"])
     sr_unet = (
         "model.params={dim: 8, dim_mults: [1, 2], num_res_blocks: 1, attn_levels: [false, false], "
         "self_attn: [false, false], groups: 4, lowres_cond: true, lowres_noise_cond: true}"
     )
-    sr = _train(tmp_path, "sr", [sr_unet, "data.batch_size=2"])
+    sr = train_default(tmp_path, "sr", [sr_unet, "data.batch_size=2"])
     out = export_unclip(
         tmp_path / "m_unclip", clip=clip, prior=prior, decoder=dec, sr=sr, defaults={"steps": 2},
         prior_settings={"steps": 2},

@@ -78,6 +78,7 @@ class Task(ABC):
 
 def _registry() -> dict[str, type[Task]]:
     from .diffusion import DiffusionTask
+    from .distill import DistillTask
     from .lora import LoRATask
     from .sd3 import SD3Task
     from .unclip import ClipTask, DecoderTask, PriorTask, VQGANTask
@@ -85,6 +86,7 @@ def _registry() -> dict[str, type[Task]]:
 
     return {
         "diffusion": DiffusionTask,
+        "distill": DistillTask,
         "lora": LoRATask,
         "clip": ClipTask,
         "unclip_prior": PriorTask,

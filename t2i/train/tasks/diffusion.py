@@ -103,6 +103,16 @@ class DiffusionTask(Task):
             cond["labels"] = labels.to(device)
         return self.objective(model, x0, t=t.to(device), eps=eps, **cond)
 
+    def distill_inputs(self, model: nn.Module, batch: dict[str, Any], device) -> tuple[Tensor, dict, dict]:
+        """(x0, cond, uncond) of a batch for the distillation tasks: labels and the null label, when class-
+        conditional."""
+        x0 = batch[self.params.input_key].to(device=device, dtype=torch.float32)
+        self._shape = tuple(x0.shape[1:])
+        num_classes = self._num_classes(model)
+        if num_classes > 0 and "label" in batch:
+            return x0, {"labels": batch["label"].to(device)}, {"labels": torch.full((1,), num_classes, device=device)}
+        return x0, {}, {}
+
     def sample_shape(self) -> tuple[int, ...]:
         if self._shape is not None:
             return self._shape

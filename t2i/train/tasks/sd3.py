@@ -186,6 +186,25 @@ class SD3Task(Task):
 
     # -- Task interface ---------------------------------------------------------------------------------------------
 
+    prediction = "flow"
+
+    def distill_inputs(self, model: nn.Module, batch: dict[str, Any], device) -> tuple[Tensor, dict, dict]:
+        """(latents, cond, uncond) of a batch for the distillation tasks; uncond is the all-dropped (zero) text."""
+        ids = [int(d) for d in batch["id"]]
+        if "latent" in batch:
+            x0 = batch["latent"].float()
+        else:
+            x0 = self.encode_images(batch["image"], [sample_generator(self.seed, d, POSTERIOR_STREAM) for d in ids])
+        if "context" in batch:
+            context, pooled = batch["context"].float(), batch["pooled"].float()
+        else:
+            context, pooled = self.encode_text(list(batch["caption"]))
+        self._last = {"shape": tuple(x0.shape[1:]), "captions": list(batch.get("caption", [])),
+                      "context": context[:1].cpu(), "pooled": pooled[:1].cpu()}  # fmt: skip
+        cond = {"context": context.to(device), "pooled": pooled.to(device)}
+        uncond = {"context": torch.zeros_like(cond["context"][:1]), "pooled": torch.zeros_like(cond["pooled"][:1])}
+        return x0.to(device), cond, uncond
+
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
         device = next(model.parameters()).device
         ids = [int(d) for d in batch["id"]]

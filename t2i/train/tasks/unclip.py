@@ -71,7 +71,10 @@ def load_trained(path: str, name: str) -> nn.Module:
     if not cfg or cfg.get("model", {}).get("name") != name:
         raise ValueError(f"{p} was not written by a {name!r} training run (its stored config names another model)")
     model = build_model(name, cfg["model"]["params"])
-    model.load_state_dict(load_weights(p), strict=True)
+    weights = load_weights(p)
+    if cfg.get("task", {}).get("name") == "distill":  # a DistillModel: the student, without discriminator heads
+        weights = {k.removeprefix("student."): v for k, v in weights.items() if k.startswith("student.")}
+    model.load_state_dict(weights, strict=True)
     return model
 
 

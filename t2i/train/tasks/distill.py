@@ -1,0 +1,301 @@
+"""Few-step distillation: turn a trained diffusion or flow model (the teacher) into a 1-4 step student that needs
+no classifier-free guidance at sampling time (the recipe behind SD3.5 Large Turbo, whose code was never published).
+
+The task wraps a *base task* (``sd3`` for flow MMDiTs, ``diffusion`` for VP or flow networks) that supplies the data,
+the conditioning and the noise path through ``base.distill_inputs(model, batch, device) -> (x0, cond, uncond)``.
+The student starts as a copy of the teacher (``teacher``: a run folder, checkpoint or weights file; a model folder's
+component file also works) and is trained with one of two methods:
+
+``consistency`` (no discriminator): consistency distillation with guidance distilled in (Song et al. 2023, Luo et
+al. 2023 "LCM"). Pick adjacent times t_hi > t_lo of an N-step teacher grid, noise real data to x_hi, take one
+guided teacher DDIM/Euler step to x_lo, and train the student's x0-prediction at (x_hi, t_hi) to match its own
+prediction at (x_lo, t_lo) under stop-gradient (``x_lo`` itself when t_lo = 0). The x0-parameterisation meets the
+boundary condition f(x, 0) = x on every path. Sample with the ``consistency`` sampler.
+
+``adversarial`` (LADD, Sauer et al. 2024): the student denoises real data noised to a time of its few-step grid in
+one call; its x0 and the real x0 are re-noised to a random time and fed to the *frozen teacher*, whose hidden states
+at ``feature_layers`` feed small trainable heads (the discriminator), trained with the hinge loss. The generator
+term reaches the student through the frozen teacher. An optional distillation term (``distill_weight``: MSE to the
+guided teacher's x0, as in ADD) steadies the first steps. Sample with ``euler`` / ``ddim`` or ``consistency``.
+
+The trained model is ``DistillModel``: the student plus the discriminator heads (empty for ``consistency``), so the
+generic loop's optimiser, EMA, accumulation and exact resume cover both. ``t2i.train.tasks.unclip.load_trained``
+reads the student out of such a checkpoint (its ``student.*`` weights), so export works as for any run.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from t2i.data.transforms import sample_generator
+from t2i.diffusion import Denoiser, classifier_free_guidance
+from t2i.diffusion.paths import append_dims
+
+from . import Task, build_task
+
+NOISE_STREAM, STEP_STREAM = 1, 4
+
+
+@dataclass
+class DistillTaskConfig:
+    method: str = "consistency"  # consistency | adversarial
+    teacher: str | None = None  # weights of the teacher (a run folder, checkpoint, weights file or component file)
+    base_task: str = "sd3"  # sd3 | diffusion: supplies data, conditioning, path and parameterisation
+    base_params: dict[str, Any] = field(default_factory=dict)
+    guidance: float = 4.0  # teacher CFG scale distilled into the student
+    student_steps: int = 4  # the student's step count (its preset); the adversarial method trains on its grid
+    teacher_steps: int = 32  # consistency: the teacher grid's size N (adjacent pairs of it are distilled)
+    loss: str = "huber"  # consistency distance: l2 | huber (pseudo-Huber, Song & Dhariwal 2023)
+    huber_c: float = 0.03
+    feature_layers: list[str] = field(default_factory=list)  # adversarial: teacher modules whose outputs the heads see
+    disc_time_logit_mean: float = 0.0  # adversarial: re-noising times ~ logit-normal(mean, 1) (LADD favours > 0)
+    distill_weight: float = 1.0  # adversarial: weight of the MSE to the guided teacher's x0
+    require_teacher: bool = True  # refuse a random teacher (tests set false)
+
+
+class DistillModel(nn.Module):
+    """The student and (adversarial method) the discriminator heads, trained together."""
+
+    def __init__(self, student: nn.Module, heads: nn.ModuleDict | None = None):
+        super().__init__()
+        self.student = student
+        self.heads = heads if heads is not None else nn.ModuleDict()
+
+    def forward(self, *args, **kwargs):
+        return self.student(*args, **kwargs)
+
+
+class DiscHead(nn.Module):
+    """Per-token logits from one teacher feature map, averaged over tokens: a LADD discriminator head."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.net(tokens.float()).squeeze(-1).mean(-1)
+
+
+def _tokens(out: Any) -> Tensor:
+    """A module output as (B, N, C) tokens: the image stream of an MMDiT block, or a flattened feature map."""
+    if isinstance(out, tuple):
+        out = out[-1]  # MMDiT joint blocks return (context, x)
+    if out.ndim == 4:
+        out = out.flatten(2).transpose(1, 2)
+    return out
+
+
+class FeatureTap:
+    """Collect the outputs of named submodules of a network during its forward pass."""
+
+    def __init__(self, net: nn.Module, names: list[str]):
+        modules = dict(net.named_modules())
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise ValueError(f"feature_layers {missing} are not modules of the teacher (e.g. {list(modules)[1:6]})")
+        self.names, self.outputs = names, {}
+        for n in names:
+            modules[n].register_forward_hook(lambda _m, _i, out, n=n: self.outputs.__setitem__(n, _tokens(out)))
+
+    def pop(self) -> dict[str, Tensor]:
+        out, self.outputs = self.outputs, {}
+        return out
+
+
+class DistillTask(Task):
+    """Consistency or adversarial (LADD) distillation of a frozen teacher into a few-step student."""
+
+    params_cls = DistillTaskConfig
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        p = self.params
+        if p.method not in ("consistency", "adversarial"):
+            raise ValueError(f"task.params.method must be consistency or adversarial, got {p.method!r}")
+        if p.base_task not in ("sd3", "diffusion"):
+            raise ValueError(f"task.params.base_task must be sd3 or diffusion, got {p.base_task!r}")
+        if p.loss not in ("l2", "huber"):
+            raise ValueError(f"task.params.loss must be l2 or huber, got {p.loss!r}")
+        if p.student_steps < 1 or p.teacher_steps < 2:
+            raise ValueError("task.params.student_steps must be >= 1 and teacher_steps >= 2")
+        if p.method == "adversarial" and not p.feature_layers:
+            raise ValueError("the adversarial method needs task.params.feature_layers (teacher modules, e.g. "
+                             "joint_blocks.1 joint_blocks.3 for an MMDiT)")  # fmt: skip
+        if p.teacher is None and p.require_teacher:
+            raise ValueError("set task.params.teacher to the trained model to distil (a run folder or weights file)")
+        inner_cfg = dataclasses.replace(
+            cfg, task=dataclasses.replace(cfg.task, name=p.base_task, params=p.base_params)
+        )
+        self.base = build_task(inner_cfg)
+        self.path, self.prediction = self.base.path, self.base.prediction
+        self.seed = cfg.run.seed
+        self.teacher: nn.Module | None = None
+        self.tap: FeatureTap | None = None
+
+    # -- model -------------------------------------------------------------------------------------------------
+
+    def _load_teacher(self) -> nn.Module:
+        net = self.base.build_model()
+        if self.params.teacher is not None:
+            from pathlib import Path
+
+            from t2i.io import check_state_dict
+
+            from .unclip import load_trained
+
+            path = Path(self.params.teacher)
+            if path.suffix == ".safetensors" and "t2i_component" in _metadata(path):
+                from t2i.pipelines.shipped import load_component
+
+                trained = load_component(path)[0]
+            else:
+                trained = load_trained(str(path), self.cfg.model.name)
+            sd = trained.state_dict()
+            check_state_dict(net.state_dict(), sd, what="teacher (does model.params match the teacher's config?)")
+            net.load_state_dict(sd, strict=True)
+        return net.eval().requires_grad_(False)
+
+    def build_model(self) -> nn.Module:
+        self.teacher = self._load_teacher()
+        student = copy.deepcopy(self.teacher).train().requires_grad_(True)
+        heads = None
+        if self.params.method == "adversarial":
+            self.tap = FeatureTap(self.teacher, list(self.params.feature_layers))
+            heads = nn.ModuleDict({n.replace(".", "_"): DiscHead(w) for n, w in self._feature_widths().items()})
+        return DistillModel(student, heads)
+
+    def _feature_widths(self) -> dict[str, int]:
+        """Channel width of each tapped feature, from one dry teacher call on a batch of the training data."""
+        from t2i.train.data import build_dataset, collate
+
+        ds = build_dataset(self.cfg.data, self.seed)
+        batch = collate([{**ds[i], "id": i} for i in range(2)])
+        x0, cond, _ = self.base.distill_inputs(self.teacher, batch, torch.device("cpu"))
+        t = torch.full((2,), 0.5, dtype=torch.float64)
+        with torch.no_grad():
+            self._denoiser(self.teacher)(self.path.add_noise(x0, torch.randn_like(x0), t), t, **cond)
+        return {n: f.shape[-1] for n, f in self.tap.pop().items()}
+
+    def _denoiser(self, net: nn.Module) -> Denoiser:
+        return Denoiser(net, self.path, self.prediction)
+
+    # -- losses ------------------------------------------------------------------------------------------------
+
+    def _draws(self, batch, x0: Tensor, n: int, device) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-sample (u in [0, 1)^n, eps, eps2) from the sample's own generators."""
+        gens = [sample_generator(self.seed, int(d), NOISE_STREAM) for d in batch["id"]]
+        u = torch.stack([torch.rand(n, generator=g, dtype=torch.float64) for g in gens])
+        eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(device)
+        eps2 = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(device)
+        return u, eps, eps2
+
+    def _distance(self, a: Tensor, b: Tensor) -> Tensor:
+        d = (a.float() - b.float()).flatten(1)
+        if self.params.loss == "l2":
+            return d.pow(2).mean(1)
+        c = self.params.huber_c
+        return torch.sqrt(d.pow(2).mean(1) + c * c) - c
+
+    def _guided_teacher(self, uncond: dict):
+        return classifier_free_guidance(self._denoiser(self.teacher), self.params.guidance, uncond)
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
+        net = getattr(model, "module", model)
+        device = next(net.parameters()).device
+        self.teacher.to(device)
+        x0, cond, uncond = self.base.distill_inputs(net.student, batch, device)
+        if self.params.method == "consistency":
+            return self._consistency(net, batch, x0, cond, uncond, device)
+        return self._adversarial(net, batch, x0, cond, uncond, device)
+
+    def _consistency(self, net, batch, x0, cond, uncond, device) -> Tensor:
+        p = self.params
+        ts = self.path.timesteps(p.teacher_steps).to(device)
+        u, eps, _ = self._draws(batch, x0, 1, device)
+        n = (u[:, 0] * p.teacher_steps).long().clamp(max=p.teacher_steps - 1).to(device)
+        t_hi, t_lo = ts[n], ts[n + 1]
+        x_hi = self.path.add_noise(x0, eps, t_hi)
+        with torch.no_grad():  # one guided teacher DDIM (= Euler on flows) step from t_hi to t_lo
+            x0_t = self._guided_teacher(uncond)(x_hi, t_hi, **cond)
+            a_hi, s_hi = (append_dims(f(t_hi), x0.ndim).float() for f in (self.path.alpha, self.path.sigma))
+            a_lo = append_dims(torch.where(t_lo == 0, 1.0, self.path.alpha(t_lo)), x0.ndim).float()
+            s_lo = append_dims(torch.where(t_lo == 0, 0.0, self.path.sigma(t_lo)), x0.ndim).float()
+            x_lo = a_lo * x0_t + s_lo * (x_hi - a_hi * x0_t) / s_hi
+            student = self._denoiser(net.student)
+            safe_lo = torch.where(t_lo == 0, ts[-2].expand_as(t_lo), t_lo)  # never call the net at t = 0
+            target = torch.where(append_dims(t_lo == 0, x0.ndim), x_lo, student(x_lo, safe_lo, **cond))
+        return self._distance(self._denoiser(net.student)(x_hi, t_hi, **cond), target)
+
+    def _disc(self, net, x: Tensor, t: Tensor, cond: dict, heads_params: dict | None = None) -> Tensor:
+        """Sum of the heads' logits on the frozen teacher's features of ``x`` at ``t`` (B,)."""
+        self._denoiser(self.teacher)(x, t, **cond)
+        feats = self.tap.pop()
+        total = 0.0
+        for name, f in feats.items():
+            key = name.replace(".", "_")
+            head = net.heads[key]
+            if heads_params is None:
+                total = total + head(f)
+            else:
+                total = total + functional_call(head, heads_params[key], (f,))
+        return total
+
+    def _adversarial(self, net, batch, x0, cond, uncond, device) -> Tensor:
+        p = self.params
+        grid = self.path.timesteps(p.student_steps).to(device)
+        u, eps, eps2 = self._draws(batch, x0, 2, device)
+        k = (u[:, 0] * p.student_steps).long().clamp(max=p.student_steps - 1).to(device)
+        t_s = grid[k]
+        x_s = self.path.add_noise(x0, eps, t_s)
+        fake = self._denoiser(net.student)(x_s, t_s, **cond)
+        # re-noising times: logit-normal, as the teacher was trained (LADD Sec. 3.2)
+        t_d = torch.sigmoid(p.disc_time_logit_mean + torch.special.ndtri(u[:, 1].clamp(1e-4, 1 - 1e-4))).to(device)
+        t_d = self.path.quantize(t_d)
+        real_d = self.path.add_noise(x0, eps2, t_d)
+        fake_d = self.path.add_noise(fake, eps2, t_d)
+        frozen = {key: {k: v.detach() for k, v in head.named_parameters()} for key, head in net.heads.items()}
+        gen = -self._disc(net, fake_d, t_d, cond, heads_params=frozen)  # the student's hinge generator term
+        d_real = self._disc(net, real_d.detach(), t_d, cond)
+        d_fake = self._disc(net, fake_d.detach(), t_d, cond)
+        disc = F.relu(1 - d_real) + F.relu(1 + d_fake)
+        loss = gen + disc
+        if p.distill_weight > 0:
+            with torch.no_grad():
+                target = self._guided_teacher(uncond)(x_s, t_s, **cond)
+            self.tap.pop()  # that call's features are not the discriminator's
+            loss = loss + p.distill_weight * (fake.float() - target).flatten(1).pow(2).mean(1)
+        return loss
+
+    # -- samples -----------------------------------------------------------------------------------------------
+
+    def sample(self, model, n, *, seed, device, steps=None):
+        """Student samples in its few steps, without guidance, with the base task's grid and sampler (the
+        ``consistency`` sampler for consistency students)."""
+        net = getattr(model, "module", model)
+        base = self.base
+        saved = (base.params.guidance, base.params.sampler, getattr(base, "sampler_name", None))
+        base.params.guidance = 1.0
+        if self.params.method == "consistency":
+            base.params.sampler = "consistency"
+            if saved[2] is not None:
+                base.sampler_name = "consistency"
+        try:
+            return base.sample(net.student, n, seed=seed, device=device, steps=self.params.student_steps)
+        finally:
+            base.params.guidance, base.params.sampler = saved[0], saved[1]
+            if saved[2] is not None:
+                base.sampler_name = saved[2]
+
+
+def _metadata(path) -> dict[str, str]:
+    from t2i.io import read_metadata
+
+    return read_metadata(path)

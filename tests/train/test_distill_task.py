@@ -1,0 +1,150 @@
+"""Few-step distillation tasks: consistency and adversarial (LADD), on flow and VP teachers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from t2i.train.config import load_config
+from t2i.train.data import build_dataset, collate
+from t2i.train.tasks import build_task
+
+BASE = {"flow": "{path: flow, cfg_dropout: 0.1, guidance: 2.0}", "vp": "{path: vp, cfg_dropout: 0.1, guidance: 2.0}"}
+
+
+def _cfg(method: str, path: str, *extra: str):
+    params = (
+        f"task.params={{method: {method}, base_task: diffusion, base_params: {BASE[path]}, guidance: 2.0, "
+        "student_steps: 2, teacher_steps: 8, feature_layers: [mid.0, dec.0], require_teacher: false}"
+    )
+    return load_config("configs/tiny/flow_rf.yaml", ["task.name=distill", params, "run.precision=fp32", *extra])
+
+
+def _batch(cfg, n=8):
+    ds = build_dataset(cfg.data, 0)
+    return collate([{**ds[i], "id": i} for i in range(n)])
+
+
+def _train_steps(task, model, batch, steps, lr=2e-3):
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = task.loss(model, batch).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("path", ["flow", "vp"])
+def test_consistency_distillation_lowers_its_loss(path):
+    cfg = _cfg("consistency", path)
+    task = build_task(cfg)
+    model = task.build_model()
+    assert len(model.heads) == 0 and not any(p.requires_grad for p in task.teacher.parameters())
+    batch = _batch(cfg)
+    first = task.loss(model, batch)
+    assert first.shape == (8,) and torch.isfinite(first).all()
+    torch.testing.assert_close(task.loss(model, batch), first)  # per-sample draws are seeded by the draw index
+    losses = _train_steps(task, model, batch, 25)
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+@pytest.mark.parametrize("path", ["flow", "vp"])
+def test_adversarial_distillation_trains_student_and_heads(path):
+    cfg = _cfg("adversarial", path)
+    task = build_task(cfg)
+    model = task.build_model()
+    assert set(model.heads) == {"mid_0", "dec_0"}
+    batch = _batch(cfg)
+    loss = task.loss(model, batch)
+    assert loss.shape == (8,) and torch.isfinite(loss).all()
+    loss.mean().backward()
+    # (the last bias gets -1 + 1 = 0 from the two active hinge terms, so look at the weight matrices)
+    assert all(p.grad.abs().sum() > 0 for p in model.heads.parameters() if p.ndim > 1)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.student.parameters())
+    assert all(p.grad is None for p in task.teacher.parameters())
+    model.zero_grad()
+    before = [p.detach().clone() for p in model.student.parameters()]
+    _train_steps(task, model, batch, 3)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.student.parameters(), strict=True))
+
+
+def test_generator_term_does_not_train_the_heads():
+    cfg = _cfg("adversarial", "flow", "task.params.distill_weight=0")
+    task = build_task(cfg)
+    model = task.build_model()
+    x0, cond, _ = task.base.distill_inputs(model.student, _batch(cfg), torch.device("cpu"))
+    t = torch.full((8,), 0.5, dtype=torch.float64)
+    frozen = {k: {n: p.detach() for n, p in h.named_parameters()} for k, h in model.heads.items()}
+    x = x0.clone().requires_grad_(True)
+    task._disc(model, x, t, cond, heads_params=frozen).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0  # reaches the input through the frozen teacher
+    assert all(p.grad is None for p in model.heads.parameters())
+
+
+def test_student_samples_with_the_requested_nfe_and_no_cfg():
+    cfg = _cfg("consistency", "flow")
+    task = build_task(cfg)
+    model = task.build_model()
+    calls = []
+    model.student.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    out = task.sample(model, 4, seed=0, device=torch.device("cpu"))
+    assert out.shape == (4, 3, 16, 16)
+    assert calls == [4, 4]  # student_steps calls, each on the batch alone (no unconditional half)
+    assert task.base.params.guidance == 2.0 and task.base.sampler_name == "euler"  # restored afterwards
+
+
+def test_bad_params_are_refused():
+    with pytest.raises(ValueError, match="method"):
+        build_task(_cfg("progressive", "flow"))
+    with pytest.raises(ValueError, match="feature_layers"):
+        build_task(_cfg("adversarial", "flow", "task.params.feature_layers=[]"))
+    with pytest.raises(ValueError, match="not modules of the teacher"):
+        build_task(_cfg("adversarial", "flow", "task.params.feature_layers=[nope]")).build_model()
+    cfg = load_config("configs/tiny/flow_rf.yaml", ["task.name=distill", "task.params={base_task: diffusion}"])
+    with pytest.raises(ValueError, match=r"task\.params\.teacher"):
+        build_task(cfg)
+
+
+def test_end_to_end_from_a_teacher_run(tmp_path):
+    """`t2i train` a teacher, distil it through the loop, and read the student back as a plain network."""
+    from t2i.train.loop import train
+    from t2i.train.tasks.unclip import load_trained
+
+    common = [f"run.out_dir={tmp_path}", "run.steps=2", "run.sample_every=0", "run.ckpt_every=0", "run.log_every=1"]
+    train(load_config("configs/tiny/flow_rf.yaml", common))
+    teacher = str(tmp_path / "tiny_flow_rf")
+    params = (f"task.params={{method: consistency, base_task: diffusion, base_params: {BASE['flow']}, "
+              f"teacher: {teacher}, student_steps: 2}}")  # fmt: skip
+    cfg = load_config("configs/tiny/flow_rf.yaml", [*common, "task.name=distill", params, "run.name=student"])
+    result = train(cfg)
+    assert result["grid"] is not None
+    student = load_trained(str(tmp_path / "student"), "toy_unet")
+    teacher_net = load_trained(teacher, "toy_unet")
+    assert student.state_dict().keys() == teacher_net.state_dict().keys()
+
+
+def test_sd3_student_exports_as_a_guidance_free_few_step_model(tmp_path):
+    """An SD3 (flow MMDiT) teacher distilled adversarially, exported with a 2-step consistency preset: generating
+    calls the transformer twice, on the batch alone."""
+    from model_folders import TINY_MMDIT, train_default, train_tiny_sd3
+
+    from t2i.pipelines.shipped import export_sd3, load_generator
+
+    teacher, vae, clip = train_tiny_sd3(tmp_path)
+    base = (f"{{vae: {vae}, text: {clip}, latent_scale: 1.5, latent_shift: 0.1, shift: 1.0, drop_clip_l: 0.1, "
+            "drop_clip_g: 0.0, drop_t5: 0.0, cache_text: false, cache_latents: false}")  # fmt: skip
+    params = (f"task.params={{method: adversarial, teacher: {teacher}, base_task: sd3, base_params: {base}, "
+              "student_steps: 2, feature_layers: [joint_blocks.0]}")  # fmt: skip
+    student = train_default(tmp_path, "sd3", ["task.name=distill", params, *TINY_MMDIT, "data.batch_size=2",
+                                              "run.name=student"])  # fmt: skip
+    out = export_sd3(tmp_path / "turbo", transformer=student, vae=vae, clip=clip, name="turbo")
+    gen = load_generator(str(out))
+    d = gen.defaults
+    assert (d.steps, d.cfg, d.sampler) == (2, 1.0, "euler")  # the student's preset: its steps, no CFG
+    calls = []
+    gen.pipe.transformer.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    images = gen.generate(["a red circle", "a blue square", "a cross"], [0, 1, 2], gen.defaults)
+    assert images.shape == (3, 3, 64, 64) and calls == [3, 3]
