@@ -107,9 +107,18 @@ def evaluate_model(model: str, *, per_category: int | None = None, sweep_per_cat
     return out
 
 
-def run_report(models: Sequence[str], *, out_md: str | Path = "docs/quality.md", per_category: int | None = None,
-               sweep_per_category: int = 20, steps: Sequence[int] = STEPS, batch_size: int = 64,
-               grid_dir: str | Path | None = "docs/images", log=print) -> dict[str, Any]:  # fmt: skip
+def run_report(
+    models: Sequence[str],
+    *,
+    out_md: str | Path = "docs/quality.md",
+    per_category: int | None = None,
+    sweep_per_category: int = 20,
+    steps: Sequence[int] = STEPS,
+    batch_size: int = 64,
+    grid_dir: str | Path | None = "docs/images",
+    update_cards: bool = True,
+    log=print,
+) -> dict[str, Any]:
     """Evaluate ``models`` and the ground truth; write ``out_md`` and ``out_md`` with ``.json``."""
     t0 = time.perf_counter()
     if grid_dir:
@@ -137,7 +146,7 @@ def run_report(models: Sequence[str], *, out_md: str | Path = "docs/quality.md",
     from t2i.pipelines.model_card import write_model_card
     from t2i.pipelines.shipped import model_folder
 
-    for m in models:  # refresh the model cards with the new scores
+    for m in models if update_cards else ():  # refresh the model cards with the new scores
         folder = model_folder(m)
         if folder is not None:
             write_model_card(folder, out_md.with_suffix(".json"))
