@@ -1,0 +1,70 @@
+"""Score vs NFE on the shapes benchmark: a teacher with CFG at several step counts against its few-step students.
+
+    python benchmarks/distill_shapes.py --teacher sd3-shapes --students models/sd3-shapes-lcm models/sd3-shapes-ladd
+
+Every row is measured here on the same fixed subset of the ``eval`` split (``--per-category`` prompts of each
+category, seeds from the split): overall GenEval-style score, text-track word accuracy, denoiser calls per image
+(NFE: a CFG step costs two) and wall-clock seconds per image on this machine. Students run at their own preset
+(their steps, no CFG) and at the extra ``--student-steps``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+
+import torch
+
+from t2i.eval.quality import _fn
+from t2i.eval.shapes import evaluate_generator
+from t2i.pipelines.shipped import load_generator
+
+
+def measure(gen, settings, per_category: int) -> dict:
+    calls = []
+    net = gen.pipe.transformer if hasattr(gen.pipe, "transformer") else gen.pipe.stages[0].net
+    handle = net.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    t = time.perf_counter()
+    try:
+        report = evaluate_generator(_fn(gen, settings, 64), split="eval", size=settings.size,
+                                    per_category=per_category, batch_size=512)  # fmt: skip
+    finally:
+        handle.remove()
+    n = len(report.results)
+    return {"overall": report.overall, "text": report.accuracy().get("text"), "nfe": sum(calls) / n,
+            "sec_per_image": (time.perf_counter() - t) / n, "n": n}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", default="sd3-shapes")
+    ap.add_argument("--teacher-steps", type=int, nargs="+", default=[4, 8, 28, 50])
+    ap.add_argument("--students", nargs="*", default=[])
+    ap.add_argument("--student-steps", type=int, nargs="*", default=[1, 2, 4])
+    ap.add_argument("--per-category", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    rows = []
+    teacher = load_generator(args.teacher)
+    for n in args.teacher_steps:
+        s = replace(teacher.defaults, steps=n)
+        rows.append((f"{teacher.name} (teacher, CFG {s.cfg})", s, measure(teacher, s, args.per_category)))
+    for path in args.students:
+        gen = load_generator(path)
+        for n in sorted({gen.defaults.steps, *args.student_steps}):
+            s = replace(gen.defaults, steps=n)
+            guidance = "no CFG" if s.cfg == 1.0 else f"CFG {s.cfg}"
+            rows.append((f"{gen.name} ({s.sampler}, {guidance})", s, measure(gen, s, args.per_category)))
+    print(f"shapes `eval`, first {args.per_category} prompts per category, {args.threads} threads\n")
+    print("| model | steps | NFE / image | overall | text words | s / image |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, s, r in rows:
+        text = "-" if r["text"] is None else f"{r['text']:.3f}"
+        print(f"| {name} | {s.steps} | {r['nfe']:.0f} | {r['overall']:.3f} | {text} | {r['sec_per_image']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
