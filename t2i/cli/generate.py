@@ -119,17 +119,21 @@ def _settings(gen, args):
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    with torch.no_grad():  # not torch.set_grad_enabled: the CLI also runs inside other programs (and tests)
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     prompts = _prompts(args)
     _check_args(args)
-
-    import torch
 
     from t2i import __version__
     from t2i.io.png import contact_sheet, format_parameters, save_png, to_pil
     from t2i.pipelines.shipped import load_generator
 
-    torch.set_grad_enabled(False)
     gen = load_generator(args.model)
     s = _settings(gen, args)
     jobs = [(i, p, args.seed + k) for i, p in enumerate(prompts) for k in range(args.num_images)]

@@ -70,6 +70,7 @@ def _summary(report, seconds: float) -> dict[str, Any]:
     return d
 
 
+@torch.no_grad()
 def evaluate_model(model: str, *, per_category: int | None = None, sweep_per_category: int = 20,
                    steps: Sequence[int] = STEPS, samplers: Sequence[str] | None = None, batch_size: int = 64,
                    grid_dir: str | Path | None = None, log=print) -> dict[str, Any]:  # fmt: skip
@@ -77,7 +78,6 @@ def evaluate_model(model: str, *, per_category: int | None = None, sweep_per_cat
     from t2i.eval.shapes import evaluate_generator
     from t2i.pipelines.shipped import load_generator
 
-    torch.set_grad_enabled(False)
     t0 = time.perf_counter()
     gen = load_generator(model)
     load_s = time.perf_counter() - t0
