@@ -1,4 +1,4 @@
-"""``t2i info``: versions, and the samplers, paths and objectives this build provides."""
+"""``t2i info``: versions, the samplers, paths and objectives this build provides, and the shipped models."""
 
 from __future__ import annotations
 
@@ -25,4 +25,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name:<16} {kind:<13} order {s.order}  {s.description}")
     print(f"predictions: {', '.join(PREDICTIONS)}")
     print(f"training time densities: {', '.join(TIME_SAMPLERS)}")
+    import json
+
+    from t2i.pipelines.shipped import SHIPPED, model_folder, models_dir
+
+    print(f"shipped models ({models_dir()}):")
+    for name in SHIPPED:
+        folder = model_folder(name)
+        if folder is None:
+            print(f"  {name:<16} missing")
+            continue
+        d = json.loads((folder / "model.json").read_text())["defaults"]
+        mb = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e6
+        print(f"  {name:<16} {d['size']} px, {d['steps']} steps of {d['sampler']}, CFG {d['cfg']}  ({mb:.1f} MB)")
     return 0
