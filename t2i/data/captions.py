@@ -373,6 +373,28 @@ def train_prompt(seed: int, index: int, *, weights: dict[str, float] | None = No
     return sample_prompt(rng, weights=weights, split="train", index=index)
 
 
+def uses_pair(spec: Spec, pair: tuple[str, str]) -> bool:
+    """Whether one of the spec's include clauses names this (colour, shape) pair."""
+    return any((c.color, c.shape) == tuple(pair) for c in spec.include)
+
+
+def focus_prompt(seed: int, index: int, pair: tuple[str, str]) -> Prompt:
+    """Item ``index`` of a stream whose every prompt names the (colour, shape) ``pair`` (typically a held-out one,
+    for fine-tuning on a new combination): a colour-bearing category, its held-out form when the pair is held out,
+    redrawn until a clause uses the pair."""
+    color, shape = pair
+    if color not in COLORS or shape not in SHAPES:
+        raise ValueError(f"unknown pair {pair!r}: colours are {', '.join(COLORS)}; shapes {', '.join(SHAPES)}")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, index, 0xF0C5]))
+    held = tuple(pair) in HELDOUT_PAIRS
+    for _ in range(10_000):
+        category = HELDOUT_CATEGORIES[int(rng.integers(len(HELDOUT_CATEGORIES)))]
+        spec = random_spec(category, rng, heldout=held)
+        if uses_pair(spec, pair):
+            return Prompt(caption_for(spec, rng), spec, seed=int(rng.integers(2**31)), split="train", index=index)
+    raise RuntimeError(f"could not draw a prompt naming {pair}")
+
+
 def uses_heldout(spec: Spec, scene: Scene | None = None) -> bool:
     """Whether a spec (or the scene drawn for it) touches a held-out pair or arrangement."""
     for c in spec.include:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from t2i.data.captions import ALL_CATEGORIES, SPLITS, Prompt, scene_for, split_prompts, train_prompt
+from t2i.data.captions import ALL_CATEGORIES, SPLITS, Prompt, focus_prompt, scene_for, split_prompts, train_prompt
 from t2i.data.shapes import Scene, check_size, render
 
 METADATA = "metadata.jsonl"
@@ -71,6 +71,8 @@ class ShapesDataset(torch.utils.data.Dataset):
         seed: base seed of the train stream; item i depends only on (seed, i), so workers need no coordination.
         length: number of items of the train stream.
         weights: category weights of the train stream, e.g. ``{"position": 2, "text": 0}``.
+        focus: a (colour, shape) pair: the train stream then only holds prompts naming it (``focus_prompt``), the
+            data of a fine-tune on one combination.
 
     Items are dicts: ``image`` (3, H, W) float in [-1, 1], ``caption``, ``category``, ``index`` and ``meta`` (the
     JSON metadata line: spec, scene, seed).
@@ -84,10 +86,15 @@ class ShapesDataset(torch.utils.data.Dataset):
         seed: int = 0,
         length: int | None = None,
         weights: dict[str, float] | None = None,
+        focus: tuple[str, str] | None = None,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
         self.split, self.size, self.seed, self.weights = split, check_size(size), int(seed), weights
+        self.focus = tuple(focus) if focus is not None else None
+        if self.focus is not None and (split != "train" or weights is not None):
+            raise ValueError("focus=(colour, shape) selects train prompts naming that pair; it needs split='train' "
+                             "and no category weights")  # fmt: skip
         if split == "train":
             self.prompts = None
             self.length = 2**30 if length is None else int(length)
@@ -105,6 +112,8 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for {self.split} split of length {self.length}")
         if self.prompts is not None:
             return self.prompts[index]
+        if self.focus is not None:
+            return focus_prompt(self.seed, index, self.focus)
         return train_prompt(self.seed, index, weights=self.weights)
 
     def sample(self, index: int) -> Sample:

@@ -523,17 +523,20 @@ def evaluate_generator(
     batch_size: int = 64,
     categories: Sequence[str] | None = None,
     per_category: int | None = None,
+    where: Callable[[Any], bool] | None = None,
     features: bool = False,
     grid: str | Path | None = None,
 ) -> Report:
     """Score a generator ``fn(prompts, seeds) -> list of PIL images | uint8 (B, H, W, 3) | float (B, 3, H, W)``.
 
     Each prompt of the split is sampled ``per_prompt`` times with seeds ``prompt.seed + k``; ``per_category``
-    keeps only the first prompts of each category (a fixed subset, for quick sweeps).
+    keeps only the first prompts of each category (a fixed subset, for quick sweeps); ``where(prompt)`` filters.
     """
     from t2i.data.captions import split_prompts
 
     prompts = [p for p in split_prompts(split) if categories is None or p.spec.category in categories]
+    if where is not None:  # any other filter on the Prompt, e.g. the prompts naming one colour-shape pair
+        prompts = [p for p in prompts if where(p)]
     if per_category is not None:
         seen: dict[str, int] = {}
         keep = []

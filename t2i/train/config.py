@@ -73,6 +73,7 @@ class DataConfig:
     random_flip: bool = False
     random_crop: bool = False  # random crop (else centre crop) after resizing the short side
     num_workers: int = 0  # DataLoader worker processes (0: load in the training process)
+    shapes_focus: str | None = None  # shapes source: only prompts naming this "colour shape" pair (a fine-tune set)
 
 
 @dataclass

@@ -50,7 +50,14 @@ def build_dataset(cfg: DataConfig, seed: int = 0) -> Dataset | IterableDataset:
         if cfg.channels != 3:
             raise ValueError(f"shapes images are RGB; set data.channels=3 (got {cfg.channels})")
         # the train split is an endless seeded stream; num_samples bounds the epoch so data order is a permutation
-        return ShapesDataset("train", cfg.image_size, seed=seed, length=cfg.num_samples)
+        focus = None
+        if cfg.shapes_focus:
+            focus = tuple(cfg.shapes_focus.split())
+            if len(focus) != 2:
+                raise ValueError(
+                    f'data.shapes_focus must be "colour shape", e.g. "purple circle"; got {cfg.shapes_focus!r}'
+                )
+        return ShapesDataset("train", cfg.image_size, seed=seed, length=cfg.num_samples, focus=focus)
     if cfg.source in ("folder", "tar", "embeddings") and not cfg.path:
         raise ValueError(f"data.source={cfg.source} needs data.path (a folder, shard list or embeddings file)")
     if cfg.source == "folder":

@@ -202,3 +202,42 @@ def test_write_prompts_lists_every_prompt(tmp_path):
     lines = [json.loads(x) for x in path.read_text().splitlines()]
     assert len(lines) == 2 * len(split_prompts("heldout"))
     assert lines[3]["file"] == "000003.png" and lines[3]["caption"] == split_prompts("heldout")[1].caption
+
+
+def test_focus_stream_names_its_pair_in_every_prompt_and_image():
+    from t2i.data.captions import HELDOUT_CATEGORIES, focus_prompt, uses_pair
+    from t2i.data.dataset import ShapesDataset
+
+    ds = ShapesDataset("train", 32, seed=3, length=40, focus=("purple", "circle"))
+    cats = set()
+    for i in range(40):
+        p = ds.prompt(i)
+        assert uses_pair(p.spec, ("purple", "circle")) and p.spec.category in HELDOUT_CATEGORIES
+        cats.add(p.spec.category)
+        assert any((o.color, o.shape) == ("purple", "circle") for o in ds.sample(i).scene.objects)
+    assert cats == set(HELDOUT_CATEGORIES)
+    assert focus_prompt(3, 5, ("purple", "circle")) == ds.prompt(5)  # item i depends only on (seed, i)
+    with pytest.raises(ValueError, match="unknown pair"):
+        focus_prompt(0, 0, ("white", "circle"))
+    with pytest.raises(ValueError, match="split='train'"):
+        ShapesDataset("eval", 32, focus=("purple", "circle"))
+
+
+def test_evaluate_generator_filters_prompts():
+    from t2i.data.captions import uses_pair
+    from t2i.data.dataset import ground_truth
+    from t2i.eval.shapes import evaluate_generator
+
+    def where(p):
+        return uses_pair(p.spec, ("purple", "circle"))
+
+    from t2i.data.captions import split_prompts
+
+    by_key = {(p.caption, p.seed): p for p in split_prompts("heldout")}
+
+    def fn(prompts, seeds):
+        return [ground_truth(by_key[(c, s)], 32).image for c, s in zip(prompts, seeds, strict=True)]
+
+    report = evaluate_generator(fn, split="heldout", where=where)
+    n = sum(where(p) for p in split_prompts("heldout"))
+    assert 0 < len(report.results) == n < 480 and report.overall == 1.0
