@@ -92,3 +92,35 @@ def tiny_t5(seed: int = 0) -> T5EncoderModel:
         is_encoder_decoder=False,
     )  # fmt: skip
     return T5EncoderModel(cfg).eval()
+
+
+def write_diffusers_folder(path, model: MMDiT, vae) -> tuple:
+    """A diffusers SD3 folder written by diffusers/transformers themselves: ``model``'s twin, ``vae`` as a
+    diffusers AutoencoderKL, tiny random CLIP-L/CLIP-G/T5 and their tokenizers. Returns (clip_l, clip_g, t5)."""
+    import diffusers
+
+    from t2i.io.sd3 import vae_official_to_diffusers
+
+    diffusers_twin(model).save_pretrained(path / "transformer")
+    n = len(vae.cfg.block_out_channels)
+    dvae = diffusers.AutoencoderKL(
+        block_out_channels=vae.cfg.block_out_channels,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        layers_per_block=vae.cfg.layers_per_block,
+        latent_channels=vae.cfg.latent_channels,
+        norm_num_groups=vae.cfg.norm_groups,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+    )
+    dvae.load_state_dict(vae_official_to_diffusers(vae.state_dict()))
+    dvae.save_pretrained(path / "vae")
+    clip_l, clip_g, t5 = tiny_clip("quick_gelu", seed=1), tiny_clip("gelu", seed=2), tiny_t5(seed=3)
+    for name, m in (("text_encoder", clip_l), ("text_encoder_2", clip_g), ("text_encoder_3", t5)):
+        m.save_pretrained(path / name)
+    toks = {"tokenizer": clip_tokenizer(), "tokenizer_2": clip_tokenizer("!"), "tokenizer_3": t5_tokenizer()}
+    for name, tok in toks.items():
+        tok.save_pretrained(path / name)
+    return clip_l, clip_g, t5

@@ -106,3 +106,24 @@ def test_empty_prompt_file(tmp_path, capsys, sd3_folder):
     f.write_text("# nothing\n\n")
     assert main(["generate", "--from-file", str(f), "--model", sd3_folder, "-o", str(tmp_path / "o")]) == 2
     assert "has no prompts" in capsys.readouterr().err
+
+
+def test_official_sd3_diffusers_folder_with_an_sd3_preset(tmp_path):
+    """`--model` also takes an SD3/SD3.5 checkpoint (here a tiny diffusers folder) and its presets."""
+    from dataclasses import replace as dc_replace
+
+    from sd3_helpers import randomize_, write_diffusers_folder
+
+    from t2i.models.mmdit import PRESETS, MMDiT
+    from t2i.models.vae import PRESETS as VAE_PRESETS
+    from t2i.models.vae import AutoencoderKL
+
+    model = randomize_(MMDiT(dc_replace(PRESETS["tiny-x"], context_dim=96, patch_size=2))).eval()
+    write_diffusers_folder(tmp_path / "sd3", model, randomize_(AutoencoderKL(VAE_PRESETS["tiny2"])).eval())
+    out = tmp_path / "out"
+    rc = main(["generate", "a red cube", "--model", str(tmp_path / "sd3"), "--preset", "sd3.5-large-turbo",
+               "--size", "64", "-o", str(out), "--quiet"])  # fmt: skip
+    assert rc == 0
+    settings = parse_parameters(read_parameters(out / "000-0-a-red-cube.png"))[2]
+    assert (settings["Steps"], settings["CFG scale"], settings["Model"]) == ("4", "1.0", "sd3")
+    assert Image.open(out / "000-0-a-red-cube.png").size == (64, 64)

@@ -18,7 +18,7 @@ from t2i.models.vae import AutoencoderKL
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
-from sd3_helpers import clip_tokenizer, diffusers_twin, randomize_, t5_tokenizer, tiny_clip, tiny_t5  # noqa: E402
+from sd3_helpers import randomize_, write_diffusers_folder  # noqa: E402
 
 
 def tiny_models():
@@ -77,31 +77,7 @@ def test_only_safetensors_are_loaded(tmp_path):
 
 def test_diffusers_folder(tmp_path):
     model, vae = tiny_models()
-    ref = diffusers_twin(model)
-    ref.save_pretrained(tmp_path / "transformer")
-    n = len(vae.cfg.block_out_channels)
-    dvae = diffusers.AutoencoderKL(
-        block_out_channels=vae.cfg.block_out_channels,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        layers_per_block=vae.cfg.layers_per_block,
-        latent_channels=vae.cfg.latent_channels,
-        norm_num_groups=vae.cfg.norm_groups,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-    )
-    from t2i.io.sd3 import vae_official_to_diffusers
-
-    dvae.load_state_dict(vae_official_to_diffusers(vae.state_dict()))
-    dvae.save_pretrained(tmp_path / "vae")
-    clip_l, clip_g, t5 = tiny_clip("quick_gelu", seed=1), tiny_clip("gelu", seed=2), tiny_t5(seed=3)
-    for name, m in (("text_encoder", clip_l), ("text_encoder_2", clip_g), ("text_encoder_3", t5)):
-        m.save_pretrained(tmp_path / name)
-    toks = {"tokenizer": clip_tokenizer(), "tokenizer_2": clip_tokenizer("!"), "tokenizer_3": t5_tokenizer()}
-    for name, tok in toks.items():
-        tok.save_pretrained(tmp_path / name)
+    clip_l, clip_g, t5 = write_diffusers_folder(tmp_path, model, vae)
 
     parts = load_sd3(tmp_path, dtype=torch.float32, t5_length=12)
     for ours, theirs in ((parts.transformer, model), (parts.vae, vae)):
