@@ -21,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--clip", default="runs/default_clip", help="the clip run (text encoder)")
     s.add_argument("--name", default="sd3-shapes")
     s.add_argument("--out", required=True, help="the model folder to write")
+    _defaults(s)
     s.set_defaults(func=run)
     u = kinds.add_parser("unclip", help="CLIP + prior + base decoder + super-resolution runs")
     u.add_argument("--clip", default="runs/default_clip")
@@ -29,18 +30,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--sr", default="runs/default_sr")
     u.add_argument("--name", default="unclip-shapes")
     u.add_argument("--out", required=True)
+    _defaults(u)
     u.set_defaults(func=run)
 
 
+def _defaults(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling defaults written to model.json (default: the training run's settings)")
+    g.add_argument("--steps", type=int)
+    g.add_argument("--cfg", type=float)
+    g.add_argument("--sampler")
+
+
 def run(args: argparse.Namespace) -> int:
+    from t2i.diffusion import SAMPLERS
     from t2i.pipelines.model_card import write_model_card
     from t2i.pipelines.shipped import export_sd3, export_unclip
 
+    if args.sampler is not None and args.sampler not in SAMPLERS:
+        raise ValueError(f"unknown --sampler {args.sampler!r}; choose one of {', '.join(sorted(SAMPLERS))}")
+    defaults = {k: getattr(args, k) for k in ("steps", "cfg", "sampler") if getattr(args, k) is not None}
     if args.kind == "sd3":
-        out = export_sd3(args.out, transformer=args.transformer, vae=args.vae, clip=args.clip, name=args.name)
+        out = export_sd3(args.out, transformer=args.transformer, vae=args.vae, clip=args.clip, name=args.name,
+                         defaults=defaults)  # fmt: skip
     else:
         out = export_unclip(args.out, clip=args.clip, prior=args.prior, decoder=args.decoder, sr=args.sr,
-                            name=args.name)  # fmt: skip
+                            name=args.name, defaults=defaults)  # fmt: skip
     card = write_model_card(out)
     sizes = {f.name: f.stat().st_size for f in sorted(out.glob("*.safetensors"))}
     for name, size in sizes.items():

@@ -30,7 +30,7 @@ import torch
 from t2i.data.captions import ALL_CATEGORIES, CATEGORIES, TEXT_CATEGORY
 
 STEPS = (4, 8, 16, 28, 50)
-SAMPLERS = {"sd3": ("euler", "heun", "dpmpp_2m"), "unclip": ("ddim", "euler", "dpmpp_2m")}
+SAMPLERS = {"sd3": ("euler", "heun", "dpmpp_2m"), "unclip": ("ddpm", "euler_ancestral", "ddim")}
 
 
 def _kind(gen) -> str:
