@@ -35,12 +35,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--sweep-per-category", type=int, default=20, help="prompts per category in the step sweep")
     q.add_argument("--steps", type=int, nargs="+", default=[4, 8, 16, 28, 50], help="step counts of the sweep")
     q.add_argument("--grid-dir", default="docs/images", help="where the per-split sample grids go ('' for none)")
+    q.add_argument("--merge", nargs="+", metavar="JSON", help="instead: merge partial reports (one per model, made "
+                   "side by side with the same settings) into --out")  # fmt: skip
     q.set_defaults(func=run_quality)
 
 
 def run_quality(args: argparse.Namespace) -> int:
-    from t2i.eval.quality import run_report
+    from t2i.eval.quality import merge_reports, run_report
 
+    if args.merge:
+        data = merge_reports(args.merge, out_md=args.out)
+        print(f"merged {len(args.merge)} reports into {args.out}")
+        return 0
     data = run_report(
         args.models,
         out_md=args.out,

@@ -34,3 +34,20 @@ def test_export_cli_says_what_is_missing(tmp_path, capsys):
     rc = main(["export", "sd3", "--transformer", str(tmp_path / "none"), "--out", str(tmp_path / "m")])
     assert rc == 2
     assert "has no checkpoint" in capsys.readouterr().err
+
+
+def test_partial_reports_merge(tmp_path):
+    from t2i.eval.quality import merge_reports
+
+    a = tiny_sd3_folder(tmp_path / "a", size=32)
+    kw = dict(per_category=1, sweep_per_category=1, steps=(1,), grid_dir=None, update_cards=False, log=lambda *_: None)
+    run_report([str(a)], out_md=tmp_path / "a.md", **kw)
+    run_report([str(a)], out_md=tmp_path / "b.md", **kw)
+    data = merge_reports([tmp_path / "a.json", tmp_path / "b.json"], out_md=tmp_path / "m.md", update_cards=False)
+    assert [m["model"] for m in data["models"]] == ["tiny-sd3", "tiny-sd3"]
+    assert "## Score vs steps: tiny-sd3" in (tmp_path / "m.md").read_text()
+    run_report([str(a)], out_md=tmp_path / "c.md", **{**kw, "steps": (2,)})
+    import pytest
+
+    with pytest.raises(ValueError, match="different settings"):
+        merge_reports([tmp_path / "a.json", tmp_path / "c.json"], out_md=tmp_path / "x.md")
