@@ -1,0 +1,50 @@
+"""The shipped default models (models/): they load, fit the size budget, and reproduce fixed-seed golden slices.
+
+The slices were recorded from the shipped files with the settings below (few steps, so the default suite stays
+fast); any change to the weights, the pipelines, the samplers or the loaders that moves an image shows up here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from t2i.pipelines.shipped import SHIPPED, load_generator, model_folder
+
+PROMPT = "a red circle above a blue square"
+# (steps, seed, pixels [0, 1] of rows 30-31, columns 30-33 of each channel of the 64 px image)
+GOLDEN = {
+    "sd3-shapes": (4, 7, [0.1019, 0.2035, 0.6946, 0.9248, 0.1091, 0.2063, 0.6899, 0.9208, 0.2953, 0.3042, 0.7631,
+                          0.9273, 0.2969, 0.3109, 0.7589, 0.9245, 0.9061, 0.8658, 0.9539, 0.9195, 0.9138, 0.8741,
+                          0.9494, 0.9195]),
+    "unclip-shapes": (4, 7, [0.7566, 0.7848, 0.7961, 0.8354, 0.8124, 0.8212, 0.853, 0.8576, 0.119, 0.1771, 0.223,
+                             0.2035, 0.1633, 0.1936, 0.2075, 0.2219, 0.174, 0.1398, 0.2163, 0.1948, 0.178, 0.1736,
+                             0.174, 0.2123]),
+}  # fmt: skip
+
+
+def golden_slice(image: torch.Tensor) -> list[float]:
+    return [round(v, 4) for v in image[:, 30:32, 30:34].flatten().tolist()]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_model_fits_the_size_budget(name):
+    folder = model_folder(name)
+    assert folder is not None, f"models/{name} is missing"
+    for f in folder.glob("*.safetensors"):
+        assert f.stat().st_size <= 10_000_000, f"{f} is over 10 MB"
+    assert (folder / "README.md").exists()
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_model_golden_slice(name):
+    steps, seed, expected = GOLDEN[name]
+    gen = load_generator(name)
+    s = replace(gen.defaults, steps=steps)
+    image = gen.generate([PROMPT], [seed], s)
+    assert image.shape == (1, 3, 64, 64)
+    torch.testing.assert_close(torch.tensor(golden_slice(image[0])), torch.tensor(expected), atol=2e-3, rtol=0)
+    again = gen.generate([PROMPT, "a green cross"], [seed, seed + 1], s)  # batch composition does not matter
+    torch.testing.assert_close(again[0], image[0], atol=1e-3, rtol=0)  # batched kernels: ~1e-4 apart
