@@ -64,7 +64,7 @@ train-defaults: $(RUN_STAMP)
 
 export-defaults: $(RUN_STAMP)
 	$(BIN)/t2i export sd3 --out models/sd3-shapes
-	$(BIN)/t2i export unclip --out models/unclip-shapes --sampler ddpm --steps 50
+	$(BIN)/t2i export unclip --out models/unclip-shapes --sampler ddpm --steps 25
 
 bench-samplers: $(STAMP)
 	$(BIN)/python benchmarks/samplers.py

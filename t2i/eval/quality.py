@@ -73,7 +73,8 @@ def _summary(report, seconds: float) -> dict[str, Any]:
 @torch.no_grad()
 def evaluate_model(model: str, *, per_category: int | None = None, sweep_per_category: int = 20,
                    steps: Sequence[int] = STEPS, samplers: Sequence[str] | None = None, batch_size: int = 64,
-                   grid_dir: str | Path | None = None, log=print) -> dict[str, Any]:  # fmt: skip
+                   grid_dir: str | Path | None = None, splits: Sequence[str] = ("eval", "heldout"),
+                   sweep: bool = True, log=print) -> dict[str, Any]:  # fmt: skip
     """All measurements of one model (see the module docstring) as a JSON-able dict."""
     from t2i.eval.shapes import evaluate_generator
     from t2i.pipelines.shipped import load_generator
@@ -83,7 +84,7 @@ def evaluate_model(model: str, *, per_category: int | None = None, sweep_per_cat
     load_s = time.perf_counter() - t0
     d = gen.defaults
     out: dict[str, Any] = {"model": gen.name, "kind": _kind(gen), "defaults": {**d.__dict__}, "load_seconds": load_s}
-    for split in ("eval", "heldout"):
+    for split in splits:
         t = time.perf_counter()
         grid = Path(grid_dir) / f"{gen.name}_{split}.png" if grid_dir else None
         report = evaluate_generator(_fn(gen, d, batch_size), split=split, size=d.size, per_category=per_category,
@@ -91,8 +92,8 @@ def evaluate_model(model: str, *, per_category: int | None = None, sweep_per_cat
         out[split] = _summary(report, time.perf_counter() - t)
         log(f"{gen.name} {split}: overall {report.overall:.3f} ({len(report.results)} images, "
             f"{out[split]['seconds']} s)")  # fmt: skip
-    sweep = []
-    for sampler in samplers or SAMPLERS[out["kind"]]:
+    rows = []
+    for sampler in (samplers or SAMPLERS[out["kind"]]) if sweep else ():
         for n in steps:
             s = replace(d, sampler=sampler, steps=int(n))
             t = time.perf_counter()
@@ -101,9 +102,10 @@ def evaluate_model(model: str, *, per_category: int | None = None, sweep_per_cat
             row = {"sampler": sampler, "steps": int(n), "overall": report.overall,
                    "text": report.accuracy().get(TEXT_CATEGORY), "n_images": len(report.results),
                    "seconds": round(time.perf_counter() - t, 1)}  # fmt: skip
-            sweep.append(row)
+            rows.append(row)
             log(f"{gen.name} {sampler} {n} steps: overall {row['overall']:.3f}, text {row['text']}")
-    out["sweep"] = sweep
+    if sweep:
+        out["sweep"] = rows
     return out
 
 
@@ -117,6 +119,8 @@ def run_report(
     batch_size: int = 64,
     grid_dir: str | Path | None = "docs/images",
     update_cards: bool = True,
+    splits: Sequence[str] = ("eval", "heldout"),
+    sweep: bool = True,
     log=print,
 ) -> dict[str, Any]:
     """Evaluate ``models`` and the ground truth; write ``out_md`` and ``out_md`` with ``.json``."""
@@ -124,7 +128,8 @@ def run_report(
     if grid_dir:
         Path(grid_dir).mkdir(parents=True, exist_ok=True)
     results = [evaluate_model(m, per_category=per_category, sweep_per_category=sweep_per_category, steps=steps,
-                              batch_size=batch_size, grid_dir=grid_dir, log=log) for m in models]  # fmt: skip
+                              batch_size=batch_size, grid_dir=grid_dir, splits=splits, sweep=sweep, log=log)
+               for m in models]  # fmt: skip
     sizes = sorted({r["defaults"]["size"] for r in results}) or [64]
     truth = {split: _ground_truth(split, sizes[0], per_category) for split in ("eval", "heldout")}
     data = {
@@ -142,9 +147,10 @@ def run_report(
     out_md = Path(out_md)
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
-    out_md.write_text(markdown(data))
-    if update_cards:  # refresh the model cards with the new scores
-        _refresh_cards(models, out_md.with_suffix(".json"))
+    if all({"eval", "heldout", "sweep"} <= set(r) for r in results):  # else a partial report: JSON only, to merge
+        out_md.write_text(markdown(data))
+        if update_cards:  # refresh the model cards with the new scores
+            _refresh_cards(models, out_md.with_suffix(".json"))
     return data
 
 
@@ -156,8 +162,10 @@ def merge_reports(paths: Sequence[str | Path], *, out_md: str | Path, update_car
     settings = {json.dumps(p["settings"], sort_keys=True) for p in parts}
     if len(settings) != 1:
         raise ValueError(f"the partial reports were made with different settings: {sorted(settings)}")
-    data = {**parts[0], "models": [m for p in parts for m in p["models"]],
-            "seconds": round(max(p["seconds"] for p in parts), 1)}  # fmt: skip
+    models: dict[str, dict[str, Any]] = {}
+    for m in (m for p in parts for m in p["models"]):  # parts of one model (splits, sweep) combine
+        models.setdefault(m["model"], {}).update(m)
+    data = {**parts[0], "models": list(models.values()), "seconds": round(max(p["seconds"] for p in parts), 1)}
     out_md = Path(out_md)
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
