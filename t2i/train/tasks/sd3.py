@@ -188,8 +188,8 @@ class SD3Task(Task):
 
     prediction = "flow"
 
-    def distill_inputs(self, model: nn.Module, batch: dict[str, Any], device) -> tuple[Tensor, dict, dict]:
-        """(latents, cond, uncond) of a batch for the distillation tasks; uncond is the all-dropped (zero) text."""
+    def _inputs(self, batch: dict[str, Any], drop: bool) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+        """(latents, context, pooled, draw ids) of a batch, text dropped per sample when ``drop``."""
         ids = [int(d) for d in batch["id"]]
         if "latent" in batch:
             x0 = batch["latent"].float()
@@ -199,28 +199,23 @@ class SD3Task(Task):
             context, pooled = batch["context"].float(), batch["pooled"].float()
         else:
             context, pooled = self.encode_text(list(batch["caption"]))
+        if drop:
+            gens = [sample_generator(self.seed, d, DROPOUT_STREAM) for d in ids]
+            context, pooled = self.drop_text(context, pooled, gens)
         self._last = {"shape": tuple(x0.shape[1:]), "captions": list(batch.get("caption", [])),
                       "context": context[:1].cpu(), "pooled": pooled[:1].cpu()}  # fmt: skip
+        return x0, context, pooled, ids
+
+    def distill_inputs(self, model: nn.Module, batch: dict[str, Any], device) -> tuple[Tensor, dict, dict]:
+        """(latents, cond, uncond) of a batch for the distillation tasks; uncond is the all-dropped (zero) text."""
+        x0, context, pooled, _ = self._inputs(batch, drop=False)
         cond = {"context": context.to(device), "pooled": pooled.to(device)}
         uncond = {"context": torch.zeros_like(cond["context"][:1]), "pooled": torch.zeros_like(cond["pooled"][:1])}
         return x0.to(device), cond, uncond
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
         device = next(model.parameters()).device
-        ids = [int(d) for d in batch["id"]]
-        if "latent" in batch:
-            x0 = batch["latent"].float()
-        else:
-            x0 = self.encode_images(batch["image"], [sample_generator(self.seed, d, POSTERIOR_STREAM) for d in ids])
-        if "context" in batch:
-            context, pooled = batch["context"].float(), batch["pooled"].float()
-        else:
-            context, pooled = self.encode_text(list(batch["caption"]))
-        context, pooled = self.drop_text(
-            context, pooled, [sample_generator(self.seed, d, DROPOUT_STREAM) for d in ids]
-        )
-        self._last = {"shape": tuple(x0.shape[1:]), "captions": list(batch.get("caption", [])),
-                      "context": context[:1].cpu(), "pooled": pooled[:1].cpu()}  # fmt: skip
+        x0, context, pooled, ids = self._inputs(batch, drop=True)
         gens = [sample_generator(self.seed, d, NOISE_STREAM) for d in ids]
         t = torch.cat([self.objective.sample_time(1, g) for g in gens])  # (B,) float64, shifted logit-normal
         eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens])
