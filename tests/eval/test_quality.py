@@ -37,17 +37,21 @@ def test_export_cli_says_what_is_missing(tmp_path, capsys):
 
 
 def test_partial_reports_merge(tmp_path):
+    """One process evaluates the splits, another the sweep; the merged report has both."""
+    import pytest
+
     from t2i.eval.quality import merge_reports
 
     a = tiny_sd3_folder(tmp_path / "a", size=32)
     kw = dict(per_category=1, sweep_per_category=1, steps=(1,), grid_dir=None, update_cards=False, log=lambda *_: None)
-    run_report([str(a)], out_md=tmp_path / "a.md", **kw)
-    run_report([str(a)], out_md=tmp_path / "b.md", **kw)
-    data = merge_reports([tmp_path / "a.json", tmp_path / "b.json"], out_md=tmp_path / "m.md", update_cards=False)
-    assert [m["model"] for m in data["models"]] == ["tiny-sd3", "tiny-sd3"]
+    run_report([str(a)], out_md=tmp_path / "splits.md", sweep=False, **kw)
+    assert not (tmp_path / "splits.md").exists()  # a partial report is JSON only
+    run_report([str(a)], out_md=tmp_path / "sweep.md", splits=(), **kw)
+    data = merge_reports([tmp_path / "splits.json", tmp_path / "sweep.json"], out_md=tmp_path / "m.md",
+                         update_cards=False)  # fmt: skip
+    (m,) = data["models"]
+    assert m["model"] == "tiny-sd3" and {"eval", "heldout", "sweep"} <= set(m)
     assert "## Score vs steps: tiny-sd3" in (tmp_path / "m.md").read_text()
     run_report([str(a)], out_md=tmp_path / "c.md", **{**kw, "steps": (2,)})
-    import pytest
-
     with pytest.raises(ValueError, match="different settings"):
-        merge_reports([tmp_path / "a.json", tmp_path / "c.json"], out_md=tmp_path / "x.md")
+        merge_reports([tmp_path / "splits.json", tmp_path / "c.json"], out_md=tmp_path / "x.md")
