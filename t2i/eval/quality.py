@@ -50,13 +50,13 @@ def _fn(gen, settings, batch_size: int):
 
 
 def _ground_truth(split: str, size: int, per_category: int | None = None) -> dict[str, Any]:
+    from t2i.data.captions import split_prompts
     from t2i.data.dataset import ground_truth
     from t2i.eval.shapes import evaluate_generator
 
-    def fn(prompts, seeds):
-        from t2i.data.captions import split_prompts
+    by_caption = {(p.caption, p.seed): p for p in split_prompts(split)}
 
-        by_caption = {(p.caption, p.seed): p for p in split_prompts(split)}
+    def fn(prompts, seeds):
         return np.stack([ground_truth(by_caption[(c, s)], size).image for c, s in zip(prompts, seeds, strict=True)])
 
     report = evaluate_generator(fn, split=split, size=size, per_category=per_category, features=split == "eval")

@@ -274,14 +274,13 @@ def load_generator(model: str) -> Generator:
 def _run_part(run: str | Path, name: str) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """(EMA network, stored run config, training record) of the newest checkpoint of a ``t2i train`` run."""
     from t2i.io import read_config
-    from t2i.train.checkpoint import latest_checkpoint
-    from t2i.train.tasks.unclip import load_trained
+    from t2i.train.tasks.unclip import load_trained, trained_weights_file
 
     run = Path(run)
-    ckpt = latest_checkpoint(run) if (run / "checkpoints").is_dir() else None
-    if ckpt is None:
+    weights = trained_weights_file(str(run)) if (run / "checkpoints").is_dir() else None
+    if weights is None:
         raise FileNotFoundError(f"{run} has no checkpoint; train it with `t2i train configs/default/...yaml`")
-    weights = ckpt / ("ema.safetensors" if (ckpt / "ema.safetensors").exists() else "model.safetensors")
+    ckpt = weights.parent
     cfg = read_config(weights)
     net = load_trained(str(weights), name)
     step = int(ckpt.name.split("_")[-1])

@@ -79,7 +79,7 @@ def test_generator_term_does_not_train_the_heads():
     t = torch.full((8,), 0.5, dtype=torch.float64)
     frozen = {k: {n: p.detach() for n, p in h.named_parameters()} for k, h in model.heads.items()}
     x = x0.clone().requires_grad_(True)
-    task._disc(model, x, t, cond, heads_params=frozen).sum().backward()
+    task._logits(model, task._features(x, t, cond), frozen).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0  # reaches the input through the frozen teacher
     assert all(p.grad is None for p in model.heads.parameters())
 

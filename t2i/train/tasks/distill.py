@@ -147,12 +147,12 @@ class DistillTask(Task):
         if self.params.teacher is not None:
             from pathlib import Path
 
-            from t2i.io import check_state_dict
+            from t2i.io import check_state_dict, read_metadata
 
             from .unclip import load_trained
 
             path = Path(self.params.teacher)
-            if path.suffix == ".safetensors" and "t2i_component" in _metadata(path):
+            if path.suffix == ".safetensors" and "t2i_component" in read_metadata(path):
                 from t2i.pipelines.shipped import load_component
 
                 trained = load_component(path)[0]
@@ -234,19 +234,17 @@ class DistillTask(Task):
             target = torch.where(append_dims(t_lo == 0, x0.ndim), x_lo, student(x_lo, safe_lo, **cond))
         return self._distance(self._denoiser(net.student)(x_hi, t_hi, **cond), target)
 
-    def _disc(self, net, x: Tensor, t: Tensor, cond: dict, heads_params: dict | None = None) -> Tensor:
-        """Sum of the heads' logits on the frozen teacher's features of ``x`` at ``t`` (B,)."""
+    def _features(self, x: Tensor, t: Tensor, cond: dict) -> dict[str, Tensor]:
+        """The frozen teacher's tapped features of ``x`` at ``t``, keyed like the heads."""
         self._denoiser(self.teacher)(x, t, **cond)
-        feats = self.tap.pop()
-        total = 0.0
-        for name, f in feats.items():
-            key = name.replace(".", "_")
-            head = net.heads[key]
-            if heads_params is None:
-                total = total + head(f)
-            else:
-                total = total + functional_call(head, heads_params[key], (f,))
-        return total
+        return {name.replace(".", "_"): f for name, f in self.tap.pop().items()}
+
+    @staticmethod
+    def _logits(net, feats: dict[str, Tensor], heads_params: dict | None = None) -> Tensor:
+        """Sum of the heads' logits (B,); with ``heads_params`` (detached weights) no gradient reaches the heads."""
+        if heads_params is None:
+            return sum(net.heads[key](f) for key, f in feats.items())
+        return sum(functional_call(net.heads[key], heads_params[key], (f,)) for key, f in feats.items())
 
     def _adversarial(self, net, batch, x0, cond, uncond, device) -> Tensor:
         p = self.params
@@ -262,9 +260,14 @@ class DistillTask(Task):
         real_d = self.path.add_noise(x0, eps2, t_d)
         fake_d = self.path.add_noise(fake, eps2, t_d)
         frozen = {key: {k: v.detach() for k, v in head.named_parameters()} for key, head in net.heads.items()}
-        gen = -self._disc(net, fake_d, t_d, cond, heads_params=frozen)  # the student's hinge generator term
-        d_real = self._disc(net, real_d.detach(), t_d, cond)
-        d_fake = self._disc(net, fake_d.detach(), t_d, cond)
+        # one teacher pass on the fake serves both sides: the generator term through it with frozen heads, the
+        # discriminator term on its detached features (the teacher is frozen, so they equal a detached pass)
+        fake_feats = self._features(fake_d, t_d, cond)
+        gen = -self._logits(net, fake_feats, frozen)
+        with torch.no_grad():
+            real_feats = self._features(real_d, t_d, cond)
+        d_real = self._logits(net, real_feats)
+        d_fake = self._logits(net, {k: f.detach() for k, f in fake_feats.items()})
         disc = F.relu(1 - d_real) + F.relu(1 + d_fake)
         loss = gen + disc
         if p.distill_weight > 0:
@@ -293,9 +296,3 @@ class DistillTask(Task):
             base.params.guidance, base.params.sampler = saved[0], saved[1]
             if saved[2] is not None:
                 base.sampler_name = saved[2]
-
-
-def _metadata(path) -> dict[str, str]:
-    from t2i.io import read_metadata
-
-    return read_metadata(path)

@@ -44,22 +44,31 @@ def _inner(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)  # DDP / FSDP keep the network in .module
 
 
-def load_trained(path: str, name: str) -> nn.Module:
-    """A model trained by ``t2i train``: ``path`` is a run folder (its newest checkpoint, EMA weights when
-    present), a checkpoint folder, or a weights file; the architecture comes from the config stored with it."""
+def trained_weights_file(path: str):
+    """The weights file ``path`` names: a run folder's newest checkpoint or a checkpoint folder (its EMA weights
+    when present), or the file itself; None when a run has no finished checkpoint."""
     from pathlib import Path
-
-    from t2i.io import read_config, read_metadata
-    from t2i.models import MODELS, build_model
 
     from ..checkpoint import latest_checkpoint
 
     p = Path(path)
-    if p.is_dir():
-        ckpt = latest_checkpoint(p) if (p / "checkpoints").is_dir() else p
-        if ckpt is None:
-            raise FileNotFoundError(f"{path} has no finished checkpoint yet")
-        p = ckpt / "ema.safetensors" if (ckpt / "ema.safetensors").exists() else ckpt / "model.safetensors"
+    if not p.is_dir():
+        return p
+    ckpt = latest_checkpoint(p) if (p / "checkpoints").is_dir() else p
+    if ckpt is None:
+        return None
+    return ckpt / "ema.safetensors" if (ckpt / "ema.safetensors").exists() else ckpt / "model.safetensors"
+
+
+def load_trained(path: str, name: str) -> nn.Module:
+    """A model trained by ``t2i train``: ``path`` is a run folder (its newest checkpoint, EMA weights when
+    present), a checkpoint folder, or a weights file; the architecture comes from the config stored with it."""
+    from t2i.io import read_config, read_metadata
+    from t2i.models import MODELS, build_model
+
+    p = trained_weights_file(path)
+    if p is None:
+        raise FileNotFoundError(f"{path} has no finished checkpoint yet")
     if not p.exists():
         raise FileNotFoundError(
             f"no trained {name!r} model at {p}: give a run folder (train it first with `t2i train`), a checkpoint "
@@ -81,18 +90,10 @@ def load_trained(path: str, name: str) -> nn.Module:
 def stored_model_name(path: str) -> str | None:
     """The model name in the config stored with a ``t2i train`` run folder, checkpoint or weights file (None for
     anything else: an official file, a diffusers folder, a missing path)."""
-    from pathlib import Path
-
     from t2i.io import read_config
 
-    from ..checkpoint import latest_checkpoint
-
-    p = Path(path)
-    if p.is_dir():
-        if (p / "checkpoints").is_dir():
-            p = latest_checkpoint(p) or p
-        p = p / "model.safetensors"
-    if p.suffix != ".safetensors" or not p.is_file():
+    p = trained_weights_file(path)
+    if p is None or p.suffix != ".safetensors" or not p.is_file():
         return None
     cfg = read_config(p)
     return cfg.get("model", {}).get("name") if cfg else None
