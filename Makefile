@@ -10,8 +10,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_STAMP := $(VENV)/.installed-run
 
-.PHONY: install test test-slow lint format generate quality train-defaults export-defaults bench-samplers \
-	bench-shapes bench-dalle2 clean
+.PHONY: browser install test test-slow lint format generate quality train-defaults export-defaults bench-samplers \
+	bench-shapes bench-dalle2 bench-serve clean
 
 # `make generate` needs only the runtime dependencies; `make test` adds the dev and interop extras.
 $(RUN_STAMP): pyproject.toml
@@ -27,7 +27,17 @@ $(STAMP): pyproject.toml $(RUN_STAMP)
 
 install: $(STAMP)
 
-test: $(STAMP)
+# The web page's test drives Debian's chromium; install it with its driver when missing and allowed (root + apt).
+# Without them that one test is skipped with the reason.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium and chromium-driver for the page test"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+			>/dev/null) || echo "warning: could not install chromium; the page test will be skipped"; \
+	else echo "note: no chromium/chromedriver (apt-get install chromium chromium-driver): the page test is skipped"; fi
+
+test: $(STAMP) browser
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -n 2
@@ -65,6 +75,10 @@ train-defaults: $(RUN_STAMP)
 export-defaults: $(RUN_STAMP)
 	$(BIN)/t2i export sd3 --out models/sd3-shapes
 	$(BIN)/t2i export unclip --out models/unclip-shapes --sampler ddpm --steps 25
+
+# Load test of `t2i serve` on sd3-shapes: throughput and latency with dynamic batching on and off.
+bench-serve: $(STAMP)
+	$(BIN)/python benchmarks/serve_load.py
 
 bench-samplers: $(STAMP)
 	$(BIN)/python benchmarks/samplers.py

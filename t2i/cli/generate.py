@@ -130,7 +130,6 @@ def _run(args: argparse.Namespace) -> int:
     prompts = _prompts(args)
     _check_args(args)
 
-    from t2i import __version__
     from t2i.io.png import contact_sheet, format_parameters, save_png, to_pil
     from t2i.pipelines.shipped import load_generator
 
@@ -149,14 +148,9 @@ def _run(args: argparse.Namespace) -> int:
         batch = jobs[b : b + args.batch_size]
         images = gen.generate([p for _, p, _ in batch], [seed for _, _, seed in batch], s, negative=args.negative)
         for (i, prompt, seed), image in zip(batch, images, strict=True):
-            settings = {"Steps": s.steps, "Sampler": s.sampler, "CFG scale": s.cfg, "Seed": seed,
-                        "Size": f"{s.size}x{s.size}", "Model": gen.name,
-                        **{k.replace("_", " ").capitalize(): v for k, v in s.extra.items()},
-                        "Version": f"t2i {__version__}"}  # fmt: skip
             pil = to_pil(image)
-            path = save_png(
-                out / f"{i:03d}-{seed}-{_slug(prompt)}.png", pil, format_parameters(prompt, settings, args.negative)
-            )
+            params = format_parameters(prompt, s.describe(gen.name, seed), args.negative)
+            path = save_png(out / f"{i:03d}-{seed}-{_slug(prompt)}.png", pil, params)
             files.append(path)
             pils.append(pil)
             labels.append(f"{seed}: {prompt}")

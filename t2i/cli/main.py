@@ -11,9 +11,9 @@ import sys
 
 from t2i import __version__
 from t2i.cli import eval as eval_cli
-from t2i.cli import export, generate, info, lora, train
+from t2i.cli import export, generate, info, lora, serve, train
 
-COMMANDS = (generate, info, train, eval_cli, lora, export)
+COMMANDS = (generate, serve, info, train, eval_cli, lora, export)
 
 
 class CLIError(Exception):

@@ -13,6 +13,7 @@ The prompt comes first (it may span lines), then an optional ``Negative prompt:`
 
 from __future__ import annotations
 
+import io
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -64,14 +65,25 @@ def to_pil(image: Tensor) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(arr))
 
 
-def save_png(path: str | Path, image: Image.Image, parameters: str) -> Path:
-    """Write ``image`` with ``parameters`` in its ``parameters`` text chunk (iTXt, so any Unicode prompt fits)."""
+def _png_info(parameters: str) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
-    info.add_itxt("parameters", parameters)
+    info.add_itxt("parameters", parameters)  # iTXt, so any Unicode prompt fits
+    return info
+
+
+def save_png(path: str | Path, image: Image.Image, parameters: str) -> Path:
+    """Write ``image`` with ``parameters`` in its ``parameters`` text chunk."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, pnginfo=info)
+    image.save(path, pnginfo=_png_info(parameters))
     return path
+
+
+def png_bytes(image: Image.Image, parameters: str) -> bytes:
+    """The PNG file ``save_png`` would write, in memory (the HTTP server's ``b64_json`` responses)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=_png_info(parameters))
+    return buf.getvalue()
 
 
 def read_parameters(path: str | Path) -> str | None:

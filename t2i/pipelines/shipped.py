@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,20 @@ class Settings:
     size: int
     extra: dict[str, Any] = field(default_factory=dict)  # family-specific (shift, prior steps, ...)
 
+    def describe(self, model: str, seed: int) -> dict[str, Any]:
+        """The settings of one image as A1111-style ``parameters`` fields (PNG metadata, server responses)."""
+        from t2i import __version__
+
+        return {"Steps": self.steps, "Sampler": self.sampler, "CFG scale": self.cfg, "Seed": seed,
+                "Size": f"{self.size}x{self.size}", "Model": model,
+                **{k.replace("_", " ").capitalize(): v for k, v in self.extra.items()},
+                "Version": f"t2i {__version__}"}  # fmt: skip
+
+
+# ``progress(done, total)`` after every sampler step of a ``Generator.generate`` call; it may raise to abort the call
+# (the server does, when every client of a batch has gone away).
+Progress = Callable[[int, int], None]
+
 
 class Generator:
     """Prompts and seeds in, images ``(B, 3, H, W)`` in [0, 1] out."""
@@ -110,8 +125,14 @@ class Generator:
         raise NotImplementedError
 
     def generate(self, prompts: list[str], seeds: list[int], settings: Settings, *, negative: str = "",
-                 progress: bool = False) -> Tensor:  # fmt: skip
+                 progress: bool = False, callback: Progress | None = None) -> Tensor:  # fmt: skip
+        """Images ``(B, 3, S, S)`` in [0, 1]; image ``k`` depends only on ``prompts[k]``, ``seeds[k]`` and the
+        settings, not on the rest of the batch (up to float rounding)."""
         raise NotImplementedError
+
+    def total_steps(self, settings: Settings) -> int:
+        """How many ``callback`` calls one ``generate`` makes with ``settings``."""
+        return settings.steps
 
 
 class SD3Generator(Generator):
@@ -126,12 +147,13 @@ class SD3Generator(Generator):
                 f"(trained at {self.defaults.size}); got --size {size}"
             )
 
-    def generate(self, prompts, seeds, settings, *, negative="", progress=False):
+    def generate(self, prompts, seeds, settings, *, negative="", progress=False, callback=None):
         s = settings
         sd3 = {k: v for k, v in s.extra.items() if k in ("shift", "slg_scale", "slg_layers", "slg_window")}
         sd3.update(steps=s.steps, cfg=s.cfg, sampler=s.sampler)
+        step = None if callback is None else lambda d: callback(d["i"] + 1, s.steps)
         return self.pipe(prompts, negative_prompt=negative, seeds=list(seeds), height=s.size, width=s.size,
-                         output="tensor", progress=progress, **sd3)  # fmt: skip
+                         output="tensor", progress=progress, callback=step, **sd3)  # fmt: skip
 
 
 class UnCLIPGenerator(Generator):
@@ -144,22 +166,39 @@ class UnCLIPGenerator(Generator):
             raise ValueError(f"{self.name} makes {' or '.join(map(str, self.sizes))} px images (its cascade "
                              f"stages); got --size {size}")  # fmt: skip
 
-    def generate(self, prompts, seeds, settings, *, negative="", progress=False):
-        from t2i.diffusion import Seeds
-
-        if negative:
-            raise ValueError("unCLIP models guide with a null caption; --negative is not supported for them")
-        s = settings
-        stop = self.sizes.index(s.size)
+    def _configure(self, s: Settings) -> int:
+        """Set the cascade's stages from ``s``; the index of the last stage to run."""
         for k, st in enumerate(self.pipe.stages):
             st.steps, st.sampler = s.steps, s.sampler
             st.guidance = s.cfg if k == 0 else 1.0  # guidance of the base stage; upsamplers are unconditional
         self.pipe.prior.sampler = s.sampler
         if "prior_steps" in s.extra:
             self.pipe.prior.steps = int(s.extra["prior_steps"])
+        return self.sizes.index(s.size)
+
+    def total_steps(self, settings: Settings) -> int:
+        prior_steps = int(settings.extra.get("prior_steps", self.pipe.prior.steps))
+        return prior_steps + settings.steps * (self.sizes.index(settings.size) + 1)
+
+    def generate(self, prompts, seeds, settings, *, negative="", progress=False, callback=None):
+        from t2i.diffusion import Seeds
+
+        if negative:
+            raise ValueError("unCLIP models guide with a null caption; --negative is not supported for them")
+        s = settings
+        stop = self._configure(s)
+        total, done = self.total_steps(s), [0]
+
+        def step(_):
+            done[0] += 1
+            callback(done[0], total)
+
+        step = None if callback is None else step
         seeds = Seeds(list(seeds))
-        embed, tokens, mask = self.pipe.image_embeds_from_text(list(prompts), seeds)
-        images = self.pipe.decode(embed, seeds=seeds, text_tokens=tokens, text_mask=mask, stop_stage=stop)
+        embed, tokens, mask = self.pipe.image_embeds_from_text(list(prompts), seeds, callback=step)
+        images = self.pipe.decode(
+            embed, seeds=seeds, text_tokens=tokens, text_mask=mask, stop_stage=stop, callback=step
+        )
         return ((images.float() + 1) / 2).clamp(0, 1)
 
 

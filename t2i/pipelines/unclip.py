@@ -182,8 +182,10 @@ def sample_prior(
     text_tokens: Tensor | None = None,
     text_mask: Tensor | None = None,
     seeds: Seeds,
+    callback: Callable | None = None,
 ) -> Tensor:
-    """Unit-norm CLIP image embeddings (B, E) for text embeddings (B, E); the best of ``num_candidates`` each."""
+    """Unit-norm CLIP image embeddings (B, E) for text embeddings (B, E); the best of ``num_candidates`` each.
+    ``callback`` gets the sampler's per-step dict."""
     net, n, b = spec.net, spec.num_candidates, text_embed.shape[0]
     if len(seeds) != b:
         raise ValueError(f"need one seed per prompt: {b} prompts, {len(seeds)} seeds")
@@ -204,7 +206,9 @@ def sample_prior(
     was = net.training
     net.eval()
     try:
-        out = get_sampler(spec.sampler)(denoise, x, ts, spec.path, extra_args=cond, noise=_stream(cand, _SAMPLER))
+        out = get_sampler(spec.sampler)(
+            denoise, x, ts, spec.path, extra_args=cond, noise=_stream(cand, _SAMPLER), callback=callback
+        )
     finally:
         net.train(was)
     emb = F.normalize(net.unscale_embed(out), dim=-1).view(b, n, -1)  # (B, n, E)
@@ -346,12 +350,16 @@ class UnCLIPPipeline:
 
     # -- 2. prior ----------------------------------------------------------------------------------------------
 
-    def image_embeds_from_text(self, prompts: Sequence[str], seeds: Seeds) -> tuple[Tensor, Tensor, Tensor]:
+    def image_embeds_from_text(
+        self, prompts: Sequence[str], seeds: Seeds, callback: Callable | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         if self.prior is None:
             raise ValueError("this pipeline has no prior; pass image embeddings or images instead of prompts")
         embed, tokens, mask = self.encode_prompts(prompts)
         with self._where(self.prior.net):
-            image_embed = sample_prior(self.prior, embed, text_tokens=tokens, text_mask=mask, seeds=seeds)
+            image_embed = sample_prior(
+                self.prior, embed, text_tokens=tokens, text_mask=mask, seeds=seeds, callback=callback
+            )
         return image_embed, tokens, mask
 
     # -- 3. decoder cascade ------------------------------------------------------------------------------------
@@ -369,11 +377,13 @@ class UnCLIPPipeline:
         image: Tensor | None = None,
         inpaint_mask: Tensor | None = None,
         resample: int = 5,
+        callback: Callable | None = None,
     ) -> Tensor:
         """Run stages ``start_stage .. stop_stage`` (inclusive) from image embeddings; images in [-1, 1].
 
         ``image`` is the previous stage's output when ``start_stage > 0`` (partial runs), or the image to inpaint
-        with ``inpaint_mask`` (B, 1, H, W), True where the image is kept.
+        with ``inpaint_mask`` (B, 1, H, W), True where the image is kept. ``callback`` gets each stage sampler's
+        per-step dict, with the stage index under ``"stage"``.
         """
         stop = len(self.stages) - 1 if stop_stage is None else stop_stage
         if not 0 <= start_stage <= stop < len(self.stages):
@@ -397,6 +407,7 @@ class UnCLIPPipeline:
                     image if inpaint_mask is not None else None,
                     inpaint_mask,
                     resample,
+                    None if callback is None else lambda d, k=k: callback({**d, "stage": k}),
                 )
         return prev
 
@@ -504,9 +515,11 @@ def run_stage(
     known: Tensor | None = None,
     known_mask: Tensor | None = None,
     resample: int = 5,
+    callback: Callable | None = None,
 ) -> Tensor:
     """Sample one decoder stage; ``prev`` is the previous stage's image (SR stages), ``known``/``known_mask``
-    the image and keep-mask of an inpainting request. Returns images in [-1, 1]."""
+    the image and keep-mask of an inpainting request. Returns images in [-1, 1]. ``callback`` gets the sampler's
+    per-step dict (text-to-image sampling; the learned-variance DDPM and RePaint loops do not report steps)."""
     net, b = stage.net, len(seeds)
     dev = next(net.parameters()).device
     cond: dict = {}
@@ -549,7 +562,7 @@ def run_stage(
                 clamp=clamp,
             )
         elif known_mask is None:
-            x = get_sampler(stage.sampler)(denoise, x, ts, stage.path, extra_args=cond, noise=noise)
+            x = get_sampler(stage.sampler)(denoise, x, ts, stage.path, extra_args=cond, noise=noise, callback=callback)
         else:
             x0_known, m = _known(stage, known.to(dev), known_mask.to(dev))
             x = _repaint(stage, denoise, x, ts, cond, noise, _stream(seeds, _REPAINT), x0_known, m, resample)

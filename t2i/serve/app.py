@@ -1,0 +1,353 @@
+"""The HTTP server: OpenAI's images API over any model ``t2i generate`` can load, with dynamic batching.
+
+Routes (all but ``/healthz`` and the page shell ``/`` need the API key when one is set):
+
+    POST /v1/images/generations   OpenAI request/response shape, plus seed/steps/guidance/sampler/negative_prompt
+    GET  /v1/models               the served models, with their defaults and sizes
+    GET  /v1/progress/{id}        queued/running/done and the sampler step of a request sent with ``request_id``
+    GET  /files/{name}            the PNGs of ``response_format: "url"`` responses (only from the output folder)
+    GET  /metrics                 queue depth, batch sizes, latency percentiles, images served (JSON or Prometheus)
+    GET  /healthz                 liveness (no key needed)
+    GET  /                        the web page (a static shell; its API calls carry the key the user types in)
+
+Why FastAPI on uvicorn: it is the ASGI stack the Python serving field uses, pydantic (already how the project
+validates configs) gives exact field errors, and ``/docs`` documents the API for free. Bodies are read and parsed
+by hand, not by FastAPI's body injection, so a size limit is enforced while reading and malformed JSON, wrong types
+and unknown fields all get OpenAI-shaped 4xx answers.
+
+A request never names a file to load: its ``model`` must be one of the server's ``--model`` ids or on its
+``--allow-model`` list (those load on first use), so a client cannot make the server read arbitrary paths.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import Hashable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from t2i.serve.batcher import Aborted, Batcher, Job, QueueFull
+from t2i.serve.metrics import Metrics
+from t2i.serve.schemas import APIError, GenerationRequest, Limits, check_limits, parse_request, validation_error
+
+log = logging.getLogger("t2i.serve")
+STATIC = Path(__file__).parent / "static"
+_FILE_NAME = re.compile(r"[A-Za-z0-9_-]{1,100}\.png")
+
+
+@dataclass
+class ServeConfig:
+    """Everything ``t2i serve`` sets; the defaults are the CLI's."""
+
+    models: list[str] = field(default_factory=list)  # loaded at start; the first is the default (CLI: sd3-shapes)
+    allow_models: list[str] = field(default_factory=list)  # more ids a request may name; loaded on first use
+    api_keys: list[str] = field(default_factory=list)
+    output_dir: Path = Path("out/serve")
+    limits: Limits = field(default_factory=Limits)
+    max_batch: int = 16
+    batch_window_ms: float = 50.0
+    max_queue: int = 64
+    request_timeout_s: float = 300.0
+    batching: bool = True
+
+
+class ModelRegistry:
+    """The models a request may name: the served ones (loaded at start) and the allow-listed (loaded lazily)."""
+
+    def __init__(self, served: list[str], allowed: list[str], preloaded: dict[str, Any] | None = None):
+        self.ids = list(dict.fromkeys([*served, *(preloaded or {}), *allowed]))
+        if not self.ids:
+            raise ValueError("serve at least one model")
+        self.served = [m for m in self.ids if m not in allowed or m in served]
+        self.loaded: dict[str, Any] = dict(preloaded or {})
+
+    @property
+    def default(self) -> str:
+        return self.ids[0]
+
+    def get(self, model_id: str):
+        """The generator for ``model_id`` (loading it if allow-listed); runs in the model thread."""
+        if model_id not in self.ids:
+            raise KeyError(model_id)
+        if model_id not in self.loaded:
+            from t2i.pipelines.shipped import load_generator
+
+            log.info("loading model %s", model_id)
+            self.loaded[model_id] = load_generator(model_id)
+        return self.loaded[model_id]
+
+
+def _settings(gen, req: GenerationRequest):
+    """The request's sampling settings over the model's defaults; 400 naming the field when one is impossible."""
+    from t2i.diffusion import SAMPLERS
+    from t2i.pipelines.shipped import UnCLIPGenerator
+
+    s = replace(gen.defaults, extra=dict(gen.defaults.extra))
+    if req.sampler is not None:
+        if req.sampler not in SAMPLERS:
+            raise APIError(400, f"unknown sampler {req.sampler!r}; choose one of {', '.join(sorted(SAMPLERS))}",
+                           param="sampler")  # fmt: skip
+        s.sampler = req.sampler
+    if req.steps is not None:
+        s.steps = req.steps
+    if req.guidance is not None:
+        s.cfg = req.guidance
+    try:
+        side = req.side()
+        if side is not None:
+            s.size = side
+        gen.check_size(s.size)
+    except ValueError as err:
+        raise APIError(400, str(err).replace("--size ", "size "), param="size") from None
+    if req.negative_prompt and isinstance(gen, UnCLIPGenerator):
+        raise APIError(400, "unCLIP models guide with a null caption; negative_prompt is not supported for them",
+                       param="negative_prompt")  # fmt: skip
+    return s
+
+
+def _batch_key(model_id: str, s, negative: str) -> Hashable:
+    """Everything that changes how a batch samples; jobs batch together only when all of it is equal."""
+    return (model_id, s.steps, float(s.cfg), s.sampler, s.size, negative, json.dumps(s.extra, sort_keys=True))
+
+
+def create_app(cfg: ServeConfig | None = None, *, generators: dict[str, Any] | None = None) -> FastAPI:
+    """The ASGI app. ``generators`` (id -> Generator) serves already-loaded models (tests, notebooks)."""
+    cfg = cfg or ServeConfig()
+    registry = ModelRegistry(cfg.models, cfg.allow_models, generators)
+    limits = replace(cfg.limits, max_n=min(cfg.limits.max_n, cfg.max_batch))
+    metrics = Metrics()
+    out_dir = Path(cfg.output_dir)
+    keys = [k for k in cfg.api_keys if k]
+
+    def run_batch(key, prompts, seeds, progress):
+        import torch
+
+        from t2i.pipelines.shipped import Settings
+
+        model_id, steps, cfg_scale, sampler, size, negative, extra = key
+        gen = registry.get(model_id)
+        settings = Settings(steps, cfg_scale, sampler, size, json.loads(extra))
+        with torch.no_grad():  # this thread only; never the process-wide switch
+            return gen.generate(prompts, seeds, settings, negative=negative, callback=progress)
+
+    batcher = Batcher(run_batch, max_batch=cfg.max_batch, window_s=cfg.batch_window_ms / 1000,
+                      max_queue=cfg.max_queue, batching=cfg.batching, on_batch=metrics.on_batch)  # fmt: skip
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        for model_id in registry.served:
+            await batcher.call(registry.get, model_id)  # fail at start, not at the first request
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="t2i", summary="OpenAI-compatible text-to-image API", lifespan=lifespan)
+    app.state.batcher, app.state.metrics, app.state.registry, app.state.config = batcher, metrics, registry, cfg
+
+    # -- errors: always OpenAI's shape ------------------------------------------------------------------------
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, err: APIError):
+        if request.url.path.startswith("/v1/images"):
+            metrics.on_response(err.status)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException):
+        return JSONResponse(APIError(err.status_code, str(err.detail)).body(), status_code=err.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, err: RequestValidationError):
+        e = validation_error(list(err.errors()))
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, err: Exception):
+        log.exception("internal error on %s", request.url.path)
+        body = APIError(500, f"internal error: {type(err).__name__}: {err}", type="server_error").body()
+        return JSONResponse(body, status_code=500)
+
+    # -- auth -------------------------------------------------------------------------------------------------
+
+    def authorize(request: Request) -> None:
+        if not keys:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+        if not any(hmac.compare_digest(given.encode(), k.encode()) for k in keys):
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                           type="authentication_error", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+
+    # -- routes -----------------------------------------------------------------------------------------------
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz():
+        return {"status": "ok", "models": sorted(registry.loaded)}
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page():
+        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        authorize(request)
+        data = []
+        for model_id in registry.ids:
+            entry: dict[str, Any] = {"id": model_id, "object": "model", "created": int(metrics.started),
+                                     "owned_by": "t2i", "loaded": model_id in registry.loaded}  # fmt: skip
+            gen = registry.loaded.get(model_id)
+            if gen is not None:
+                d = gen.defaults
+                entry["defaults"] = {"steps": d.steps, "guidance": d.cfg, "sampler": d.sampler,
+                                     "size": f"{d.size}x{d.size}", **d.extra}  # fmt: skip
+                entry["presets"] = sorted(gen.presets())
+            data.append(entry)
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/progress/{request_id}")
+    async def progress(request_id: str, request: Request):
+        authorize(request)
+        state = batcher.progress(request_id)
+        if state is None:
+            raise APIError(404, f"no request with request_id {request_id!r} is queued or recent", param="request_id")
+        return state
+
+    @app.get("/metrics")
+    async def get_metrics(request: Request, format: str = "json"):
+        authorize(request)
+        if format == "prometheus":
+            return PlainTextResponse(metrics.prometheus(batcher), media_type="text/plain; version=0.0.4")
+        if format != "json":
+            raise APIError(400, "format must be json or prometheus", param="format")
+        return metrics.snapshot(batcher)
+
+    @app.get("/files/{name}")
+    async def files(name: str, request: Request):
+        authorize(request)
+        path = (out_dir / name).resolve()
+        if not _FILE_NAME.fullmatch(name) or path.parent != out_dir.resolve() or not path.is_file():
+            raise APIError(404, "no such file", code="file_not_found")
+        return FileResponse(path, media_type="image/png")
+
+    @app.post("/v1/images/generations", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": GenerationRequest.model_json_schema()}}}})  # fmt: skip
+    async def generations(request: Request):
+        t0 = time.perf_counter()
+        authorize(request)
+        req = parse_request(await _read_json(request, limits.max_body_bytes))
+        check_limits(req, limits)
+        model_id = req.model or registry.default
+        if model_id not in registry.ids:
+            raise APIError(404, f"model {model_id!r} is not served here; GET /v1/models lists the ones that are",
+                           param="model", code="model_not_found")  # fmt: skip
+        gen = registry.loaded.get(model_id) or await batcher.call(registry.get, model_id)
+        s = _settings(gen, req)
+        seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little") % (2**31 - req.n)
+        job = Job(_batch_key(model_id, s, req.negative_prompt), req.prompt, [seed + k for k in range(req.n)],
+                  request_id=req.request_id)  # fmt: skip
+        try:
+            batcher.submit(job)
+        except QueueFull as full:
+            metrics.rejected_queue_full += 1
+            raise APIError(429, f"the server is busy ({batcher.queued_images} images queued); retry after "
+                           f"{full.retry_after} s", type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(full.retry_after)}) from None  # fmt: skip
+        images = await _wait(job, request)
+        if images is None:  # the client went away; nobody reads this response
+            metrics.on_response(499)
+            return Response(status_code=499)
+        data = await asyncio.to_thread(_encode, images, job, req, gen.name, s, str(request.base_url), out_dir)
+        body = {"created": int(time.time()), "data": data,
+                "t2i": {"model": model_id, "steps": s.steps, "guidance": s.cfg, "sampler": s.sampler,
+                        "size": f"{s.size}x{s.size}", "negative_prompt": req.negative_prompt,
+                        "seeds": job.seeds, **s.extra}}  # fmt: skip
+        metrics.on_response(200, images=len(data), latency=time.perf_counter() - t0)
+        return JSONResponse(body)
+
+    async def _wait(job: Job, request: Request):
+        """The job's images; None if the client disconnected; 504 past the request timeout."""
+        deadline = time.perf_counter() + cfg.request_timeout_s
+        while True:
+            left = deadline - time.perf_counter()
+            done, _ = await asyncio.wait({job.future}, timeout=max(0.0, min(0.2, left)))
+            if done:
+                try:
+                    return job.future.result()
+                except Aborted:
+                    return None
+                except Exception as err:
+                    log.exception("sampling failed")
+                    raise APIError(500, f"sampling failed: {type(err).__name__}: {err}", type="server_error") from err
+            if await request.is_disconnected():
+                batcher.cancel(job)
+                metrics.cancelled += 1
+                job.future.cancel()
+                return None
+            if time.perf_counter() >= deadline:
+                batcher.cancel(job)
+                metrics.timeouts += 1
+                job.future.cancel()
+                raise APIError(504, f"the request did not finish within {cfg.request_timeout_s:g} s",
+                               type="timeout_error", code="timeout")  # fmt: skip
+
+    return app
+
+
+async def _read_json(request: Request, max_bytes: int) -> Any:
+    """The body as JSON, read at most ``max_bytes`` (413 beyond); 400 for a body that is not JSON."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise APIError(413, f"the request body is {declared} bytes; the limit is {max_bytes}", code="body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise APIError(413, f"the request body is over the {max_bytes}-byte limit", code="body_too_large")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise APIError(400, 'the request body is empty; send JSON such as {"prompt": "a red circle"}')
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise APIError(400, f"the request body is not valid JSON ({err})", code="invalid_json") from None
+
+
+def _encode(images, job: Job, req: GenerationRequest, model_name: str, s, base_url: str, out_dir: Path):
+    """One OpenAI image object per image: base64 PNG, or a PNG in ``out_dir`` and its URL. PNGs carry their
+    settings in the ``parameters`` chunk, as ``t2i generate`` writes them."""
+    from t2i.io.png import format_parameters, png_bytes, to_pil
+
+    data = []
+    for image, seed in zip(images, job.seeds, strict=True):
+        png = png_bytes(
+            to_pil(image), format_parameters(req.prompt, s.describe(model_name, seed), req.negative_prompt)
+        )
+        item: dict[str, Any] = {"seed": seed}
+        if req.response_format == "b64_json":
+            item["b64_json"] = base64.b64encode(png).decode("ascii")
+        else:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            name = f"{int(time.time())}-{uuid.uuid4().hex[:12]}-{seed}.png"
+            tmp = out_dir / f".{name}.tmp"
+            tmp.write_bytes(png)
+            os.replace(tmp, out_dir / name)  # atomic: a client never fetches half a file
+            item["url"] = f"{base_url.rstrip('/')}/files/{name}"
+        data.append(item)
+    return data
