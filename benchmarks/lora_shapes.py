@@ -4,6 +4,9 @@
     python benchmarks/lora_shapes.py \
         --adapter runs/sd3_shapes_lora_purple_circle/checkpoints/step_00000400/model.safetensors
 
+``--scan`` scores the base alone on the whole ``heldout`` split, per held-out pair and category, to pick the pair
+the base fails most on (the one a LoRA has room to improve).
+
 The focus rows use every ``heldout`` prompt naming ``--pair``; the control row uses the first
 ``--per-category`` prompts of each ``eval`` category, which the adapter must leave within a stated tolerance.
 Every figure is measured here, at the base model's default settings.
@@ -16,7 +19,7 @@ import time
 
 import torch
 
-from t2i.data.captions import uses_pair
+from t2i.data.captions import HELDOUT_PAIRS, split_prompts, uses_pair
 from t2i.eval.quality import _fn
 from t2i.eval.shapes import evaluate_generator
 from t2i.io import load_weights
@@ -38,18 +41,41 @@ def row(gen, name: str, pair: tuple[str, str], per_category: int) -> str:
             f"{time.perf_counter() - t:.0f} |")  # fmt: skip
 
 
+def scan(gen) -> None:
+    """Base accuracy on the heldout prompts of each held-out pair, per category."""
+    report = evaluate_generator(_fn(gen, gen.defaults, 64), split="heldout", size=gen.defaults.size, batch_size=512)
+    prompts = split_prompts("heldout")
+    assert [p.caption for p in prompts] == [r.caption for r in report.results]
+    print(f"| pair | prompts | overall | {' | '.join(CATS)} |")
+    print("|---|---:|---:|" + "---:|" * len(CATS))
+    for pair in sorted(HELDOUT_PAIRS):
+        acc: dict[str, list[bool]] = {}
+        for p, r in zip(prompts, report.results, strict=True):
+            if uses_pair(p.spec, pair):
+                acc.setdefault(r.category, []).append(r.passed)
+        means = {c: sum(v) / len(v) for c, v in acc.items()}
+        overall = sum(means.values()) / len(means)
+        cells = " | ".join(f"{means[c]:.3f} ({len(acc[c])})" if c in means else "-" for c in CATS)
+        print(f"| {' '.join(pair)} | {sum(map(len, acc.values()))} | {overall:.3f} | {cells} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="sd3-shapes")
-    ap.add_argument("--adapter", required=True, help="a LoRA file (a lora run's checkpoint model.safetensors)")
+    ap.add_argument("--adapter", help="a LoRA file (a lora run's checkpoint model.safetensors)")
+    ap.add_argument("--scan", action="store_true", help="score the base per held-out pair and exit")
     ap.add_argument("--pair", default="purple circle", help='the "colour shape" pair the adapter was trained on')
     ap.add_argument("--per-category", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     pair = tuple(args.pair.split())
+    if not args.scan and not args.adapter:
+        ap.error("give --adapter (or --scan)")
     with torch.no_grad():
         gen = load_generator(args.model)
+        if args.scan:
+            return scan(gen)
         print(f"| model | heldout prompts naming {args.pair} | their overall | {' | '.join(CATS)} | "
               f"eval overall ({args.per_category}/category) | seconds |")  # fmt: skip
         print("|---|---:|---:|" + "---:|" * len(CATS) + "---:|---:|")

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from t2i.nn.attention import attention
+
 from .unet import SavableModel, make_config, timestep_embedding
 
 
@@ -88,7 +90,7 @@ class Block(nn.Module):
         if last_only:
             q, mask, x = q[:, :, -1:], mask[:, :, -1:], x[:, -1:]  # (B, H, 1, d), (B, 1, 1, N), (B, 1, D)
         p = self.dropout if self.training else 0.0
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # mask (B, 1, N or 1, N)
+        a = attention(q, k, v, mask, dropout_p=p)  # mask (B, 1, N or 1, N)
         x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, x.shape[1], -1)))
         h, gate = self.ff_in(self.norm2(x)).chunk(2, dim=-1)
         return x + self.drop(self.ff_out(h * F.silu(gate)))

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from t2i.io import load_weights, read_metadata, save_weights
+from t2i.nn.attention import attention
 
 C = TypeVar("C")
 
@@ -136,7 +137,8 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention over ``x`` (self) or a ``context`` (cross), with a key padding mask, through SDPA."""
+    """Multi-head attention over ``x`` (self) or a ``context`` (cross), with a key padding mask
+    (``t2i.nn.attention``: SDPA, or the explicit math where that is faster)."""
 
     def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None):
         super().__init__()
@@ -157,7 +159,7 @@ class Attention(nn.Module):
         q = self.to_q(h).view(b, n, self.heads, -1).transpose(1, 2)  # (B, H, N, d)
         k, v = self.to_kv(ctx).view(b, ctx.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # (B, H, M, d)
         attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, M), True = attend
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = attention(q, k, v, attn_mask)
         return x + self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
 
