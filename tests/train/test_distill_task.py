@@ -84,6 +84,30 @@ def test_generator_term_does_not_train_the_heads():
     assert all(p.grad is None for p in model.heads.parameters())
 
 
+@pytest.mark.parametrize("target", ["renoised", "direct"])
+def test_distillation_term_targets_the_guided_teacher(target):
+    """With the hinge terms switched off (heads at zero), the loss is exactly the MSE to the chosen teacher x0:
+    ADD's re-noised student sample (renoised) or the student's own input (direct)."""
+    cfg = _cfg("adversarial", "flow", f"task.params.distill_target={target}", "task.params.distill_weight=1.0")
+    task = build_task(cfg)
+    model = task.build_model()
+    for p in model.heads.parameters():
+        torch.nn.init.zeros_(p)  # D = 0 everywhere: gen = 0 and each hinge term = 1
+    calls = []
+    teacher = task.teacher
+    handle = teacher.register_forward_hook(lambda m, args, out: calls.append(args[0].detach().clone()))
+    loss = task.loss(model, _batch(cfg))
+    handle.remove()
+    # teacher passes: the fake (features), the real (features), then the guided target (cond + uncond in one batch)
+    assert len(calls) == 3 and calls[2].shape[0] == 16
+    fake_d = calls[0]
+    if target == "renoised":
+        torch.testing.assert_close(calls[2][:8], fake_d.float())
+    else:
+        assert not torch.allclose(calls[2][:8], fake_d.float())
+    assert torch.isfinite(loss).all() and (loss >= 2.0).all()  # 2 from the hinge terms, plus the MSE
+
+
 def test_student_samples_with_the_requested_nfe_and_no_cfg():
     cfg = _cfg("consistency", "flow")
     task = build_task(cfg)
@@ -101,6 +125,8 @@ def test_bad_params_are_refused():
         build_task(_cfg("progressive", "flow"))
     with pytest.raises(ValueError, match="feature_layers"):
         build_task(_cfg("adversarial", "flow", "task.params.feature_layers=[]"))
+    with pytest.raises(ValueError, match="distill_target"):
+        build_task(_cfg("adversarial", "flow", "task.params.distill_target=teacher"))
     with pytest.raises(ValueError, match="not modules of the teacher"):
         build_task(_cfg("adversarial", "flow", "task.params.feature_layers=[nope]")).build_model()
     cfg = load_config("configs/tiny/flow_rf.yaml", ["task.name=distill", "task.params={base_task: diffusion}"])

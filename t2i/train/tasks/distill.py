@@ -58,6 +58,10 @@ class DistillTaskConfig:
     feature_layers: list[str] = field(default_factory=list)  # adversarial: teacher modules whose outputs the heads see
     disc_time_logit_mean: float = 0.0  # adversarial: re-noising times ~ logit-normal(mean, 1) (LADD favours > 0)
     distill_weight: float = 1.0  # adversarial: weight of the MSE to the guided teacher's x0
+    # adversarial: the distillation target. "renoised" (ADD, Sauer et al. 2023): the guided teacher's x0 from the
+    # student's own sample re-noised to t_d, a sharpened, prompt-faithful version of it; "direct": the guided
+    # teacher's one-step x0 from the student's input (x_s, t_s), which at t_s = 1 is the blurry mean image
+    distill_target: str = "renoised"
     require_teacher: bool = True  # refuse a random teacher (tests set false)
 
 
@@ -122,6 +126,8 @@ class DistillTask(Task):
             raise ValueError(f"task.params.method must be consistency or adversarial, got {p.method!r}")
         if p.base_task not in ("sd3", "diffusion"):
             raise ValueError(f"task.params.base_task must be sd3 or diffusion, got {p.base_task!r}")
+        if p.distill_target not in ("renoised", "direct"):
+            raise ValueError(f"task.params.distill_target must be renoised or direct, got {p.distill_target!r}")
         if p.loss not in ("l2", "huber"):
             raise ValueError(f"task.params.loss must be l2 or huber, got {p.loss!r}")
         if p.student_steps < 1 or p.teacher_steps < 2:
@@ -272,7 +278,10 @@ class DistillTask(Task):
         loss = gen + disc
         if p.distill_weight > 0:
             with torch.no_grad():
-                target = self._guided_teacher(uncond)(x_s, t_s, **cond)
+                if p.distill_target == "renoised":
+                    target = self._guided_teacher(uncond)(fake_d.detach(), t_d, **cond)
+                else:
+                    target = self._guided_teacher(uncond)(x_s, t_s, **cond)
             self.tap.pop()  # that call's features are not the discriminator's
             loss = loss + p.distill_weight * (fake.float() - target).flatten(1).pow(2).mean(1)
         return loss
