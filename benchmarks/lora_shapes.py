@@ -41,6 +41,27 @@ def row(gen, name: str, pair: tuple[str, str], per_category: int) -> str:
             f"{time.perf_counter() - t:.0f} |")  # fmt: skip
 
 
+SEEDS = (0, 1)
+
+
+def sheet_row(gen, prompts) -> list:
+    """Images of each prompt at ``SEEDS``, the model's default settings."""
+    from t2i.io.png import to_pil
+
+    texts = [p.caption for p in prompts for _ in SEEDS]
+    images = gen.generate(texts, [s for _ in prompts for s in SEEDS], gen.defaults)
+    return [to_pil(im) for im in images]
+
+
+def write_grid(path: str, rows: list, prompts) -> None:
+    from t2i.io.png import contact_sheet
+
+    images = [im for _, row_images in rows for im in row_images]
+    labels = [f"{name}: {p.caption} (seed {s})" for name, _ in rows for p in prompts for s in SEEDS]
+    contact_sheet(images, labels, cell=128, columns=len(prompts) * len(SEEDS)).save(path)
+    print(f"grid: {path}")
+
+
 def scan(gen) -> None:
     """Base accuracy on the heldout prompts of each held-out pair, per category."""
     report = evaluate_generator(_fn(gen, gen.defaults, 64), split="heldout", size=gen.defaults.size, batch_size=512)
@@ -67,6 +88,8 @@ def main() -> None:
     ap.add_argument("--pair", default="purple circle", help='the "colour shape" pair the adapter was trained on')
     ap.add_argument("--per-category", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--grid", help="also write a base-vs-LoRA image grid (first heldout prompts naming the pair)")
+    ap.add_argument("--no-scores", action="store_true", help="only the grid")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     pair = tuple(args.pair.split())
@@ -76,12 +99,22 @@ def main() -> None:
         gen = load_generator(args.model)
         if args.scan:
             return scan(gen)
-        print(f"| model | heldout prompts naming {args.pair} | their overall | {' | '.join(CATS)} | "
-              f"eval overall ({args.per_category}/category) | seconds |")  # fmt: skip
-        print("|---|---:|---:|" + "---:|" * len(CATS) + "---:|---:|")
-        print(row(gen, f"{gen.name} (base)", pair, args.per_category), flush=True)
+        prompts = [p for p in split_prompts("heldout") if uses_pair(p.spec, pair)]
+        prompts = [next(p for p in prompts if p.spec.category == c) for c in CATS]  # one per category
+        grid = []
+        if not args.no_scores:
+            print(f"| model | heldout prompts naming {args.pair} | their overall | {' | '.join(CATS)} | "
+                  f"eval overall ({args.per_category}/category) | seconds |")  # fmt: skip
+            print("|---|---:|---:|" + "---:|" * len(CATS) + "---:|---:|")
+            print(row(gen, f"{gen.name} (base)", pair, args.per_category), flush=True)
+        if args.grid:
+            grid.append(("base", sheet_row(gen, prompts)))
         load_lora_state_dict(gen.pipe.transformer, load_weights(args.adapter))
-        print(row(gen, f"{gen.name} + LoRA", pair, args.per_category))
+        if not args.no_scores:
+            print(row(gen, f"{gen.name} + LoRA", pair, args.per_category))
+        if args.grid:
+            grid.append(("+ LoRA", sheet_row(gen, prompts)))
+            write_grid(args.grid, grid, prompts)
 
 
 if __name__ == "__main__":

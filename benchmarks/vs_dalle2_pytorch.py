@@ -276,6 +276,13 @@ def worker(args) -> None:
     device = torch.device(args.device)
     params, cases = (t2i_cases if args.impl == "t2i" else dalle2_cases)(device, args.sample_steps)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops = {}
+    for model in ("unet", "prior"):  # forward FLOPs (matmuls and convolutions), to judge the configs' sizes
+        with FlopCounterMode(display=False) as counter:
+            cases[f"{model}/forward"]()
+        flops[model] = counter.get_total_flops()
     results = {}
     for precision in ("fp32", "bf16"):
         for name, fn in cases.items():
@@ -290,7 +297,8 @@ def worker(args) -> None:
             torch.manual_seed(0)
             results[f"{name}/{precision}"] = timed(run, args.repeats, sync)
             print(f"[{args.impl}] {name}/{precision}: {results[f'{name}/{precision}']:.4f}s", file=sys.stderr)
-    print(json.dumps({"impl": args.impl, "torch": torch.__version__, "params": params, "seconds": results}))
+    out = {"impl": args.impl, "torch": torch.__version__, "params": params, "flops": flops, "seconds": results}
+    print(json.dumps(out))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -321,6 +329,8 @@ def driver(args) -> None:
         f"torch: t2i worker {t2i['torch']}, DALLE2-pytorch worker {ref['torch']}",
         f"params: Unet t2i {t2i['params']['unet'] / 1e6:.2f}M vs DALLE2 {ref['params']['unet'] / 1e6:.2f}M; "
         f"prior t2i {t2i['params']['prior'] / 1e6:.2f}M vs DALLE2 {ref['params']['prior'] / 1e6:.2f}M",
+        f"forward GFLOPs: Unet t2i {t2i['flops']['unet'] / 1e9:.1f} vs DALLE2 {ref['flops']['unet'] / 1e9:.1f}; "
+        f"prior t2i {t2i['flops']['prior'] / 1e9:.1f} vs DALLE2 {ref['flops']['prior'] / 1e9:.1f}",
         "",
         "| case | precision | t2i (s) | DALLE2-pytorch (s) | speed-up (DALLE2 / t2i) |",
         "| --- | --- | ---: | ---: | ---: |",

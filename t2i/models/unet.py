@@ -131,7 +131,7 @@ class ResBlock(nn.Module):
         h = self.norm2(h)
         if self.film is not None:
             scale, shift = self.film(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
-            h = h * (1 + scale) + shift
+            h = torch.addcmul(shift, h, 1 + scale)
         h = self.conv2(self.drop(F.silu(h)))
         return self.skip(x) + h
 
