@@ -36,6 +36,25 @@ def measure(gen, settings, per_category: int) -> dict:
             "sec_per_image": (time.perf_counter() - t) / n, "n": n}  # fmt: skip
 
 
+def write_grid(path: str, teacher, students) -> None:
+    """Rows: the teacher at 28 and 4 steps with CFG, then each student at its preset; the same prompts and seeds."""
+    from t2i.data.captions import split_prompts
+    from t2i.io.png import contact_sheet, to_pil
+
+    cats = ("single_object", "two_objects", "counting", "colors", "position", "color_attribution")
+    prompts = [next(p for p in split_prompts("eval") if p.spec.category == c) for c in cats]
+    rows = [(teacher, replace(teacher.defaults, steps=28)), (teacher, replace(teacher.defaults, steps=4))]
+    rows += [(gen, gen.defaults) for gen in students]
+    images, labels = [], []
+    for gen, s in rows:
+        out = gen.generate([p.caption for p in prompts], [p.seed for p in prompts], s)
+        images += [to_pil(im) for im in out]
+        nfe = s.steps * (2 if s.cfg != 1.0 else 1)
+        labels += [f"{gen.name}, {s.steps} steps ({nfe} NFE): {p.caption}" for p in prompts]
+    contact_sheet(images, labels, cell=128, columns=len(prompts)).save(path)
+    print(f"grid: {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="sd3-shapes")
@@ -44,16 +63,22 @@ def main() -> None:
     ap.add_argument("--student-steps", type=int, nargs="*", default=[1, 2, 4])
     ap.add_argument("--per-category", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--grid", help="also write an image grid: teacher at 28 and 4 steps, each student at its preset")
+    ap.add_argument("--no-scores", action="store_true", help="only the grid")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    rows = []
     teacher = load_generator(args.teacher)
+    students = [load_generator(path) for path in args.students]
+    if args.grid:
+        write_grid(args.grid, teacher, students)
+    if args.no_scores:
+        return
+    rows = []
     for n in args.teacher_steps:
         s = replace(teacher.defaults, steps=n)
         rows.append((f"{teacher.name} (teacher, CFG {s.cfg})", s, measure(teacher, s, args.per_category)))
-    for path in args.students:
-        gen = load_generator(path)
+    for gen in students:
         for n in sorted({gen.defaults.steps, *args.student_steps}):
             s = replace(gen.defaults, steps=n)
             guidance = "no CFG" if s.cfg == 1.0 else f"CFG {s.cfg}"

@@ -21,6 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--clip", default="runs/default_clip", help="the clip run (text encoder)")
     s.add_argument("--name", default="sd3-shapes")
     s.add_argument("--out", required=True, help="the model folder to write")
+    s.add_argument("--share-from", metavar="FOLDER",
+                   help="use this sd3 model folder's VAE and CLIP files instead of copies (a distilled student "
+                        "beside its teacher); they must hold the --vae and --clip runs' weights")  # fmt: skip
     _defaults(s)
     s.set_defaults(func=run)
     u = kinds.add_parser("unclip", help="CLIP + prior + base decoder + super-resolution runs")
@@ -51,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     defaults = {k: getattr(args, k) for k in ("steps", "cfg", "sampler") if getattr(args, k) is not None}
     if args.kind == "sd3":
         out = export_sd3(args.out, transformer=args.transformer, vae=args.vae, clip=args.clip, name=args.name,
-                         defaults=defaults)  # fmt: skip
+                         defaults=defaults, share_from=args.share_from)  # fmt: skip
     else:
         out = export_unclip(args.out, clip=args.clip, prior=args.prior, decoder=args.decoder, sr=args.sr,
                             name=args.name, defaults=defaults)  # fmt: skip

@@ -62,7 +62,19 @@ def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str
     files = {f.name: f.stat().st_size for f in sorted(folder.glob("*.safetensors"))}
     train = spec.get("training", {})
     lines = [f"# {name}", ""]
-    if kind == "sd3":
+    distilled = train.get("transformer", {}).get("distilled")
+    shared = spec.get("components", {})
+    if kind == "sd3" and distilled:
+        how = {"consistency": "consistency distillation (LCM-style)", "adversarial": "adversarial distillation "
+               "(LADD-style)"}.get(distilled["method"], distilled["method"])  # fmt: skip
+        lines.append(f"A few-step, guidance-free student of a small Stable Diffusion 3.5-style model: the teacher's "
+                     f"rectified-flow MMDiT-X (`{distilled['teacher']}`) distilled by {how} with CFG "
+                     f"{distilled['guidance']} distilled in, so it samples in {distilled['student_steps']} steps "
+                     "without classifier-free guidance (one call per step), like SD3.5 Large Turbo.")  # fmt: skip
+        if shared:
+            lines.append("It uses its teacher's VAE and text encoder files: "
+                         + ", ".join(f"`{v}`" for v in shared.values()) + ".")  # fmt: skip
+    elif kind == "sd3":
         lines.append("A small Stable Diffusion 3.5-style model trained by t2i from scratch on the shapes world: a "
                      "rectified-flow MMDiT-X with QK-norm over the latents of a KL autoencoder, conditioned on a "
                      "small CLIP text tower's per-token states and pooled embedding, sampled with classifier-free "
@@ -85,7 +97,13 @@ def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str
         r = train.get(key, {})
         fname = f"{key}.safetensors"
         size = f"`{fname}` ({files[fname] / 1e6:.1f} MB)" if fname in files else "-"
-        lines.append(f"| {key} | {what} | `configs/default/{cfgname}.yaml` | {r.get('params', 0) / 1e6:.2f} M | "
+        if key in shared and (folder / shared[key]).exists():
+            size = f"`{shared[key]}` ({(folder / shared[key]).stat().st_size / 1e6:.1f} MB, shared)"
+        config = f"configs/default/{cfgname}.yaml"
+        if key == "transformer" and distilled:
+            what = f"MMDiT-X student ({distilled['method']} distillation)"
+            config = f"configs/distill/{r.get('run')}.yaml"
+        lines.append(f"| {key} | {what} | `{config}` | {r.get('params', 0) / 1e6:.2f} M | "
                      f"{r.get('step', '-')} | {r.get('batch_size', '-')} | {r.get('samples', '-')} | "
                      f"{r.get('seed', '-')} | {_fmt_seconds(r.get('train_seconds'))} | {size} |")  # fmt: skip
     lines += ["", "Weights are the EMA weights of each run's last checkpoint, stored in fp16 (loaded as fp32). "

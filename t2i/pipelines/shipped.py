@@ -219,15 +219,28 @@ def _folder_presets(spec: dict[str, Any]) -> dict[str, Settings]:
     return {name: _settings({**spec["defaults"], **over}) for name, over in spec.get("presets", {}).items()}
 
 
+def component_file(folder: Path, spec: dict[str, Any], part: str) -> Path:
+    """The weights file of ``part``: ``<part>.safetensors`` in the folder, or the file ``model.json``'s
+    ``components`` names, relative to the folder (a student shares its teacher's VAE and text encoder this way
+    instead of shipping copies)."""
+    rel = spec.get("components", {}).get(part, f"{part}.safetensors")
+    if Path(rel).is_absolute():
+        raise ValueError(f"{folder}/model.json: components.{part} must be a path relative to the folder, got {rel!r}")
+    path = folder / rel
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}/model.json names {rel!r} for its {part}, but {path} does not exist")
+    return path
+
+
 def _sd3_from_folder(folder: Path, spec: dict[str, Any]) -> SD3Generator:
     from t2i.models.text import ClipTextConditioner
     from t2i.models.vae import LatentFormat
     from t2i.pipelines.sd3 import SD3Pipeline, SD3Preset
 
-    transformer, _ = load_component(folder / "transformer.safetensors")
-    vae, vae_extra = load_component(folder / "vae.safetensors")
+    transformer, _ = load_component(component_file(folder, spec, "transformer"))
+    vae, vae_extra = load_component(component_file(folder, spec, "vae"))
     vae.latent_format = LatentFormat(**vae_extra["latent_format"])
-    clip, _ = load_component(folder / "clip.safetensors")
+    clip, _ = load_component(component_file(folder, spec, "clip"))
     text = ClipTextConditioner(clip, spec["text_layer"])
     d = _settings(spec["defaults"])
     preset = SD3Preset(steps=d.steps, cfg=d.cfg, sampler=d.sampler, shift=d.extra.get("shift", 3.0))
@@ -352,8 +365,12 @@ def _write_model(out: Path, spec: dict[str, Any]) -> None:
 
 
 def export_sd3(out: str | Path, *, transformer: str, vae: str, clip: str, name: str = "sd3-shapes",
-               defaults: dict[str, Any] | None = None) -> Path:  # fmt: skip
-    """A ``sd3`` model folder from an ``sd3`` task run and the VAE and CLIP runs it was trained with."""
+               defaults: dict[str, Any] | None = None, share_from: str | Path | None = None) -> Path:  # fmt: skip
+    """A ``sd3`` model folder from an ``sd3`` task run and the VAE and CLIP runs it was trained with.
+
+    ``share_from``: an existing sd3 model folder whose VAE and text encoder this one uses (a distilled student
+    and its teacher): ``model.json`` points at that folder's files instead of holding copies. They must hold the
+    same weights as the ``vae`` and ``clip`` runs, which is checked."""
     from t2i.models.vae import LatentFormat
 
     out = Path(out)
@@ -374,12 +391,31 @@ def export_sd3(out: str | Path, *, transformer: str, vae: str, clip: str, name: 
     clip_net, _, clip_rec = _run_part(clip, "clip")
     out.mkdir(parents=True, exist_ok=True)
     save_component(out / "transformer.safetensors", "mmdit", net)
-    save_component(out / "vae.safetensors", "sd3_vae", vae_net, latent_format=dataclasses.asdict(fmt))
-    save_component(out / "clip.safetensors", "clip", clip_net, **_clip_extra(clip_net))
+    components = {}
+    if share_from is not None:
+        shared = Path(share_from)
+        shared_spec = _read_model_json(shared)
+        for part, module in (("vae", vae_net), ("clip", clip_net)):
+            f = component_file(shared, shared_spec, part)
+            theirs, extra = load_component(f)
+            ours = {k: v.half().float() for k, v in module.state_dict().items()}  # as stored: fp16
+            if theirs.state_dict().keys() != ours.keys() or any(
+                not torch.equal(v, ours[k]) for k, v in theirs.state_dict().items()
+            ):
+                raise ValueError(f"{f} does not hold the weights of the {part} run given; export without sharing")
+            if part == "vae" and extra.get("latent_format") != dataclasses.asdict(fmt):
+                raise ValueError(f"{f} has latent format {extra.get('latent_format')}, the run {fmt}")
+            components[part] = os.path.relpath(f, out)
+    else:
+        save_component(out / "vae.safetensors", "sd3_vae", vae_net, latent_format=dataclasses.asdict(fmt))
+        save_component(out / "clip.safetensors", "clip", clip_net, **_clip_extra(clip_net))
     d = {"steps": cfg["run"]["sample_steps"], "cfg": task["guidance"], "sampler": task["sampler"],
          "size": cfg["data"]["image_size"], "shift": task["shift"], **student, **(defaults or {})}  # fmt: skip
-    _write_model(out, {"kind": "sd3", "name": name, "text_layer": task["text_layer"], "defaults": d,
-                       "training": {"transformer": rec, "vae": vae_rec, "clip": clip_rec}})  # fmt: skip
+    spec = {"kind": "sd3", "name": name, "text_layer": task["text_layer"], "defaults": d,
+            "training": {"transformer": rec, "vae": vae_rec, "clip": clip_rec}}  # fmt: skip
+    if components:
+        spec["components"] = components
+    _write_model(out, spec)
     return out
 
 

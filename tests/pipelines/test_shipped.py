@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from model_folders import tiny_clip, tiny_sd3_folder, tiny_unclip_folder, train_default, train_tiny_sd3
+from model_folders import TINY_VAE, tiny_clip, tiny_sd3_folder, tiny_unclip_folder, train_default, train_tiny_sd3
 
 from t2i.pipelines.shipped import (
     SD3Generator,
@@ -136,7 +136,22 @@ def test_export_from_training_runs_round_trips(tmp_path):
     assert spec["training"]["transformer"]["step"] == 2 and spec["defaults"]["steps"] == 2
     gen = load_generator(str(out))
     assert gen.pipe.vae.latent_format.scale == 1.5
-    assert gen.generate(["a red circle"], [0], gen.defaults).shape == (1, 3, 64, 64)
+    image = gen.generate(["a red circle"], [0], gen.defaults)
+    assert image.shape == (1, 3, 64, 64)
+    # a second folder sharing the first one's VAE and CLIP files: no copies, the same images
+    twin = export_sd3(tmp_path / "twin", transformer=sd3, vae=vae, clip=clip, defaults={"steps": 2},
+                      share_from=out)  # fmt: skip
+    spec = json.loads((twin / "model.json").read_text())
+    assert spec["components"] == {"vae": "../m_sd3/vae.safetensors", "clip": "../m_sd3/clip.safetensors"}
+    assert sorted(f.name for f in twin.glob("*.safetensors")) == ["transformer.safetensors"]
+    torch.testing.assert_close(load_generator(str(twin)).generate(["a red circle"], [0], gen.defaults), image)
+    other_vae = train_default(tmp_path / "other", "vae", [*TINY_VAE, "data.batch_size=2", "run.seed=1"])
+    with pytest.raises(ValueError, match="does not hold the weights of the vae run"):
+        export_sd3(tmp_path / "bad", transformer=sd3, vae=other_vae, clip=clip, share_from=out)
+    (out / "clip.safetensors").rename(out / "gone.safetensors")
+    with pytest.raises(FileNotFoundError, match="names '../m_sd3/clip.safetensors' for its clip"):
+        load_generator(str(twin))
+    (out / "gone.safetensors").rename(out / "clip.safetensors")
 
     unet = (
         "model.params={dim: 8, dim_mults: [1, 2], num_res_blocks: 1, attn_levels: [false, true], "
