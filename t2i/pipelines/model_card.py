@@ -106,11 +106,18 @@ def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str
         lines.append(f"| {key} | {what} | `{config}` | {r.get('params', 0) / 1e6:.2f} M | "
                      f"{r.get('step', '-')} | {r.get('batch_size', '-')} | {r.get('samples', '-')} | "
                      f"{r.get('seed', '-')} | {_fmt_seconds(r.get('train_seconds'))} | {size} |")  # fmt: skip
-    lines += ["", "Weights are the EMA weights of each run's last checkpoint, stored in fp16 (loaded as fp32). "
-              "Retrain everything with `make train-defaults`.", ""]  # fmt: skip
+    retrain = "Retrain everything with `make train-defaults`."
+    if distilled:
+        retrain = (f"Retrain the student with `t2i train configs/distill/{train['transformer'].get('run')}.yaml` "
+                   "after the teacher (`make train-defaults` does both).")  # fmt: skip
+    lines += ["", f"Weights are the EMA weights of each run's last checkpoint, stored in fp16 (loaded as fp32). "
+              f"{retrain}", ""]  # fmt: skip
     q = _quality(name, Path(quality_json)) if quality_json else None
     lines += ["## Shapes benchmark", ""]
-    if q is None:
+    if q is None and distilled:
+        lines += ["Score against NFE, beside its teacher at 4 to 50 steps with CFG: docs/distill.md "
+                  "(`benchmarks/distill_shapes.py`).", ""]  # fmt: skip
+    elif q is None:
         lines += ["Not measured yet: run `make quality` (writes docs/quality.md and refreshes this card).", ""]
     else:
         lines += ["At the defaults above, from `make quality` (full table and step sweeps: docs/quality.md):", "",
