@@ -31,8 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of each prompt's first image; image k uses seed + k")
     p.add_argument("-o", "--output", default="out", help="output folder (default out/)")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"a shipped model (sd3-shapes, unclip-shapes), a t2i model folder, or an official SD3/SD3.5 "
-                        f".safetensors file or diffusers folder (default {DEFAULT_MODEL})")  # fmt: skip
+                   help=f"a shipped model (sd3-shapes, sd3-shapes-turbo, unclip-shapes), a t2i model folder, or an "
+                        f"official SD3/SD3.5 file or diffusers folder (default {DEFAULT_MODEL})")  # fmt: skip
     p.add_argument("--steps", type=int, help="sampler steps")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 disables it)")
     p.add_argument("--sampler", help="sampler name (see `t2i info`)")

@@ -32,7 +32,7 @@ from t2i.io import load_weights, read_metadata, save_weights
 from t2i.io.safetensors_io import atomic_write_text
 
 FORMAT = "t2i-model/1"
-SHIPPED = ("sd3-shapes", "unclip-shapes")
+SHIPPED = ("sd3-shapes", "unclip-shapes", "sd3-shapes-turbo")
 
 
 def models_dir() -> Path:
