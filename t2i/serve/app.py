@@ -206,6 +206,8 @@ def create_app(cfg: ServeConfig | None = None, *, generators: dict[str, Any] | N
 
     @app.get("/v1/models")
     async def list_models(request: Request):
+        from t2i.diffusion import SAMPLERS
+
         authorize(request)
         data = []
         for model_id in registry.ids:
@@ -217,6 +219,7 @@ def create_app(cfg: ServeConfig | None = None, *, generators: dict[str, Any] | N
                 entry["defaults"] = {"steps": d.steps, "guidance": d.cfg, "sampler": d.sampler,
                                      "size": f"{d.size}x{d.size}", **d.extra}  # fmt: skip
                 entry["presets"] = sorted(gen.presets())
+                entry["samplers"] = sorted(SAMPLERS)
             data.append(entry)
         return {"object": "list", "data": data}
 

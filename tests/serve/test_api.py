@@ -73,6 +73,7 @@ def test_models_health_and_metrics(client, sd3_folder):
     (m,) = models["data"]
     assert m["id"] == sd3_folder and m["object"] == "model" and m["loaded"]
     assert m["defaults"]["steps"] == 3 and m["defaults"]["size"] == "32x32" and m["presets"] == ["fast"]
+    assert "euler" in m["samplers"] and "consistency" in m["samplers"]
     client.post("/v1/images/generations", json={"prompt": "x", "seed": 1, "steps": 1, "n": 3})
     snap = client.get("/metrics").json()
     assert snap["images_served"] >= 3 and snap["requests"]["200"] >= 1

@@ -68,6 +68,8 @@ def test_type_a_prompt_click_and_see_images(browser, sd3_folder, tmp_path):
         wait.until(EC.text_to_be_present_in_element((By.ID, "status-text"), "2 image(s)"))
         assert browser.find_element(By.ID, "go").is_enabled() and not browser.find_element(By.ID, "bar").is_displayed()
         assert browser.find_element(By.ID, "served").text == sd3_folder  # the model list loaded with the typed key
+        options = [o.get_attribute("value") for o in browser.find_elements(By.CSS_SELECTOR, "#sampler option")]
+        assert options[0] == "" and "heun" in options  # "default", then the server's samplers
         # an error is shown on the page, not swallowed
         browser.find_element(By.ID, "size").send_keys("30")
         browser.find_element(By.ID, "go").click()
