@@ -1,8 +1,9 @@
 """LoRA on a held-out combination: the score on the prompts naming it, before and after, and on the rest.
 
-    t2i lora train configs/lora/sd3_shapes_purple_circle.yaml
-    python benchmarks/lora_shapes.py \
-        --adapter runs/sd3_shapes_lora_purple_circle/checkpoints/step_00000400/model.safetensors
+    python benchmarks/lora_shapes.py --scan            # the base per held-out pair: pick one it fails on
+    t2i lora train configs/lora/sd3_shapes_green_cross.yaml
+    python benchmarks/lora_shapes.py --pair "green cross" \
+        --adapter runs/sd3_shapes_lora_green_cross/checkpoints/step_00001000/model.safetensors
 
 ``--scan`` scores the base alone on the whole ``heldout`` split, per held-out pair and category, to pick the pair
 the base fails most on (the one a LoRA has room to improve).
@@ -85,7 +86,7 @@ def main() -> None:
     ap.add_argument("--model", default="sd3-shapes")
     ap.add_argument("--adapter", help="a LoRA file (a lora run's checkpoint model.safetensors)")
     ap.add_argument("--scan", action="store_true", help="score the base per held-out pair and exit")
-    ap.add_argument("--pair", default="purple circle", help='the "colour shape" pair the adapter was trained on')
+    ap.add_argument("--pair", default="green cross", help='the "colour shape" pair the adapter was trained on')
     ap.add_argument("--per-category", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--grid", help="also write a base-vs-LoRA image grid (first heldout prompts naming the pair)")
