@@ -95,13 +95,14 @@ def _is_loopback(host: str) -> bool:
 def run(args: argparse.Namespace) -> int:
     from t2i.cli.main import CLIError
 
-    cfg = config_from_args(args)
-    try:
+    try:  # before anything else, so a missing extra is one line, not a traceback
+        import fastapi  # noqa: F401
         import uvicorn
-
-        from t2i.serve.app import create_app
     except ImportError as err:
         raise CLIError(f"t2i serve needs the serve extra ({err.name} is missing): pip install -e '.[serve]'") from None
+    from t2i.serve.app import create_app
+
+    cfg = config_from_args(args)
     from t2i.pipelines.shipped import model_folder
 
     for m in cfg.models:  # a typo fails here, in one line, not in the server's startup traceback

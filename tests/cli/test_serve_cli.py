@@ -41,3 +41,12 @@ def test_bad_flags_fail_in_one_line(capsys, argv, message):
 def test_loopback_detection():
     assert _is_loopback("127.0.0.1") and _is_loopback("localhost") and _is_loopback("::1")
     assert not _is_loopback("0.0.0.0") and not _is_loopback("example.org")
+
+
+def test_missing_serve_extra_is_one_line(capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # what an install without the serve extra looks like
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert "needs the serve extra (fastapi is missing): pip install -e '.[serve]'" in err and "Traceback" not in err
