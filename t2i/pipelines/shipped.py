@@ -130,10 +130,6 @@ class Generator:
         settings, not on the rest of the batch (up to float rounding)."""
         raise NotImplementedError
 
-    def total_steps(self, settings: Settings) -> int:
-        """How many ``callback`` calls one ``generate`` makes with ``settings``."""
-        return settings.steps
-
 
 class SD3Generator(Generator):
     def __init__(self, pipe, name: str, defaults: Settings, sizes: tuple[int, int, int]):
@@ -176,7 +172,8 @@ class UnCLIPGenerator(Generator):
             self.pipe.prior.steps = int(s.extra["prior_steps"])
         return self.sizes.index(s.size)
 
-    def total_steps(self, settings: Settings) -> int:
+    def _total_steps(self, settings: Settings) -> int:
+        """Callback calls of one ``generate``: the prior's steps, then each stage's up to ``settings.size``."""
         prior_steps = int(settings.extra.get("prior_steps", self.pipe.prior.steps))
         return prior_steps + settings.steps * (self.sizes.index(settings.size) + 1)
 
@@ -187,7 +184,7 @@ class UnCLIPGenerator(Generator):
             raise ValueError("unCLIP models guide with a null caption; --negative is not supported for them")
         s = settings
         stop = self._configure(s)
-        total, done = self.total_steps(s), [0]
+        total, done = self._total_steps(s), [0]
 
         def step(_):
             done[0] += 1
