@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from t2i.nn.attention import attention as _attention
+
 # ----------------------------------------------------------------------------------------------------------------
 # Config and presets
 # ----------------------------------------------------------------------------------------------------------------
@@ -216,10 +218,12 @@ class Attention(nn.Module):
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, split: int | None = None):
-    """SDPA on ``(B, L, H, d)`` tensors, no mask: ``-> (B, L, H*d)``, or the two parts ``[:split]``, ``[split:]``
-    along L, each contiguous (a strided input would take F.linear off its fused addmm path)."""
+    """Attention on ``(B, L, H, d)`` tensors, no mask: ``-> (B, L, H*d)``, or the two parts ``[:split]``, ``[split:]``
+    along L, each contiguous (a strided input would take F.linear off its fused addmm path). The kernel is
+    ``t2i.nn.attention``'s choice: SDPA, except the explicit math under bf16/fp16 autocast on CPU, where SDPA's
+    flash backward took half of a training step of ``sd3-shapes``."""
     B, L, H, d = q.shape
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, L, d)
+    out = _attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, L, d)
     if split is None:
         return out.transpose(1, 2).reshape(B, L, H * d)
     # SDPA may hand back a (B, L, H, d)-major buffer, so the parts can be strided views: copy them explicitly

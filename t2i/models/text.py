@@ -19,6 +19,7 @@ models were trained with.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -229,6 +230,33 @@ def _assign(model: nn.Module, sd: dict[str, Tensor], dtype, device) -> None:
     model.load_state_dict(sd, strict=False, assign=True)
 
 
+# The characters a glyph token spells (case-folded: the shapes world draws upper-case words).
+GLYPHS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+_QUOTED = re.compile(r'["\u201c\u201d]([^"\u201c\u201d]*)["\u201c\u201d]')
+
+
+def quoted_text(prompt: str) -> str:
+    """The text a prompt asks to be written: every double-quoted span, joined by spaces (``""`` when none)."""
+    return " ".join(m.strip() for m in _QUOTED.findall(prompt) if m.strip())
+
+
+def glyph_tokens(prompts: Sequence[str], count: int, width: int) -> Tensor:
+    """``(B, count, width)`` character tokens of each prompt's quoted text: token ``k`` is one-hot in its
+    character (``GLYPHS``, case-folded; dimension 36 marks any other character, e.g. a space) plus one-hot in
+    its position ``k`` (dimension 40 + k); tokens past the text's end, and every token of a prompt without
+    quoted text, are zeros. Longer texts are cut to ``count`` characters."""
+    if width < 40 + count:
+        raise ValueError(f"glyph tokens need a context width of at least {40 + count} for {count} characters; "
+                         f"the text encoder is {width} wide")  # fmt: skip
+    out = torch.zeros(len(prompts), count, width)
+    for b, prompt in enumerate(prompts):
+        for k, ch in enumerate(quoted_text(prompt).upper()[:count]):
+            i = GLYPHS.find(ch)
+            out[b, k, i if i >= 0 else 36] = 1.0
+            out[b, k, 40 + k] = 1.0
+    return out
+
+
 class ClipTextConditioner(nn.Module):
     """One CLIP text tower as an SD3-style text encoder, for MMDiTs trained with a small CLIP (``sd3-shapes``).
 
@@ -237,16 +265,26 @@ class ClipTextConditioner(nn.Module):
     which is exactly what the SD3 task's text dropping trains as the unconditional input, so classifier-free
     guidance at sampling time sees the input it was trained with. ``widths`` and ``tokens`` tell the task how the
     context is laid out (a single encoder: ``(width, 0)``).
+
+    ``chars > 0`` appends that many character tokens (``glyph_tokens``) of the prompt's quoted text after the CLIP
+    tokens, where SD3 puts T5's: a word-level tokenizer sees ``"CAT"`` as one opaque word, so an image model
+    would have to learn every word's glyphs from scratch; spelled out, it learns 36 glyphs and where each goes.
+    (Character-aware text encoders are what fixes spelling in large models too: Liu et al. 2023, "Character-aware
+    models improve visual text rendering".) The SD3 task drops them with its ``drop_t5`` probability.
     """
 
-    def __init__(self, clip: nn.Module, layer: int = -2):
+    def __init__(self, clip: nn.Module, layer: int = -2, chars: int = 0):
         super().__init__()
-        self.clip, self.layer = clip, layer
+        self.clip, self.layer, self.chars = clip, layer, int(chars)
         text_cfg = clip.model.config.text_config
         if not -text_cfg.num_hidden_layers - 1 <= layer <= text_cfg.num_hidden_layers:
             raise ValueError(f"layer {layer} is outside the text tower's {text_cfg.num_hidden_layers} layers")
+        if self.chars < 0:
+            raise ValueError(f"chars must be >= 0 (0: no character tokens), got {chars}")
         self.widths = (text_cfg.hidden_size, 0)
         self.tokens = clip.tokenizer.context_length
+        if self.chars:
+            glyph_tokens([], self.chars, text_cfg.hidden_size)  # checks the width now, not at the first prompt
 
     @torch.no_grad()
     def forward(self, prompts: str | Sequence[str]) -> tuple[Tensor, Tensor]:
@@ -256,5 +294,8 @@ class ClipTextConditioner(nn.Module):
         out = text(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True)
         context = out.hidden_states[self.layer].float() * mask[..., None]
         pooled = self.clip.model.text_projection(out.pooler_output).float()
+        if self.chars:
+            glyphs = glyph_tokens(prompts, self.chars, context.shape[-1]).to(context.device)
+            context = torch.cat([context, glyphs], 1)
         keep = torch.tensor([bool(p.strip()) for p in prompts], device=context.device)
         return context * keep[:, None, None], pooled * keep[:, None]

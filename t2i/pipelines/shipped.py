@@ -238,7 +238,7 @@ def _sd3_from_folder(folder: Path, spec: dict[str, Any]) -> SD3Generator:
     vae, vae_extra = load_component(component_file(folder, spec, "vae"))
     vae.latent_format = LatentFormat(**vae_extra["latent_format"])
     clip, _ = load_component(component_file(folder, spec, "clip"))
-    text = ClipTextConditioner(clip, spec["text_layer"])
+    text = ClipTextConditioner(clip, spec["text_layer"], spec.get("text_chars", 0))
     d = _settings(spec["defaults"])
     preset = SD3Preset(steps=d.steps, cfg=d.cfg, sampler=d.sampler, shift=d.extra.get("shift", 3.0))
     pipe = SD3Pipeline(transformer, vae, text, preset=preset, device="cpu")
@@ -326,9 +326,18 @@ def _run_part(run: str | Path, name: str) -> tuple[nn.Module, dict[str, Any], di
     from t2i.train.tasks.unclip import load_trained, trained_weights_file
 
     run = Path(run)
+    if run.is_file() and read_metadata(run).get("t2i_component") == name:
+        # a component of an existing model folder (keep its VAE / CLIP, retrain the rest): its training record
+        # comes from that folder's model.json
+        net, _ = load_component(run)
+        spec = _read_model_json(run.parent) if (run.parent / "model.json").is_file() else {}
+        return net, {}, dict(spec.get("training", {}).get(run.stem) or {"component": str(run)})
     weights = trained_weights_file(str(run)) if (run / "checkpoints").is_dir() else None
     if weights is None:
-        raise FileNotFoundError(f"{run} has no checkpoint; train it with `t2i train configs/default/...yaml`")
+        raise FileNotFoundError(
+            f"{run} has no checkpoint; train it with `t2i train configs/default/...yaml`, or "
+            "give a component file of a model folder (e.g. models/sd3-shapes/vae.safetensors)"
+        )
     ckpt = weights.parent
     cfg = read_config(weights)
     net = load_trained(str(weights), name)
@@ -410,6 +419,8 @@ def export_sd3(out: str | Path, *, transformer: str, vae: str, clip: str, name: 
          "size": cfg["data"]["image_size"], "shift": task["shift"], **student, **(defaults or {})}  # fmt: skip
     spec = {"kind": "sd3", "name": name, "text_layer": task["text_layer"], "defaults": d,
             "training": {"transformer": rec, "vae": vae_rec, "clip": clip_rec}}  # fmt: skip
+    if task.get("text_chars"):
+        spec["text_chars"] = task["text_chars"]
     if components:
         spec["components"] = components
     _write_model(out, spec)

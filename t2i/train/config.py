@@ -45,6 +45,14 @@ class RunConfig:
     tensorboard: bool = True  # also log to TensorBoard when it is installed
     threads: int = 0  # torch CPU threads (0: torch's default)
     deterministic: bool = False  # deterministic kernels: needed for bit-exact resume on GPUs (CPU kernels are)
+    compile: bool = False  # torch.compile the training forward/backward (minutes to compile; then faster steps)
+    # Scores on the shapes benchmark while training (tasks that draw from captions: sd3): the EMA weights (else the
+    # model) draw the first ``eval_per_category`` prompts of each category of ``eval_split`` every ``eval_every``
+    # steps and at the end; scores go to metrics.jsonl / TensorBoard and eval_curve.png (score vs CPU-minutes).
+    eval_every: int = 0  # 0: never
+    eval_per_category: int = 10
+    eval_split: str = "eval"  # eval | heldout
+    eval_steps: int | None = None  # sampler steps (default: run.sample_steps)
 
 
 @dataclass
@@ -125,6 +133,7 @@ class TrainConfig:
 _CHOICES = {
     "run.precision": PRECISIONS,
     "run.distributed": DISTRIBUTED,
+    "run.eval_split": ("eval", "heldout"),
     "optim.name": OPTIMIZERS,
     "schedule.name": SCHEDULES,
 }
@@ -278,6 +287,12 @@ def validate(cfg: TrainConfig) -> None:
         "run.keep_last": cfg.run.keep_last,
         "ema.update_every": cfg.ema.update_every,
     }
+    if cfg.run.eval_every:
+        positive["run.eval_per_category"] = cfg.run.eval_per_category
+        if cfg.run.eval_steps is not None:
+            positive["run.eval_steps"] = cfg.run.eval_steps
+    if cfg.run.eval_every < 0:
+        raise ValueError(f"run.eval_every must be >= 0 (0: no scoring while training), got {cfg.run.eval_every}")
     for name, v in positive.items():
         if v < 1:
             raise ValueError(f"{name} must be at least 1, got {v}")

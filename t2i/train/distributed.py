@@ -106,6 +106,7 @@ def no_sync(model: nn.Module, skip_sync: bool) -> AbstractContextManager:
     """Skip DDP's gradient all-reduce on accumulation micro-batches that are not the last one."""
     from torch.nn.parallel import DistributedDataParallel
 
+    model = getattr(model, "_orig_mod", model)  # under run.compile: the wrapped DDP module
     if skip_sync and isinstance(model, DistributedDataParallel):
         return model.no_sync()
     return nullcontext()

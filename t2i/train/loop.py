@@ -8,7 +8,12 @@ One optimiser step is:
 2. autocast to bf16 (any device) or fp16 (with a grad scaler) when ``run.precision`` asks for it, never otherwise;
 3. unscale, clip the global grad norm, step the optimiser; when the step is skipped (fp16 overflow, or a
    non-finite gradient in any precision) neither the lr schedule nor the EMA advance;
-4. EMA update, metrics, sample grids and checkpoints at their intervals (rank 0 writes; all ranks compute).
+4. EMA update, metrics, sample grids, checkpoints and shapes-benchmark scores (``run.eval_every``) at their
+   intervals (rank 0 writes and scores; all ranks compute).
+
+Training cost is counted in CPU-seconds of this process (all its threads), excluding the time spent scoring and
+drawing sample grids, and carried across ``--resume``: that is the x axis of ``eval_curve.png``, so runs with other
+thread counts, batch sizes or step counts can be compared at equal compute.
 
 Randomness is explicit: model init from ``run.seed``; per-sample noise and augmentation from the sample's draw
 index (see ``t2i.train.data``); global RNG states are saved in checkpoints anyway, for any model that draws from
@@ -21,7 +26,8 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +43,7 @@ from .config import TrainConfig
 from .data import MicroBatches, build_dataset
 from .ema import EMA
 from .optim import LRSchedule, build_optimizer, clip_grad_norm
-from .report import MetricsLog, plot_loss_curve, read_metrics, save_grid
+from .report import MetricsLog, plot_eval_curves, plot_loss_curve, read_metrics, save_grid
 from .tasks import Task, build_task, resolve_params
 
 
@@ -103,6 +109,9 @@ class Trainer:
             )
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.run.precision == "fp16" else None
         self.step, self.samples_seen, self.skipped_steps = 0, 0, 0
+        self.cpu_seconds = 0.0  # this process's training CPU time so far, all sessions (see the module docstring)
+        self._cpu_mark = time.process_time()
+        self.last_scores: dict[str, float] = {}
         self.resumed_from: Path | None = None
         self._saved_step: int | None = None
         self._config_changes: list[str] = []
@@ -123,12 +132,18 @@ class Trainer:
                 self._config_changes = config_changes(loaded.metadata, cfg)
 
         self.train_model = D.wrap_model(self.model, cfg.run.distributed, self.dist, self.device)
+        if cfg.run.compile:
+            # only the training forward/backward: checkpoints, EMA and sampling use the plain module, so saved
+            # weights carry no compiler prefixes and evaluation never waits for a recompile
+            self.train_model = torch.compile(self.train_model)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.schedule = LRSchedule(self.optimizer, cfg.schedule, cfg.optim.lr, cfg.run.steps)
         if state is not None:
             self._load_training_state(state)
 
         self.dataset = build_dataset(cfg.data, seed=cfg.run.seed)
+        if cfg.run.eval_every:
+            self._check_can_score()
         self.batches = MicroBatches(
             self.dataset,
             global_batch=cfg.data.batch_size,
@@ -147,6 +162,7 @@ class Trainer:
         state: dict[str, Any] = {
             "samples_seen": self.samples_seen,
             "skipped_steps": self.skipped_steps,
+            "cpu_seconds": self._cpu_total(),
             "schedule": self.schedule.state_dict(),
             "optimizer": self._optimizer_state(),
             "rng": rng_state(),
@@ -177,6 +193,9 @@ class Trainer:
         self.schedule.load_state_dict(state["schedule"])
         self.samples_seen = int(state["samples_seen"])
         self.skipped_steps = int(state["skipped_steps"])
+        # the saved figure is the total over ranks; each rank carries its share (absent in older checkpoints)
+        self.cpu_seconds = float(state.get("cpu_seconds", 0.0)) / self.dist.world
+        self._cpu_mark = time.process_time()
         if self.ema is not None and "ema" in state:
             self.ema.load_extra_state(state["ema"])
         if self.scaler is not None and "grad_scaler" in state:
@@ -275,20 +294,27 @@ class Trainer:
             if self.step % cfg.run.log_every == 0 or self.step == cfg.run.steps:
                 metrics["samples_per_s"] = n_last / max(now - t_last, 1e-9)
                 t_last, n_last = now, 0
+                cpu = self._cpu_total()  # a collective: every rank logs at the same steps
                 if main:
-                    self.log.log(self.step, {**metrics, "samples_seen": self.samples_seen})
-                    bar.set_postfix(
-                        loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", sps=f"{metrics['samples_per_s']:.0f}"
-                    )
+                    record = {**metrics, "samples_seen": self.samples_seen, "cpu_seconds": cpu}
+                    self.log.log(self.step, record)
+                    score = {"score": f"{self.last_scores['overall']:.3f}"} if "overall" in self.last_scores else {}
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                                    sps=f"{metrics['samples_per_s']:.0f}", **score)  # fmt: skip
                     if not cfg.run.progress:
-                        self._say(f"step {self.step} loss {metrics['loss']:.6f} lr {metrics['lr']:.3e}")
+                        line = f"step {self.step} loss {metrics['loss']:.6f} lr {metrics['lr']:.3e}"
+                        self._say(line + (f" score {score['score']}" if score else ""))
             bar.update(1)
             if cfg.run.sample_every and self.step % cfg.run.sample_every == 0 and self.step < cfg.run.steps:
                 self.sample_grid()
+            if cfg.run.eval_every and self.step % cfg.run.eval_every == 0:
+                self.evaluate()
             if cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0:
                 self.save()
         bar.close()
         seconds = time.perf_counter() - t_start
+        if cfg.run.eval_every and self.step % cfg.run.eval_every:  # the final weights are always scored
+            self.evaluate()
         if self._saved_step != self.step:  # decided from in-memory state, identically on every rank
             self.save()
         grid = self.sample_grid()
@@ -308,12 +334,83 @@ class Trainer:
             "run_dir": str(self.run_dir),
             "grid": str(grid) if grid else None,
             "loss_curve": str(curve) if curve else None,
+            "cpu_seconds": round(self._cpu_total(), 1),
+            "scores": self.last_scores or None,
         }
+
+    # -- compute accounting and scoring ---------------------------------------------------------------------
+
+    def _cpu_now(self) -> float:
+        """Training CPU-seconds so far (this process, all threads, every session), scoring and grids excluded."""
+        return self.cpu_seconds + time.process_time() - self._cpu_mark
+
+    def _cpu_total(self) -> float:
+        """``_cpu_now`` summed over ranks (a collective under torchrun: call it on every rank)."""
+        return float(D.all_reduce_sum(torch.tensor(self._cpu_now(), device=self.device), self.dist))
+
+    @contextmanager
+    def _not_training(self) -> Iterator[None]:
+        """CPU time spent inside is not training (scoring, sample grids)."""
+        t = time.process_time()
+        try:
+            yield
+        finally:
+            self._cpu_mark += time.process_time() - t
+
+    def _check_can_score(self) -> None:
+        net = self.ema.module if self.ema is not None else self.model
+        if self.task.caption_sampler(net, steps=1, device=self.device) is None:
+            raise ValueError(
+                f"run.eval_every is set, but the {self.cfg.task.name!r} task cannot draw images from captions here "
+                "(it needs its frozen encoders, e.g. task.params.vae and task.params.text for sd3); set "
+                "run.eval_every=0"
+            )
+        if self.cfg.data.image_size < 32:
+            raise ValueError(f"run.eval_every scores on the shapes benchmark, which needs images of at least 32 "
+                             f"px; data.image_size is {self.cfg.data.image_size}")  # fmt: skip
+
+    def evaluate(self) -> dict[str, float] | None:
+        """Score the EMA weights (or the model) on a fixed subset of the shapes benchmark: per-category accuracy,
+        the overall GenEval-style score and the text track, logged with the training CPU-seconds; rank 0 only."""
+        cpu = self._cpu_total()  # the training compute these scores belong to (a collective: before the rank check)
+        if not self.dist.is_main:
+            return None
+        from t2i.eval.shapes import evaluate_generator
+
+        cfg = self.cfg.run
+        net = self.ema.module if self.ema is not None else self.model
+        with self._not_training():
+            t0 = time.perf_counter()
+            fn = self.task.caption_sampler(net, steps=cfg.eval_steps or cfg.sample_steps, device=self.device)
+            was_training = net.training
+            net.eval()
+            try:
+                with torch.no_grad():
+                    report = evaluate_generator(fn, split=cfg.eval_split, size=self.cfg.data.image_size,
+                                                per_category=cfg.eval_per_category)  # fmt: skip
+            finally:
+                net.train(was_training)
+            scores = {"overall": report.overall, **report.accuracy()}
+            if report.text_letters is not None:
+                scores["text_letters"] = report.text_letters
+            self.last_scores = {k: float(v) for k, v in scores.items() if v is not None}
+            seconds = time.perf_counter() - t0
+            self.log.log(self.step, {**{f"eval/{k}": v for k, v in self.last_scores.items()},
+                                     "cpu_seconds": cpu, "eval_seconds": seconds})  # fmt: skip
+            plot_eval_curves(read_metrics(self.log.path), self.run_dir / "eval_curve.png", title=self.cfg.run.name)
+            parts = " ".join(f"{k} {v:.2f}" for k, v in self.last_scores.items() if k != "overall")
+            self._say(f"eval step {self.step} ({cpu / 60:.1f} CPU-min): overall "
+                      f"{self.last_scores.get('overall', float('nan')):.3f} | {parts} ({seconds:.0f} s)")  # fmt: skip
+        return self.last_scores
 
     def sample_grid(self) -> Path | None:
         """A PNG grid from the EMA model (or the model) at the current step; rank 0 only."""
         if not self.dist.is_main or self.cfg.run.num_samples < 1:
             return None
+        with self._not_training():
+            return self._sample_grid()
+
+    def _sample_grid(self) -> Path | None:
         net = self.ema.module if self.ema is not None else self.model
         if self.cfg.run.distributed == "fsdp" and self.dist.enabled and self.ema is None:
             return None  # the sharded model needs every rank to run; the EMA copy is whole on each rank

@@ -1,5 +1,6 @@
 """What a run leaves behind besides checkpoints: a JSON-lines metric log (and TensorBoard events when the
-``tensorboard`` package is installed), PNG sample grids, and a PNG loss curve drawn with Pillow.
+``tensorboard`` package is installed), PNG sample grids, a PNG loss curve and, when the run is scored while it
+trains, a PNG learning curve (benchmark score per category against training CPU-minutes), drawn with Pillow.
 
 Only rank 0 creates these; every function here is plain file output with no torch.distributed calls.
 """
@@ -51,12 +52,13 @@ class MetricsLog:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a ``metrics.jsonl``; a resumed run appends, so a step can appear twice (the later wins)."""
+    """One record per step of a ``metrics.jsonl``: the records of a step merged (the loss line and the scores
+    line), key by key; a resumed run appends, so a step can appear twice (the later value wins)."""
     by_step: dict[int, dict[str, Any]] = {}
     for line in Path(path).read_text().splitlines():
         if line.strip():
             rec = json.loads(line)
-            by_step[rec["step"]] = rec
+            by_step.setdefault(rec["step"], {}).update(rec)
     return [by_step[k] for k in sorted(by_step)]
 
 
@@ -127,6 +129,59 @@ def plot_loss_curve(records: list[dict[str, Any]], path: str | Path, key: str = 
     d.line([to_px(s, y) for s, y in zip(steps, ys, strict=True)], fill=(170, 170, 230), width=1)
     d.line([to_px(s, y) for s, y in zip(steps, _ema_smooth(ys), strict=True)], fill=(20, 40, 200), width=2)
     d.text((L, 8), f"{key} vs step" + (" (log scale)" if log_y else ""), fill="black")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+# One colour per series of the learning curve: the GenEval categories, then the text track; "overall" is black.
+CURVE_COLORS = {
+    "single_object": (31, 119, 180), "two_objects": (255, 127, 14), "counting": (44, 160, 44),
+    "colors": (214, 39, 40), "position": (148, 103, 189), "color_attribution": (140, 86, 75),
+    "text": (227, 119, 194), "text_letters": (188, 189, 34), "overall": (0, 0, 0),
+}  # fmt: skip
+
+
+def plot_eval_curves(records: list[dict[str, Any]], path: str | Path, *, title: str = "") -> Path | None:
+    """Benchmark scores (``eval/<category>`` keys, in [0, 1]) against training CPU-minutes (``cpu_seconds``), one
+    line per category and a thick black ``overall``, as a PNG; None with no scored record."""
+    pts = [r for r in records if "cpu_seconds" in r and any(k.startswith("eval/") for k in r)]
+    if not pts:
+        return None
+    names = [k for k in CURVE_COLORS if any(f"eval/{k}" in r for r in pts)]
+    W, H, L, R, T, B = 760, 420, 50, 170, 30, 45
+    xs = [r["cpu_seconds"] / 60 for r in pts]
+    x0, x1 = 0.0, max(max(xs), 1e-6)
+
+    def to_px(x: float, y: float) -> tuple[float, float]:
+        return L + (x - x0) / (x1 - x0) * (W - L - R), H - B - y * (H - T - B)
+
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle([L, T, W - R, H - B], outline="black")
+    for i in range(6):  # y ticks at 0, 0.2, ..., 1 with light grid lines
+        _, py = to_px(x0, i / 5)
+        d.line([L, py, W - R, py], fill=(225, 225, 225))
+        d.text((8, py - 6), f"{i / 5:.1f}", fill="black")
+    for i in range(5):
+        x = x0 + (x1 - x0) * i / 4
+        px, _ = to_px(x, 0)
+        d.line([px, H - B, px, H - B + 4], fill="black")
+        d.text((px - 10, H - B + 8), f"{x:.3g}", fill="black")
+    d.text((L + (W - L - R) // 2 - 60, H - 18), "training CPU-minutes", fill="black")
+    for j, name in enumerate(names):
+        series = [(r["cpu_seconds"] / 60, r[f"eval/{name}"]) for r in pts if f"eval/{name}" in r]
+        color, width = CURVE_COLORS[name], 3 if name == "overall" else 1
+        line = [to_px(x, y) for x, y in series]
+        if len(line) > 1:
+            d.line(line, fill=color, width=width)
+        for px, py in line:
+            d.ellipse([px - 2, py - 2, px + 2, py + 2], fill=color)
+        ly = T + 6 + 16 * j
+        d.line([W - R + 10, ly + 6, W - R + 30, ly + 6], fill=color, width=width)
+        d.text((W - R + 36, ly), f"{name} {series[-1][1]:.2f}", fill="black")
+    d.text((L, 8), f"{title + ': ' if title else ''}shapes benchmark score vs training CPU-minutes", fill="black")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)

@@ -130,3 +130,42 @@ def test_clip_text_conditioner_layout_padding_and_empty_prompt():
     torch.testing.assert_close(ctx[0, mask[0]], out.hidden_states[-2][0, mask[0]])
     with pytest.raises(ValueError, match="outside"):
         ClipTextConditioner(clip, layer=9)
+
+
+def test_glyph_tokens_spell_the_quoted_text():
+    from t2i.models.text import GLYPHS, glyph_tokens, quoted_text
+
+    assert quoted_text('the word "CAT"') == "CAT"
+    assert quoted_text("a sign that says \u201cZoo\u201d") == "Zoo"
+    assert quoted_text("a red circle") == "" and quoted_text('"A" and "BC"') == "A BC"
+    tok = glyph_tokens(['the text "Ox7"', "a blue square", '"TOOLONG"'], count=4, width=48)
+    assert tok.shape == (3, 4, 48)
+    for k, ch in enumerate("OX7"):  # case-folded character one-hot plus position one-hot, nothing else
+        assert tok[0, k].nonzero().flatten().tolist() == [GLYPHS.index(ch), 40 + k]
+    assert tok[0, 3].abs().max() == 0 and tok[1].abs().max() == 0  # past the text's end; no quoted text
+    assert tok[2].sum() == 8  # cut to 4 characters
+    assert glyph_tokens(['"A B"'], 3, 48)[0, 1, 36] == 1  # any other character, e.g. the space
+    with pytest.raises(ValueError, match="width of at least 44"):
+        glyph_tokens(["x"], count=4, width=32)
+
+
+def test_clip_text_conditioner_with_glyph_tokens():
+    import dataclasses
+
+    from t2i.models.clip import CLIP_PRESETS, ScratchClip
+    from t2i.models.text import ClipTextConditioner, glyph_tokens
+
+    torch.manual_seed(0)
+    clip = ScratchClip(dataclasses.replace(CLIP_PRESETS["tiny"], text_width=64)).eval()
+    plain, enc = ClipTextConditioner(clip), ClipTextConditioner(clip, chars=6)
+    assert enc.tokens == plain.tokens == 24  # the CLIP part keeps its layout; glyphs sit after it (T5's slot)
+    prompts = ['the word "CAT"', "a red circle", ""]
+    ctx, pooled = enc(prompts)
+    ref_ctx, ref_pooled = plain(prompts)
+    assert ctx.shape == (3, 30, 64)
+    torch.testing.assert_close(ctx[:, :24], ref_ctx)
+    torch.testing.assert_close(pooled, ref_pooled)
+    torch.testing.assert_close(ctx[:2, 24:], glyph_tokens(prompts[:2], 6, 64))
+    assert ctx[2].abs().max() == 0  # the empty prompt stays the all-zero unconditional input
+    with pytest.raises(ValueError, match="width"):
+        ClipTextConditioner(ScratchClip(CLIP_PRESETS["tiny"]), chars=6)

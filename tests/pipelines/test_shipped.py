@@ -129,6 +129,25 @@ def test_settings_extra_is_per_instance():
 # -- export from `t2i train` runs -----------------------------------------------------------------------------------
 
 
+def test_export_with_glyph_tokens_and_an_existing_folders_components(tmp_path):
+    sd3, vae, clip = train_tiny_sd3(tmp_path, text_chars=8)
+    first = export_sd3(tmp_path / "first", transformer=sd3, vae=vae, clip=clip, defaults={"steps": 2})
+    spec = json.loads((first / "model.json").read_text())
+    assert spec["text_chars"] == 8
+    gen = load_generator(str(first))
+    assert gen.pipe.text_encoder.chars == 8
+    context, _ = gen.pipe.encode_prompt(['the word "CAT"'])
+    assert context.shape[1] == 24 + 8  # the CLIP's tokens, then the spelled-out word
+    image = gen.generate(['the word "CAT"'], [0], gen.defaults)
+    # a transformer trained against an existing folder's VAE and CLIP files: their training records carry over
+    again = export_sd3(tmp_path / "again", transformer=sd3, vae=str(first / "vae.safetensors"),
+                       clip=str(first / "clip.safetensors"), defaults={"steps": 2})  # fmt: skip
+    spec2 = json.loads((again / "model.json").read_text())
+    for part in ("vae", "clip"):
+        assert spec2["training"][part] == spec["training"][part]
+    torch.testing.assert_close(load_generator(str(again)).generate(['the word "CAT"'], [0], gen.defaults), image)
+
+
 def test_export_from_training_runs_round_trips(tmp_path):
     sd3, vae, clip = train_tiny_sd3(tmp_path)
     out = export_sd3(tmp_path / "m_sd3", transformer=sd3, vae=vae, clip=clip, defaults={"steps": 2})

@@ -15,6 +15,7 @@ validates against its own config dataclass (unknown keys are errors that name th
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -74,6 +75,14 @@ class Task(ABC):
         ``steps`` overrides the sampler step count (``run.sample_steps``); ``seed`` fixes the samples, so grids of
         successive steps are comparable.
         """
+
+    def caption_sampler(
+        self, model: nn.Module, *, steps: int, device: torch.device
+    ) -> Callable[[list[str], list[int]], Tensor] | None:
+        """``fn(captions, seeds) -> (B, 3, H, W)`` images in [-1, 1] drawn by ``model`` from captions alone, for
+        scoring a run on the shapes benchmark while it trains (``run.eval_every``); None when this task cannot
+        draw an image from a caption."""
+        return None
 
 
 def _registry() -> dict[str, type[Task]]:

@@ -58,6 +58,7 @@ class SD3TaskConfig:
     latent_scale: float | None = None  # a VAE trained by t2i: its LatentFormat (None: measured on the data)
     latent_shift: float | None = None
     text_layer: int = -2  # a CLIP trained by t2i as the text encoder: the hidden layer used as context
+    text_chars: int = 0  # with such a CLIP: character tokens of the quoted text after its tokens (T5's slot)
 
 
 class SD3Task(Task):
@@ -86,7 +87,8 @@ class SD3Task(Task):
             if stored_model_name(p.text) == "clip":  # a small CLIP trained by `t2i train` (the shapes models)
                 from t2i.models.text import ClipTextConditioner
 
-                self.text_encoder = ClipTextConditioner(load_trained(p.text, "clip").eval(), p.text_layer)
+                self.text_encoder = ClipTextConditioner(load_trained(p.text, "clip").eval(), p.text_layer,
+                                                        p.text_chars)  # fmt: skip
                 self.params.clip_widths, self.params.clip_tokens = self.text_encoder.widths, self.text_encoder.tokens
             else:
                 from t2i.models.sd3_loading import load_text_encoder
@@ -228,13 +230,9 @@ class SD3Task(Task):
     def sample(self, model: nn.Module, n: int, *, seed: int, device: torch.device, steps: int | None = None):
         if self.vae is None or "shape" not in self._last:
             return None  # latents without a decoder: nothing to put in an image grid
-        from t2i.pipelines.sd3 import SD3Pipeline, SD3Preset
-
         net = getattr(model, "module", model)
         p = self.params
-        preset = SD3Preset(steps=steps or self.cfg.run.sample_steps, cfg=p.guidance, sampler=p.sampler,
-                           shift=p.shift)  # fmt: skip
-        pipe = SD3Pipeline(net, self.vae, self.text_encoder, preset=preset, device=device)
+        pipe = self._pipeline(net, steps or self.cfg.run.sample_steps, device)
         f = self.vae.downscale
         _, h, w = self._last["shape"]
         prompts = [s.strip() for s in p.sample_prompts.split("|") if s.strip()] or self._last["captions"]
@@ -254,3 +252,22 @@ class SD3Task(Task):
         finally:
             net.train(was_training)
         return images * 2 - 1
+
+    def _pipeline(self, net: nn.Module, steps: int, device):
+        from t2i.pipelines.sd3 import SD3Pipeline, SD3Preset
+
+        p = self.params
+        preset = SD3Preset(steps=steps, cfg=p.guidance, sampler=p.sampler, shift=p.shift)
+        return SD3Pipeline(net, self.vae, self.text_encoder, preset=preset, device=device)
+
+    def caption_sampler(self, model: nn.Module, *, steps: int, device):
+        if self.vae is None or self.text_encoder is None:
+            return None  # batches carry cached latents / text states: no way from a caption to an image
+        pipe = self._pipeline(getattr(model, "module", model), steps, device)
+        size = self.cfg.data.image_size
+
+        def fn(captions: list[str], seeds: list[int]) -> Tensor:
+            images = pipe(list(captions), seeds=list(seeds), height=size, width=size, output="tensor")
+            return images * 2 - 1
+
+        return fn

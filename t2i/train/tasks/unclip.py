@@ -74,8 +74,13 @@ def load_trained(path: str, name: str) -> nn.Module:
             f"no trained {name!r} model at {p}: give a run folder (train it first with `t2i train`), a checkpoint "
             "folder or a weights file"
         )
-    if read_metadata(p).get("t2i_model"):  # written by Model.save
+    meta = read_metadata(p)
+    if meta.get("t2i_model"):  # written by Model.save
         return MODELS[name][1].load(p)
+    if meta.get("t2i_component") == name:  # a component of a model folder (``models/sd3-shapes/vae.safetensors``)
+        from t2i.pipelines.shipped import load_component
+
+        return load_component(p)[0]
     cfg = read_config(p)
     if not cfg or cfg.get("model", {}).get("name") != name:
         raise ValueError(f"{p} was not written by a {name!r} training run (its stored config names another model)")
@@ -90,13 +95,15 @@ def load_trained(path: str, name: str) -> nn.Module:
 def stored_model_name(path: str) -> str | None:
     """The model name in the config stored with a ``t2i train`` run folder, checkpoint or weights file (None for
     anything else: an official file, a diffusers folder, a missing path)."""
-    from t2i.io import read_config
+    from t2i.io import read_config, read_metadata
 
     p = trained_weights_file(path)
     if p is None or p.suffix != ".safetensors" or not p.is_file():
         return None
     cfg = read_config(p)
-    return cfg.get("model", {}).get("name") if cfg else None
+    if cfg:
+        return cfg.get("model", {}).get("name")
+    return read_metadata(p).get("t2i_component")
 
 
 def load_clip(clip_path: str | None, preset: str, seed: int) -> ClipEncoder:

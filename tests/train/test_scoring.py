@@ -1,0 +1,131 @@
+"""Scoring while training (``run.eval_every``): the shapes benchmark on the EMA weights at fixed steps and at the
+end, logged with the loss and the training CPU-seconds (carried across resume), and the learning-curve PNG."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from model_folders import tiny_sd3_folder
+
+from t2i.data.captions import ALL_CATEGORIES
+from t2i.train.config import load_config
+from t2i.train.loop import Trainer
+from t2i.train.report import plot_eval_curves, read_metrics
+
+MMDIT = ("{depth: 2, num_heads: 2, head_dim: 8, patch_size: 2, in_channels: 4, context_dim: 32, pooled_dim: 32, "
+         "pos_embed_max_size: 16, qk_norm: rms}")  # fmt: skip
+
+
+def sd3_overrides(tmp_path, folder, **extra) -> list[str]:
+    base = {
+        "run.out_dir": str(tmp_path / "runs"), "run.name": "scored", "run.steps": 3, "run.progress": False,
+        "run.threads": 1, "run.tensorboard": False, "run.log_every": 1, "run.num_samples": 0,
+        "run.eval_every": 2, "run.eval_per_category": 1, "run.eval_steps": 2,
+        "model.name": "mmdit", "model.params": MMDIT, "task.name": "sd3",
+        "task.params.vae": str(folder / "vae.safetensors"), "task.params.text": str(folder / "clip.safetensors"),
+        "task.params.latent_scale": 1.0, "task.params.latent_shift": 0.0, "task.params.guidance": 2.0,
+        "data.source": "shapes", "data.image_size": 32, "data.batch_size": 4, "data.num_samples": 64,
+        "ema.enabled": True, "ema.half_life": 100, "schedule.name": "constant",
+    }  # fmt: skip
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny_sd3_folder(tmp_path_factory.mktemp("tiny_sd3"))
+
+
+def _fit(cfg, **kw) -> tuple[Trainer, dict, str]:
+    out = io.StringIO()
+    trainer = Trainer(cfg, out=out, **kw)
+    summary = trainer.fit()
+    trainer.close()
+    return trainer, summary, out.getvalue()
+
+
+def test_scores_are_logged_with_loss_and_cpu_seconds(tmp_path, folder):
+    trainer, summary, said = _fit(load_config(None, sd3_overrides(tmp_path, folder)))
+    records = read_metrics(trainer.run_dir / "metrics.jsonl")
+    scored = [r for r in records if "eval/overall" in r]
+    assert [r["step"] for r in scored] == [2, 3]  # every eval_every steps, and the final weights
+    for r in scored:
+        assert "loss" in r  # the loss line and the scores line of a step are one record
+        for c in ALL_CATEGORIES:
+            assert 0.0 <= r[f"eval/{c}"] <= 1.0
+        assert 0.0 <= r["eval/text_letters"] <= 1.0 and r["eval_seconds"] > 0
+    cpu = [r["cpu_seconds"] for r in records]
+    assert cpu == sorted(cpu) and cpu[0] > 0
+    assert summary["scores"] == {k.removeprefix("eval/"): v for k, v in scored[-1].items() if k.startswith("eval/")}
+    assert "eval step 2" in said and "score " in said  # the progress line shows the latest score
+    from PIL import Image
+
+    with Image.open(trainer.run_dir / "eval_curve.png") as img:
+        assert img.size == (760, 420) and len(img.getcolors(maxcolors=10**6)) > 8  # one colour per category
+
+
+def test_scoring_time_is_not_training_time(tmp_path, folder, monkeypatch):
+    """CPU time spent scoring is excluded: a slow scorer does not move the training CPU-seconds."""
+    import time
+
+    from t2i.eval import shapes
+
+    real = shapes.evaluate_generator
+    calls = []
+
+    def slow_scorer(*args, **kwargs):
+        t = time.process_time()
+        while time.process_time() - t < 0.5:  # half a CPU-second of busy work inside the scorer
+            pass
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shapes, "evaluate_generator", slow_scorer)
+    cfg = load_config(None, sd3_overrides(tmp_path, folder, **{"run.eval_every": 1, "run.steps": 2}))
+    trainer, summary, _ = _fit(cfg)
+    assert len(calls) == 2
+    records = read_metrics(trainer.run_dir / "metrics.jsonl")
+    cpu = [r["cpu_seconds"] for r in records]
+    assert cpu[1] - cpu[0] < 0.5  # one tiny training step, not the scorer's busy half second
+    assert summary["cpu_seconds"] - cpu[1] < 0.5
+
+
+def test_cpu_seconds_carry_across_resume(tmp_path, folder):
+    cfg = load_config(None, sd3_overrides(tmp_path, folder, **{"run.eval_every": 0, "run.ckpt_every": 2}))
+    _, s1, _ = _fit(cfg)
+    more = load_config(None, sd3_overrides(tmp_path, folder, **{"run.eval_every": 0, "run.steps": 5}))
+    second, s2, said = _fit(more, resume=True)
+    assert "resumed from" in said
+    assert s2["cpu_seconds"] > s1["cpu_seconds"]  # counted from the checkpoint's total, not from zero
+    records = read_metrics(second.run_dir / "metrics.jsonl")
+    assert [r["cpu_seconds"] for r in records] == sorted(r["cpu_seconds"] for r in records)
+
+
+def test_tasks_that_cannot_draw_from_captions_refuse_eval_every(tiny_cfg):
+    with pytest.raises(ValueError, match=r"run\.eval_every"):
+        Trainer(tiny_cfg(**{"run.eval_every": 5}))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [("run.eval_every", -1, "eval_every"), ("run.eval_split", "train", "eval_split"),
+     ("run.eval_per_category", 0, "eval_per_category")],
+)  # fmt: skip
+def test_bad_scoring_settings_are_clear_errors(tmp_path, folder, key, value, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(None, sd3_overrides(tmp_path, folder, **{key: value}))
+
+
+def test_eval_curve_png(tmp_path):
+    from PIL import Image
+
+    assert plot_eval_curves([{"step": 1, "loss": 1.0}], tmp_path / "none.png") is None
+    records = [
+        {"step": s, "cpu_seconds": 60.0 * s, "eval/overall": s / 10, "eval/position": s / 20} for s in range(1, 6)
+    ]
+    path = plot_eval_curves(records, tmp_path / "curve.png", title="run")
+    with Image.open(path) as img:
+        rgb = img.convert("RGB")
+        colours = {c for _, c in rgb.getcolors(maxcolors=10**6)}
+    assert (148, 103, 189) in colours and (0, 0, 0) in colours  # the position series and the overall line
