@@ -24,8 +24,9 @@ _LIMITS = {
     "sd3": [
         "It knows only the shapes world (docs/shapes.md): 5 shapes, 9 colours, 1-4 objects, 4 relations and 116 "
         "words of 2-4 capital letters, on a plain light-grey 64 px canvas. Other prompts give shapes anyway.",
-        "Words outside the caption vocabulary are spelled out letter by letter by the tokenizer; the model never "
-        "saw such token sequences, so do not expect them to render.",
+        'Quoted text (`the word "CAT"`) reaches the model as the CLIP\'s word tokens and, when `text_chars` is '
+        "set in model.json, as one token per letter. It was trained on 116 words of 2-4 capital letters; other "
+        "words reuse the same letters but were never seen whole.",
         "Trained at 64 px only; other sizes (32-128 px in steps of 8) run but are out of distribution.",
         "Held-out colour-shape pairs and arrangements (the `heldout` split) test composition it never saw.",
     ],
@@ -83,16 +84,20 @@ def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str
         lines.append("A small DALL-E 2 (unCLIP) cascade trained by t2i from scratch on the shapes world: CLIP, a "
                      "diffusion prior from text to CLIP image embeddings, a 32 px base decoder conditioned on the "
                      "image embedding and caption, and a 32 -> 64 px upsampler.")  # fmt: skip
+    if kind == "sd3" and spec.get("text_chars"):
+        lines[-1] += (f" The text encoder also spells the prompt's quoted text as {spec['text_chars']} character "
+                      "tokens, where SD3 puts T5's tokens.")  # fmt: skip
     lines += ["", "```bash", f't2i generate "a red circle above a blue square" --model {name} -n 4', "```", "",
               f"Defaults: {d['steps']} steps of `{d['sampler']}`, CFG {d['cfg']}, {d['size']} px"
               + (f", shift {d['shift']}" if "shift" in d else "") + ".", ""]  # fmt: skip
     lines += ["## Parts and training", "",
               "All parts were trained with `t2i train` on the `train` stream of the shapes benchmark (`shapes-v1`, "
-              "procedurally rendered, never stored), on a machine with 2 CPU cores and no GPU, bf16 autocast, one "
-              "torch thread per run (runs went side by side). Times are wall-clock, with other runs sharing the "
-              "cores.", "",
-              "| part | what | config | params | steps | batch | samples seen | seed | time | file |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+              "procedurally rendered, never stored), on a machine with 2 CPU cores and no GPU, bf16 autocast. "
+              "Time is wall-clock (runs with 1 thread went side by side); CPU time is the training process's CPU "
+              "seconds over all its threads, without scoring and sample grids (recorded by newer runs).", "",
+              "| part | what | config | params | steps | batch | samples seen | seed | threads | time | CPU time "
+              "| file |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for key, what, cfgname in _PARTS[kind]:
         r = train.get(key, {})
         fname = f"{key}.safetensors"
@@ -105,13 +110,18 @@ def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str
             config = f"configs/distill/{r.get('run')}.yaml"
         lines.append(f"| {key} | {what} | `{config}` | {r.get('params', 0) / 1e6:.2f} M | "
                      f"{r.get('step', '-')} | {r.get('batch_size', '-')} | {r.get('samples', '-')} | "
-                     f"{r.get('seed', '-')} | {_fmt_seconds(r.get('train_seconds'))} | {size} |")  # fmt: skip
+                     f"{r.get('seed', '-')} | {r.get('threads', '-')} | {_fmt_seconds(r.get('train_seconds'))} | "
+                     f"{_fmt_seconds(r.get('cpu_seconds'))} | {size} |")  # fmt: skip
     retrain = "Retrain everything with `make train-defaults`."
     if distilled:
         retrain = (f"Retrain the student with `t2i train configs/distill/{train['transformer'].get('run')}.yaml` "
                    "after the teacher (`make train-defaults` does both).")  # fmt: skip
     lines += ["", f"Weights are the EMA weights of each run's last checkpoint, stored in fp16 (loaded as fp32). "
               f"{retrain}", ""]  # fmt: skip
+    if (folder / "learning_curve.png").exists():
+        lines += ["Shapes benchmark score per category while the transformer trained (10 `eval` prompts per "
+                  "category, EMA weights), against training CPU-minutes:", "",
+                  "![learning curve](learning_curve.png)", ""]  # fmt: skip
     q = _quality(name, Path(quality_json)) if quality_json else None
     lines += ["## Shapes benchmark", ""]
     if q is None and distilled:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -347,7 +348,19 @@ def _run_part(run: str | Path, name: str) -> tuple[nn.Module, dict[str, Any], di
               "precision": cfg["run"]["precision"], "threads": cfg["run"]["threads"],
               "params": sum(p.numel() for p in net.parameters()),
               "seed": cfg["run"]["seed"], "train_seconds": _train_seconds(run)}  # fmt: skip
+    cpu = _last_metric(run, "cpu_seconds")
+    if cpu is not None:
+        record["cpu_seconds"] = round(cpu, 1)
     return net, cfg, record
+
+
+def _last_metric(run: Path, key: str) -> float | None:
+    """The last logged value of ``key`` in a run's ``metrics.jsonl`` (None when it never logged one)."""
+    value = None
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        if line.strip():
+            value = json.loads(line).get(key, value)
+    return value
 
 
 def _train_seconds(run: Path) -> float | None:
@@ -397,6 +410,9 @@ def export_sd3(out: str | Path, *, transformer: str, vae: str, clip: str, name: 
     clip_net, _, clip_rec = _run_part(clip, "clip")
     out.mkdir(parents=True, exist_ok=True)
     save_component(out / "transformer.safetensors", "mmdit", net)
+    curve = Path(transformer) / "eval_curve.png"  # the run's learning curve, when it was scored while training
+    if curve.is_file():
+        shutil.copyfile(curve, out / "learning_curve.png")
     components = {}
     if share_from is not None:
         shared = Path(share_from)
