@@ -83,7 +83,8 @@ def evaluate_model(model: str, *, per_category: int | None = None, sweep_per_cat
     gen = load_generator(model)
     load_s = time.perf_counter() - t0
     d = gen.defaults
-    out: dict[str, Any] = {"model": gen.name, "kind": _kind(gen), "defaults": {**d.__dict__}, "load_seconds": load_s}
+    out: dict[str, Any] = {"model": gen.name, "source": model, "kind": _kind(gen), "defaults": {**d.__dict__},
+                           "load_seconds": load_s}  # fmt: skip
     for split in splits:
         t = time.perf_counter()
         grid = Path(grid_dir) / f"{gen.name}_{split}.png" if grid_dir else None
@@ -148,7 +149,7 @@ def run_report(
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
     if all({"eval", "heldout", "sweep"} <= set(r) for r in results):  # else a partial report: JSON only, to merge
-        out_md.write_text(markdown(data))
+        out_md.write_text(markdown(data, out_dir=out_md.parent))
         if update_cards:  # refresh the model cards with the new scores
             _refresh_cards(models, out_md.with_suffix(".json"))
     return data
@@ -169,7 +170,7 @@ def merge_reports(paths: Sequence[str | Path], *, out_md: str | Path, update_car
     out_md = Path(out_md)
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
-    out_md.write_text(markdown(data))
+    out_md.write_text(markdown(data, out_dir=out_md.parent))
     if update_cards:
         _refresh_cards([m["model"] for m in data["models"]], out_md.with_suffix(".json"))
     return data
@@ -189,8 +190,27 @@ def _f(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-def markdown(data: dict[str, Any]) -> str:
-    """The report as Markdown (tables only; the prose around them lives in the header)."""
+def _learning_curves(models: Sequence[dict[str, Any]], out_dir: Path) -> list[str]:
+    """Markdown images of the learning curves shipped in the models' folders (``learning_curve.png``)."""
+    from t2i.pipelines.shipped import model_folder
+
+    lines = []
+    for r in models:
+        name, folder = r["model"], model_folder(r.get("source", r["model"]))
+        if folder is not None and (folder / "learning_curve.png").is_file():
+            rel = Path(os.path.relpath(folder / "learning_curve.png", out_dir)).as_posix()
+            lines += [f"![{name} learning curve]({rel})", ""]
+    if not lines:
+        return []
+    return ["", "## Learning curves", "",
+            "Score per category on 10 `eval` prompts per category while each model trained (EMA weights, the "
+            "model's default sampler), against training CPU-minutes (`run.eval_every`, docs/training.md):", "",
+            *lines]  # fmt: skip
+
+
+def markdown(data: dict[str, Any], out_dir: str | Path | None = None) -> str:
+    """The report as Markdown (tables only; the prose around them lives in the header). ``out_dir``: where the
+    report goes, to link the models' learning curves relative to it."""
     m = data["machine"]
     s = data["settings"]
     subset = "all prompts" if s["per_category"] is None else f"the first {s['per_category']} prompts per category"
@@ -248,6 +268,8 @@ def markdown(data: dict[str, Any]) -> str:
             lines.append(f"| {sampler} | " + " | ".join(cells) + " |")
     gt = data["ground_truth"]["eval"]["overall"]
     lines += ["", f"Ground truth scores {_f(gt)} on `eval` with the same evaluator.", ""]
+    if out_dir is not None:
+        lines += _learning_curves(data["models"], Path(out_dir))
     return "\n".join(lines)
 
 

@@ -11,7 +11,10 @@ from t2i.eval.quality import run_report
 
 
 def test_report_tables_json_and_card(tmp_path):
+    from PIL import Image
+
     folder = tiny_sd3_folder(tmp_path / "m", size=32)
+    Image.new("RGB", (8, 8), "white").save(folder / "learning_curve.png")  # shipped by t2i export when scored
     data = run_report([str(folder)], out_md=tmp_path / "q.md", per_category=1, sweep_per_category=1, steps=(1, 2),
                       grid_dir=tmp_path / "grids", log=lambda *_: None)  # fmt: skip
     (m,) = data["models"]
@@ -24,6 +27,7 @@ def test_report_tables_json_and_card(tmp_path):
     for heading in ("## Shapes benchmark per category", "## Distribution metric", "## Score vs steps: tiny-sd3"):
         assert heading in md
     assert "| **overall** (mean of the 6 GenEval categories) |" in md
+    assert "## Learning curves" in md and "![tiny-sd3 learning curve](m/learning_curve.png)" in md  # relative link
     assert json.loads((tmp_path / "q.json").read_text())["models"][0]["model"] == "tiny-sd3"
     assert (tmp_path / "grids" / "tiny-sd3_eval.png").exists()
     card = (folder / "README.md").read_text()
