@@ -365,6 +365,9 @@ class Trainer:
                 "(it needs its frozen encoders, e.g. task.params.vae and task.params.text for sd3); set "
                 "run.eval_every=0"
             )
+        if self.cfg.run.distributed == "fsdp" and self.dist.enabled and self.ema is None:
+            raise ValueError("run.eval_every scores on rank 0 alone, which cannot run a sharded FSDP model; enable "
+                             "the EMA (its copy is whole on every rank) or set run.eval_every=0")  # fmt: skip
         if self.cfg.data.image_size < 32:
             raise ValueError(f"run.eval_every scores on the shapes benchmark, which needs images of at least 32 "
                              f"px; data.image_size is {self.cfg.data.image_size}")  # fmt: skip
