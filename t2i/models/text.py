@@ -232,6 +232,7 @@ def _assign(model: nn.Module, sd: dict[str, Tensor], dtype, device) -> None:
 
 # The characters a glyph token spells (case-folded: the shapes world draws upper-case words).
 GLYPHS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+_OTHER_GLYPH, _FIRST_POSITION = 36, 40  # glyph token dimensions: any other character; position 0
 _QUOTED = re.compile(r'["\u201c\u201d]([^"\u201c\u201d]*)["\u201c\u201d]')
 
 
@@ -245,15 +246,15 @@ def glyph_tokens(prompts: Sequence[str], count: int, width: int) -> Tensor:
     character (``GLYPHS``, case-folded; dimension 36 marks any other character, e.g. a space) plus one-hot in
     its position ``k`` (dimension 40 + k); tokens past the text's end, and every token of a prompt without
     quoted text, are zeros. Longer texts are cut to ``count`` characters."""
-    if width < 40 + count:
-        raise ValueError(f"glyph tokens need a context width of at least {40 + count} for {count} characters; "
-                         f"the text encoder is {width} wide")  # fmt: skip
+    if width < _FIRST_POSITION + count:
+        raise ValueError(f"glyph tokens need a context width of at least {_FIRST_POSITION + count} for {count} "
+                         f"characters; the text encoder is {width} wide")  # fmt: skip
     out = torch.zeros(len(prompts), count, width)
     for b, prompt in enumerate(prompts):
         for k, ch in enumerate(quoted_text(prompt).upper()[:count]):
             i = GLYPHS.find(ch)
-            out[b, k, i if i >= 0 else 36] = 1.0
-            out[b, k, 40 + k] = 1.0
+            out[b, k, i if i >= 0 else _OTHER_GLYPH] = 1.0
+            out[b, k, _FIRST_POSITION + k] = 1.0
     return out
 
 

@@ -356,11 +356,9 @@ def _run_part(run: str | Path, name: str) -> tuple[nn.Module, dict[str, Any], di
 
 def _last_metric(run: Path, key: str) -> float | None:
     """The last logged value of ``key`` in a run's ``metrics.jsonl`` (None when it never logged one)."""
-    value = None
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        if line.strip():
-            value = json.loads(line).get(key, value)
-    return value
+    from t2i.train.report import read_metrics
+
+    return next((r[key] for r in reversed(read_metrics(run / "metrics.jsonl")) if key in r), None)
 
 
 def _train_seconds(run: Path) -> float | None:

@@ -357,9 +357,12 @@ class Trainer:
         finally:
             self._cpu_mark += time.process_time() - t
 
+    def _eval_net(self) -> nn.Module:
+        """What grids and scores are drawn from: the EMA weights, else the model."""
+        return self.ema.module if self.ema is not None else self.model
+
     def _check_can_score(self) -> None:
-        net = self.ema.module if self.ema is not None else self.model
-        if self.task.caption_sampler(net, steps=1, device=self.device) is None:
+        if self.task.caption_sampler(self._eval_net(), steps=1, device=self.device) is None:
             raise ValueError(
                 f"run.eval_every is set, but the {self.cfg.task.name!r} task cannot draw images from captions here "
                 "(it needs its frozen encoders, e.g. task.params.vae and task.params.text for sd3); set "
@@ -381,7 +384,7 @@ class Trainer:
         from t2i.eval.shapes import evaluate_generator
 
         cfg = self.cfg.run
-        net = self.ema.module if self.ema is not None else self.model
+        net = self._eval_net()
         with self._not_training():
             t0 = time.perf_counter()
             fn = self.task.caption_sampler(net, steps=cfg.eval_steps or cfg.sample_steps, device=self.device)
@@ -414,7 +417,7 @@ class Trainer:
             return self._sample_grid()
 
     def _sample_grid(self) -> Path | None:
-        net = self.ema.module if self.ema is not None else self.model
+        net = self._eval_net()
         if self.cfg.run.distributed == "fsdp" and self.dist.enabled and self.ema is None:
             return None  # the sharded model needs every rank to run; the EMA copy is whole on each rank
         images = self.task.sample(net, self.cfg.run.num_samples, seed=self.cfg.run.seed, device=self.device)
