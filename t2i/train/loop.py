@@ -322,6 +322,9 @@ class Trainer:
         if main:
             self.log.close()
             curve = plot_loss_curve(read_metrics(self.log.path), self.run_dir / "loss.png")
+        cpu_total = self._cpu_total()
+        # the barrier is the last collective before the process group goes: a gloo rank that tears its group down
+        # while its peer is still inside an all-reduce aborts the peer ("terminate called without an active exception")
         D.barrier(self.dist)
         done = self.step - start_step
         return {
@@ -334,7 +337,7 @@ class Trainer:
             "run_dir": str(self.run_dir),
             "grid": str(grid) if grid else None,
             "loss_curve": str(curve) if curve else None,
-            "cpu_seconds": round(self._cpu_total(), 1),
+            "cpu_seconds": round(cpu_total, 1),
             "scores": self.last_scores or None,
         }
 
