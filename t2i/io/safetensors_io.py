@@ -17,6 +17,7 @@ then are read with ``torch.load(weights_only=True)``, which cannot run arbitrary
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import subprocess
@@ -39,6 +40,36 @@ _TENSOR_REF = "__tensor__"
 
 class CheckpointMismatchError(ValueError):
     """Raised when a state dict does not fit a module; the message lists every mismatch at once."""
+
+
+class CorruptFileError(ValueError):
+    """Raised when a file cannot be what it claims to be: truncated, overwritten, or failing its checksum.
+
+    The message names the file, so a caller can fall back to an older copy and say which one it skipped.
+    """
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB chunks (a checkpoint can be larger than memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextmanager
+def _readable(path: Path) -> Iterator[None]:
+    """Turn safetensors' parse errors into one ``CorruptFileError`` that names the file."""
+    try:
+        yield
+    except (CorruptFileError, FileNotFoundError):
+        raise
+    except Exception as err:  # SafetensorError, OSError, invalid header JSON: all mean "not a readable file"
+        raise CorruptFileError(
+            f"{path} is not a readable safetensors file ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            "it may be truncated or damaged: use another copy or an older checkpoint"
+        ) from None
 
 
 # -- atomic files ---------------------------------------------------------------------------------------------
@@ -142,7 +173,10 @@ def save_weights(
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as f:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no weights file at {path}")
+    with _readable(path), safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
 
 
@@ -174,7 +208,7 @@ def load_weights(path: str | os.PathLike, *, allow_pickle: bool = False, device:
         raise FileNotFoundError(f"no weights file at {path}")
     if path.suffix in PICKLE_SUFFIXES:
         return {k: v.to(device) for k, v in _refuse_pickle(path, allow_pickle).items()}
-    with safe_open(str(path), framework="pt", device=device) as f:
+    with _readable(path), safe_open(str(path), framework="pt", device=device) as f:
         return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
 
 
@@ -270,7 +304,13 @@ def save_state(path_stem: str | os.PathLike, state: Any, *, metadata: Mapping[st
 def load_state(path_stem: str | os.PathLike) -> Any:
     """Inverse of ``save_state``."""
     stem = Path(path_stem)
-    doc = json.loads(stem.with_suffix(".json").read_text())
+    file = stem.with_suffix(".json")
+    try:
+        doc = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptFileError(f"{file} is not valid JSON ({err}); it may be truncated or damaged") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("state"), (dict, list)):
+        raise CorruptFileError(f"{file} is not a t2i state file (no 'state' entry); it may be damaged")
     version = doc.get("t2i_schema_version")
     if version != SCHEMA_VERSION:
         raise ValueError(
@@ -278,4 +318,9 @@ def load_state(path_stem: str | os.PathLike) -> Any:
             "use the t2i release that wrote it, or convert it"
         )
     tensors = load_weights(stem.with_suffix(".safetensors"))
-    return unflatten_state(doc["state"], tensors)
+    try:
+        return unflatten_state(doc["state"], tensors)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CorruptFileError(
+            f"{stem}.json and {stem}.safetensors do not match (missing tensor {err}); the checkpoint is damaged"
+        ) from None

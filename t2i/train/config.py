@@ -82,6 +82,9 @@ class DataConfig:
     random_crop: bool = False  # random crop (else centre crop) after resizing the short side
     num_workers: int = 0  # DataLoader worker processes (0: load in the training process)
     shapes_focus: str | None = None  # shapes source: only prompts naming this "colour shape" pair (a fine-tune set)
+    # shapes source: category weights of the train stream, e.g. {position: 2, colors: 0.5}; unnamed categories
+    # keep weight 1 (a curriculum lever: spend the samples where the model is weakest)
+    shapes_weights: dict[str, float] | None = None
 
 
 @dataclass

@@ -57,7 +57,8 @@ def build_dataset(cfg: DataConfig, seed: int = 0) -> Dataset | IterableDataset:
                 raise ValueError(
                     f'data.shapes_focus must be "colour shape", e.g. "purple circle"; got {cfg.shapes_focus!r}'
                 )
-        return ShapesDataset("train", cfg.image_size, seed=seed, length=cfg.num_samples, focus=focus)
+        weights = _shapes_weights(cfg.shapes_weights, focus)
+        return ShapesDataset("train", cfg.image_size, seed=seed, length=cfg.num_samples, weights=weights, focus=focus)
     if cfg.source in ("folder", "tar", "embeddings") and not cfg.path:
         raise ValueError(f"data.source={cfg.source} needs data.path (a folder, shard list or embeddings file)")
     if cfg.source == "folder":
@@ -75,6 +76,27 @@ def build_dataset(cfg: DataConfig, seed: int = 0) -> Dataset | IterableDataset:
             raise ValueError("embedding datasets hold vectors; set data.random_flip and data.random_crop to false")
         return EmbeddingDataset(cfg.path)
     raise ValueError(f"unknown data.source {cfg.source!r}; choose one of {', '.join(SOURCES)}")
+
+
+def _shapes_weights(weights: dict[str, float] | None, focus) -> dict[str, float] | None:
+    """``data.shapes_weights`` completed to all seven categories (unnamed ones weigh 1), checked up front."""
+    if not weights:
+        return None
+    from t2i.data.captions import ALL_CATEGORIES
+
+    if focus is not None:
+        raise ValueError("data.shapes_focus and data.shapes_weights exclude each other: a focus set has one pair")
+    unknown = sorted(set(weights) - set(ALL_CATEGORIES))
+    if unknown:
+        raise ValueError(f"data.shapes_weights names unknown categories {unknown}; use {', '.join(ALL_CATEGORIES)}")
+    full = {c: 1.0 for c in ALL_CATEGORIES}
+    for name, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
+            raise ValueError(f"data.shapes_weights.{name} must be a number >= 0, got {w!r}")
+        full[name] = float(w)
+    if sum(full.values()) <= 0:
+        raise ValueError("data.shapes_weights gives every category weight 0; keep at least one positive")
+    return full
 
 
 def _aug(cfg: DataConfig) -> dict[str, bool]:

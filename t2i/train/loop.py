@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from t2i.io import load_into
 
 from . import distributed as D
-from .checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_resumable, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .data import MicroBatches, build_dataset
 from .ema import EMA
@@ -118,18 +118,21 @@ class Trainer:
         self._resume_requested = bool(resume)
         state = None
         if resume:
-            ckpt_path = resolve_resume(self.run_dir, resume)
-            if ckpt_path is not None:
-                loaded = load_checkpoint(
-                    ckpt_path,
-                    model=self.model,
-                    ema=self.ema.module if self.ema else None,
-                    allow_pickle=allow_pickle,
-                    load_fn=self.task.load_saved_state,
-                )
-                state, self.resumed_from = loaded.state, ckpt_path
+            loaded = load_resumable(
+                self.run_dir,
+                resume,
+                model=self.model,
+                ema=self.ema.module if self.ema else None,
+                allow_pickle=allow_pickle,
+                load_fn=self.task.load_saved_state,
+            )
+            if loaded is not None:
+                state, self.resumed_from = loaded.state, loaded.path
                 self.step = self._saved_step = loaded.step
                 self._config_changes = config_changes(loaded.metadata, cfg)
+                if self.dist.is_main:
+                    for note in loaded.notes:
+                        self._say(note)
 
         self.train_model = D.wrap_model(self.model, cfg.run.distributed, self.dist, self.device)
         if cfg.run.compile:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import signal
@@ -13,9 +14,9 @@ import pytest
 import torch
 from train_helpers import tiny_overrides
 
-from t2i.io import CheckpointMismatchError, load_weights, read_config
+from t2i.io import CheckpointMismatchError, CorruptFileError, load_weights, read_config
 from t2i.train import checkpoint as ckpt_mod
-from t2i.train.checkpoint import latest_checkpoint, list_checkpoints
+from t2i.train.checkpoint import latest_checkpoint, list_checkpoints, verify_checkpoint
 from t2i.train.loop import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +29,7 @@ def test_checkpoint_contents_and_keep_last(tiny_cfg, quiet):
     found = list_checkpoints(tr.run_dir)
     assert [p.name for p in found] == ["step_00000005", "step_00000006"]
     files = sorted(os.listdir(found[-1]))
-    assert files == ["ema.safetensors", "model.safetensors", "state.json", "state.safetensors"]
+    assert files == ["checksums.json", "ema.safetensors", "model.safetensors", "state.json", "state.safetensors"]
     assert read_config(found[-1] / "model.safetensors")["run"]["steps"] == 6
     assert not any(p.suffix == ".pkl" or p.suffix == ".pt" for p in tr.run_dir.rglob("*"))
 
@@ -56,6 +57,82 @@ def test_crash_mid_save_leaves_previous_checkpoint_loadable(tiny_cfg, quiet, mon
     assert explicit.step == 1
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         Trainer(cfg, out=quiet, resume=str(good.parent / "step_00000002.partial"))
+
+
+def _flip_byte(path: Path, offset_from_end: int = 7) -> None:
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0x40  # inside the tensor data, past the header: safetensors itself cannot notice
+    path.write_bytes(bytes(data))
+
+
+def _damaged_run(tiny_cfg, quiet, **extra):
+    cfg = tiny_cfg(**{"run.steps": 3, "run.ckpt_every": 1, "run.keep_last": 3, "ema.enabled": True, **extra})
+    tr = Trainer(cfg, out=quiet)
+    tr.fit()
+    return cfg, list_checkpoints(tr.run_dir)
+
+
+@pytest.mark.parametrize("damage", ["flipped_tensor_byte", "truncated", "garbage", "state_json", "ema_missing_listed"])
+def test_resume_skips_a_damaged_newest_checkpoint_and_says_so(tiny_cfg, quiet, damage):
+    cfg, (first, second, newest) = _damaged_run(tiny_cfg, quiet)
+    assert verify_checkpoint(newest)
+    if damage == "flipped_tensor_byte":
+        _flip_byte(newest / "model.safetensors")
+    elif damage == "truncated":
+        f = newest / "ema.safetensors"
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif damage == "garbage":
+        (newest / "state.safetensors").write_bytes(os.urandom(256))
+    elif damage == "state_json":
+        (newest / "state.json").write_text("{")
+    else:
+        (newest / "ema.safetensors").unlink()
+    with pytest.raises(CorruptFileError, match=str(newest)):
+        verify_checkpoint(newest)
+    log = io.StringIO()
+    resumed = Trainer(cfg, out=log, resume=True)
+    assert resumed.step == 2 and resumed.resumed_from == second
+    said = log.getvalue().splitlines()
+    assert said[0].startswith("checkpoint step_00000003 is damaged, skipped:") and "step_00000003" in said[0]
+    assert said[1] == "resuming from step_00000002, the newest intact checkpoint"
+    ref = load_weights(second / "model.safetensors")
+    assert all(torch.equal(resumed.model.state_dict()[k], v) for k, v in ref.items())
+
+
+def test_every_checkpoint_damaged_or_one_named_is_a_clear_error(tiny_cfg, quiet):
+    cfg, found = _damaged_run(tiny_cfg, quiet)
+    _flip_byte(found[-1] / "model.safetensors")
+    with pytest.raises(CorruptFileError, match="fails its checksum"):  # an explicit --resume-from does not fall back
+        Trainer(cfg, out=quiet, resume=str(found[-1]))
+    for path in found[:-1]:
+        _flip_byte(path / "state.safetensors")
+    with pytest.raises(CorruptFileError, match="every checkpoint .* is damaged; start a fresh run"):
+        Trainer(cfg, out=quiet, resume=True)
+
+
+def test_checkpoint_without_checksums_still_loads_and_a_missing_ema_warns(tiny_cfg, quiet):
+    cfg, found = _damaged_run(tiny_cfg, quiet)
+    (found[-1] / "checksums.json").unlink()  # written before checksums existed
+    (found[-1] / "ema.safetensors").unlink()
+    assert verify_checkpoint(found[-1]) is False
+    log = io.StringIO()
+    resumed = Trainer(cfg, out=log, resume=True)
+    assert resumed.step == 3
+    assert "step_00000003 has no ema.safetensors; the EMA restarts from the current weights" in log.getvalue()
+
+
+def test_unreadable_weights_file_is_named_in_one_error(tmp_path):
+    from t2i.io import load_state
+
+    bad = tmp_path / "w.safetensors"
+    for content in (b"", os.urandom(64), b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}"):
+        bad.write_bytes(content)
+        with pytest.raises(CorruptFileError, match=r"w\.safetensors is not a readable safetensors file"):
+            load_weights(bad)
+    (tmp_path / "s.json").write_text('{"t2i_schema_version": 1, "state": {"a": {"__tensor__": "a"}}}')
+    (tmp_path / "s.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(CorruptFileError, match="do not match"):
+        load_state(tmp_path / "s")
 
 
 @pytest.mark.parametrize(("precision", "accum"), [("fp32", 1), ("bf16", 2)])
