@@ -221,6 +221,9 @@ class MicroBatches:
             num_workers=num_workers,
             collate_fn=collate,
             persistent_workers=num_workers > 0,
+            # its own generator: the loader draws a base seed per epoch, which must not consume the global stream
+            # that dropout draws from (a resumed run would otherwise be one draw out of step)
+            generator=torch.Generator().manual_seed(seed),
         )
         self._iter = iter(loader)
 

@@ -158,6 +158,10 @@ class Trainer:
             num_workers=cfg.data.num_workers,
         )
         self.log = MetricsLog(self.run_dir, tensorboard=cfg.run.tensorboard) if self.dist.is_main else None
+        if state is not None:
+            # last: dropout and the tasks' own global draws continue exactly where the saved run stopped only if
+            # nothing else draws from the global generators between here and the first resumed step
+            set_rng_state(state["rng"])
 
     # -- state ----------------------------------------------------------------------------------------------
 
@@ -203,7 +207,6 @@ class Trainer:
             self.ema.load_extra_state(state["ema"])
         if self.scaler is not None and "grad_scaler" in state:
             self.scaler.load_state_dict(state["grad_scaler"])
-        set_rng_state(state["rng"])
 
     def save(self) -> Path | None:
         """Checkpoint the current step (rank 0 writes; every rank takes part in gathering sharded state)."""

@@ -187,7 +187,9 @@ class DistillTask(Task):
         x0, cond, _ = self.base.distill_inputs(self.teacher, batch, torch.device("cpu"))
         t = torch.full((2,), 0.5, dtype=torch.float64)
         with torch.no_grad():
-            self._denoiser(self.teacher)(self.path.add_noise(x0, torch.randn_like(x0), t), t, **cond)
+            # a private generator: building the task must not move the global stream that training draws from
+            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(x0)
+            self._denoiser(self.teacher)(self.path.add_noise(x0, noise, t), t, **cond)
         return {n: f.shape[-1] for n, f in self.tap.pop().items()}
 
     def _denoiser(self, net: nn.Module) -> Denoiser:
