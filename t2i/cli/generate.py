@@ -12,6 +12,7 @@ them goes to ``contact_sheet.png``. Arguments are checked before any model is lo
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 import time
@@ -65,6 +66,9 @@ def _prompts(args) -> list[str]:
     return [args.prompt.strip()]
 
 
+MAX_SEED = 2**62  # torch generators take 64-bit seeds; room for seed + k over any batch
+
+
 def _check_args(args) -> None:
     from t2i.cli.main import CLIError
     from t2i.diffusion import SAMPLERS
@@ -75,16 +79,17 @@ def _check_args(args) -> None:
         raise CLIError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.steps is not None and args.steps < 1:
         raise CLIError(f"--steps must be at least 1, got {args.steps}")
-    if args.cfg is not None and args.cfg < 0:
-        raise CLIError(f"--cfg must be >= 0 (1 disables guidance), got {args.cfg}")
+    if args.cfg is not None and not (math.isfinite(args.cfg) and args.cfg >= 0):
+        # nan/inf would run the whole model and write black images with exit status 0
+        raise CLIError(f"--cfg must be a finite number >= 0 (1 disables guidance), got {args.cfg}")
     if args.sampler is not None and args.sampler not in SAMPLERS:
         import difflib
 
         close = difflib.get_close_matches(args.sampler, list(SAMPLERS), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise CLIError(f"unknown sampler {args.sampler!r}{hint} (choose one of {', '.join(sorted(SAMPLERS))})")
-    if args.seed < 0:
-        raise CLIError(f"--seed must be >= 0, got {args.seed}")
+    if not 0 <= args.seed < MAX_SEED:  # checked before the model loads: image k uses seed + k
+        raise CLIError(f"--seed must lie in [0, 2**62), got {args.seed}")
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--output {out} exists and is not a folder")

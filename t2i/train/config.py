@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -202,14 +203,22 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ValueError(f"{name} must be a number, got {value!r}")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
             try:
-                return float(value)  # PyYAML reads 3e-4 (no dot) as a string
+                number = float(value)
+            except OverflowError:
+                raise ValueError(f"{name} is too large to be a number, got an integer of {len(str(value))} digits") from None
+        elif isinstance(value, str):
+            try:
+                number = float(value)  # PyYAML reads 3e-4 (no dot) as a string
             except ValueError:
                 pass
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        if number is None:
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        if not math.isfinite(number):  # no config value means "infinite": inf and nan are always typos or attacks
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ValueError(f"{name} must be a string, got {value!r}")
@@ -249,7 +258,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if len(parts) < 2 or not all(parts):
         raise ValueError(f"override key {key!r} must be dotted, section.key (e.g. optim.lr)")
-    return parts, yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return parts, yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"override {text!r}: the value is not valid YAML ({problem}); quote it or fix it") from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -270,15 +283,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Read a YAML config (or start from defaults), apply overrides, and validate everything."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"no config file at {path}; the shipped ones are in configs/ (e.g. configs/tiny)")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a mapping of sections (run, model, data, ...), got {type(data)}")
+        data = _read_yaml(Path(path))
     cfg = from_dict(TrainConfig, apply_overrides(data, list(overrides)))
     validate(cfg)
     return cfg
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise FileNotFoundError(f"no config file at {path}; the shipped ones are in configs/ (e.g. configs/tiny)")
+    if not path.is_file():
+        raise ValueError(f"{path} is a folder, not a config file; pass a .yaml file (e.g. configs/tiny/flow_rf.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file; a config is YAML (e.g. configs/tiny/flow_rf.yaml)") from None
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{path} is not valid YAML{at}: {problem}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of sections (run, model, data, ...), got {type(data).__name__}")
+    return data
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -294,11 +321,35 @@ def validate(cfg: TrainConfig) -> None:
         positive["run.eval_per_category"] = cfg.run.eval_per_category
         if cfg.run.eval_steps is not None:
             positive["run.eval_steps"] = cfg.run.eval_steps
-    if cfg.run.eval_every < 0:
-        raise ValueError(f"run.eval_every must be >= 0 (0: no scoring while training), got {cfg.run.eval_every}")
+    non_negative = {
+        "run.eval_every": (cfg.run.eval_every, "0: no scoring while training"),
+        "run.log_every": (cfg.run.log_every, "0: no metric lines"),
+        "run.sample_every": (cfg.run.sample_every, "0: a grid at the end only"),
+        "run.ckpt_every": (cfg.run.ckpt_every, "0: a checkpoint at the end only"),
+        "run.num_samples": (cfg.run.num_samples, "0: no sample grids"),
+        "run.threads": (cfg.run.threads, "0: torch's default"),
+        "data.num_workers": (cfg.data.num_workers, "0: load in the training process"),
+        "optim.weight_decay": (cfg.optim.weight_decay, "0: none"),
+    }
+    for name, (v, meaning) in non_negative.items():
+        if v < 0:
+            raise ValueError(f"{name} must be >= 0 ({meaning}), got {v}")
     for name, v in positive.items():
         if v < 1:
             raise ValueError(f"{name} must be at least 1, got {v}")
+    for name, v, most in (("data.batch_size", cfg.data.batch_size, 1 << 20), ("run.steps", cfg.run.steps, 1 << 40),
+                          ("data.image_size", cfg.data.image_size, 1 << 14), ("run.num_samples", cfg.run.num_samples,
+                          1 << 12), ("optim.grad_accum", cfg.optim.grad_accum, 1 << 16)):  # fmt: skip
+        if v > most:  # would allocate or loop for ever before saying anything useful
+            raise ValueError(f"{name}={v} is beyond any machine (at most {most}); did you mean a smaller value?")
+    if cfg.data.image_size < 1:
+        raise ValueError(f"data.image_size must be at least 1 px, got {cfg.data.image_size}")
+    if not 0 <= cfg.run.seed < 2**63:
+        raise ValueError(f"run.seed must lie in [0, 2**63), got {cfg.run.seed}")
+    if cfg.optim.eps <= 0:
+        raise ValueError(f"optim.eps must be positive, got {cfg.optim.eps}")
+    if not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        raise ValueError(f"optim.betas must each lie in [0, 1), got {list(cfg.optim.betas)}")
     if cfg.data.batch_size % cfg.optim.grad_accum:
         raise ValueError(
             f"data.batch_size ({cfg.data.batch_size}) must be divisible by optim.grad_accum ({cfg.optim.grad_accum}): "
