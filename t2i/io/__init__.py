@@ -18,6 +18,7 @@ from .safetensors_io import (
     load_into,
     load_state,
     load_weights,
+    named_read_errors,
     read_config,
     read_metadata,
     save_state,

@@ -59,7 +59,7 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 
 @contextmanager
-def _readable(path: Path) -> Iterator[None]:
+def named_read_errors(path: Path) -> Iterator[None]:
     """Turn safetensors' parse errors into one ``CorruptFileError`` that names the file."""
     try:
         yield
@@ -176,7 +176,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no weights file at {path}")
-    with _readable(path), safe_open(str(path), framework="pt") as f:
+    with named_read_errors(path), safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
 
 
@@ -208,7 +208,7 @@ def load_weights(path: str | os.PathLike, *, allow_pickle: bool = False, device:
         raise FileNotFoundError(f"no weights file at {path}")
     if path.suffix in PICKLE_SUFFIXES:
         return {k: v.to(device) for k, v in _refuse_pickle(path, allow_pickle).items()}
-    with _readable(path), safe_open(str(path), framework="pt", device=device) as f:
+    with named_read_errors(path), safe_open(str(path), framework="pt", device=device) as f:
         return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
 
 

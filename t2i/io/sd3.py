@@ -18,6 +18,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from .safetensors_io import CheckpointMismatchError
+
 TRANSFORMER_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIXES = {
@@ -163,6 +165,16 @@ def transformer_diffusers_to_official(sd: Mapping[str, Tensor]) -> dict[str, Ten
     return out
 
 
+def require_keys(sd: Mapping[str, Tensor], keys, what: str) -> None:
+    """One ``CheckpointMismatchError`` naming every key of ``keys`` that ``sd`` lacks (instead of a bare KeyError)."""
+    missing = [k for k in keys if k not in sd]
+    if missing:
+        raise CheckpointMismatchError(
+            f"the {what} weights lack {len(missing)} key(s) that give its shape: {', '.join(missing)}; "
+            "the file is incomplete or holds a different model"
+        )
+
+
 def detect_transformer(sd: Mapping[str, Tensor], *, head_dim: int | None = None) -> dict:
     """MMDiT config fields and a model name from official keys and shapes (the reference loader's rules).
 
@@ -176,11 +188,16 @@ def detect_transformer(sd: Mapping[str, Tensor], *, head_dim: int | None = None)
         sd = strip_prefix(sd, TRANSFORMER_PREFIX)
     if "x_embedder.proj.weight" not in sd or "pos_embed" not in sd:
         raise ValueError("not an SD3 transformer: x_embedder.proj.weight or pos_embed is missing")
+    require_keys(sd, ("final_layer.linear.weight", "context_embedder.weight", "y_embedder.mlp.0.weight",
+                      "joint_blocks.0.x_block.mlp.fc1.weight"), "SD3 transformer")  # fmt: skip
     D, in_ch, p, _ = sd["x_embedder.proj.weight"].shape
     depth = _depth(sd, r"joint_blocks\.(\d+)\.")
-    qk = "joint_blocks.0.context_block.attn.ln_k.weight" in sd
+    # QK-norm from any block that has it: one lost key must be reported as missing, not turn QK-norm off and make
+    # every other block's norm weights "unexpected"
+    ln_k = sorted(k for k in sd if re.match(r"joint_blocks\.\d+\.(context|x)_block\.attn\.ln_k\.weight$", k))
+    qk = bool(ln_k)
     if qk:
-        head_dim = int(sd["joint_blocks.0.context_block.attn.ln_k.weight"].shape[0])
+        head_dim = int(sd[ln_k[0]].shape[0])
     head_dim = head_dim or 64
     if D % head_dim:
         raise ValueError(f"hidden size {D} is not a multiple of head_dim {head_dim}; pass the right head_dim")
@@ -319,6 +336,8 @@ def detect_vae(sd: Mapping[str, Tensor]) -> dict:
     if any(k.startswith(VAE_PREFIX) for k in sd):
         sd = strip_prefix(sd, VAE_PREFIX)
     levels = _vae_levels(sd, r"encoder\.down\.(\d+)\.")
+    needed = ["encoder.conv_in.weight", "decoder.conv_in.weight"]
+    require_keys(sd, needed + [f"encoder.down.{i}.block.0.conv1.weight" for i in range(levels)], "VAE")
     chans = tuple(int(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0]) for i in range(levels))
     blocks = _vae_levels(sd, r"encoder\.down\.0\.block\.(\d+)\.")
     return {

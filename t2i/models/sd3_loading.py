@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +25,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from t2i.io import check_state_dict
+from t2i.io import CheckpointMismatchError, check_state_dict, named_read_errors
 from t2i.io.sd3 import (
     TRANSFORMER_PREFIX,
     VAE_PREFIX,
@@ -49,7 +51,7 @@ def read_safetensors(
     paths = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
     out: dict[str, Tensor] = {}
     for path in map(_checked, paths):
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        with named_read_errors(path), safe_open(str(path), framework="pt", device=str(device)) as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
                 if key.startswith(prefix):
                     t = f.get_tensor(key)
@@ -66,6 +68,24 @@ def _checked(path: PathLike) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"no weights file at {path}")
     return path
+
+
+def _dtype(sd: dict[str, Tensor], key: str) -> torch.dtype:
+    """The dtype of ``sd[key]``, or of the first floating tensor when that key is lost (``_fill`` names it)."""
+    if key in sd:
+        return sd[key].dtype
+    return next((t.dtype for t in sd.values() if t.is_floating_point()), torch.float32)
+
+
+@contextmanager
+def _naming(path: PathLike) -> Iterator[None]:
+    """Prefix a mismatch found while reading ``path`` with the file's name, so the one-line error says where."""
+    try:
+        yield
+    except CheckpointMismatchError as err:
+        if str(path) in str(err):
+            raise
+        raise CheckpointMismatchError(f"{path}: {err}") from None
 
 
 def _fill(model: nn.Module, sd: dict[str, Tensor], what: str) -> nn.Module:
@@ -94,21 +114,25 @@ def mmdit_from_state_dict(
         sd = {k[len(TRANSFORMER_PREFIX) :]: v for k, v in sd.items() if k.startswith(TRANSFORMER_PREFIX)}
     if config is None:
         config = MMDiTConfig(**detect_transformer(sd, head_dim=head_dim)["params"])
-    dtype = sd["context_embedder.weight"].dtype
+    dtype = _dtype(sd, "context_embedder.weight")
     model = MMDiT(config, dtype=dtype, device="meta")
     return _fill(model, {k: v.to(device) for k, v in sd.items()}, "MMDiT")
 
 
 def load_mmdit(path: PathLike, *, dtype: torch.dtype | None = None, device="cpu", head_dim=None) -> MMDiT:
     """The MMDiT of an official single file, a bare transformer file, or a diffusers ``transformer/`` folder."""
-    path = Path(path)
+    with _naming(path):
+        return _load_mmdit(Path(path), dtype=dtype, device=device, head_dim=head_dim)
+
+
+def _load_mmdit(path: Path, *, dtype, device, head_dim) -> MMDiT:
     if path.is_dir():
         config = json.loads((path / "config.json").read_text())
         sd = read_safetensors(_folder_weights(path), dtype=dtype, device=device)
         params = diffusers_transformer_config_to_params(config)
         return mmdit_from_state_dict(sd, config=MMDiTConfig(**params), device=device)
     path = _checked(path)
-    with safe_open(str(path), framework="pt") as f:
+    with named_read_errors(path), safe_open(str(path), framework="pt") as f:
         has_prefix = any(k.startswith(TRANSFORMER_PREFIX) for k in f.keys())  # noqa: SIM118
     sd = read_safetensors(path, prefix=TRANSFORMER_PREFIX if has_prefix else "", dtype=dtype, device=device)
     if has_prefix is False:
@@ -122,7 +146,7 @@ def vae_from_state_dict(
     if any(k.startswith("encoder.down_blocks.") for k in sd):
         sd = vae_diffusers_to_official(sd)
     cfg = VAEConfig(**detect_vae(sd), norm_groups=norm_groups)
-    dtype = sd["decoder.conv_in.weight"].dtype
+    dtype = _dtype(sd, "decoder.conv_in.weight")
     vae = AutoencoderKL(cfg, latent_format=latent_format, dtype=dtype, device="meta")
     return _fill(vae, {k: v.to(device) for k, v in sd.items()}, "VAE")
 
@@ -135,7 +159,11 @@ def load_vae(
     GroupNorm group counts leave no trace in the weights: files get ``norm_groups`` (32 in every SD3 VAE),
     diffusers folders their config's value.
     """
-    path = Path(path)
+    with _naming(path):
+        return _load_vae(Path(path), dtype=dtype, device=device, norm_groups=norm_groups)
+
+
+def _load_vae(path: Path, *, dtype, device, norm_groups: int) -> AutoencoderKL:
     if path.is_dir():
         config = json.loads((path / "config.json").read_text())
         if config.get("use_quant_conv", True) or config.get("use_post_quant_conv", True):
@@ -144,7 +172,7 @@ def load_vae(
         sd = read_safetensors(_folder_weights(path), dtype=dtype, device=device)
         return vae_from_state_dict(sd, norm_groups=int(config.get("norm_num_groups", 32)), latent_format=fmt)
     path = _checked(path)
-    with safe_open(str(path), framework="pt") as f:
+    with named_read_errors(path), safe_open(str(path), framework="pt") as f:
         keys = list(f.keys())
     has_prefix = any(k.startswith(VAE_PREFIX) for k in keys)
     if not has_prefix and any(k.startswith(TRANSFORMER_PREFIX) for k in keys):

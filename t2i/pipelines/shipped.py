@@ -222,11 +222,26 @@ def component_file(folder: Path, spec: dict[str, Any], part: str) -> Path:
     ``components`` names, relative to the folder (a student shares its teacher's VAE and text encoder this way
     instead of shipping copies)."""
     rel = spec.get("components", {}).get(part, f"{part}.safetensors")
-    if Path(rel).is_absolute():
-        raise ValueError(f"{folder}/model.json: components.{part} must be a path relative to the folder, got {rel!r}")
+    return _contained_file(folder, rel, f"components.{part}", siblings=True)
+
+
+def _contained_file(folder: Path, rel: Any, what: str, *, siblings: bool = False) -> Path:
+    """``folder / rel``, refused unless it is a ``.safetensors`` file inside ``folder`` (or, with ``siblings``, inside
+    another model folder beside it): a downloaded model.json must not make t2i read files elsewhere on the disk."""
+    where = f"{folder}/model.json: {what}"
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute():
+        raise ValueError(f"{where} must be a path relative to the model folder, got {rel!r}")
     path = folder / rel
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{where} must name a .safetensors file, got {rel!r}")
+    real, home = path.resolve(), folder.resolve()
+    owner = real.parent
+    inside = owner == home or (siblings and owner.parent == home.parent and (owner / "model.json").is_file())
+    if not inside:
+        allowed = "the model folder or a model folder beside it" if siblings else "the model folder"
+        raise ValueError(f"{where} points outside {allowed} ({rel!r} -> {real}); keep weights inside it")
     if not path.is_file():
-        raise FileNotFoundError(f"{folder}/model.json names {rel!r} for its {part}, but {path} does not exist")
+        raise FileNotFoundError(f"{folder}/model.json names {rel!r} for {what}, but {path} does not exist")
     return path
 
 
@@ -255,12 +270,12 @@ def _unclip_from_folder(folder: Path, spec: dict[str, Any]) -> UnCLIPGenerator:
 
     clip, _ = load_component(folder / "clip.safetensors")
     p = spec["prior"]
-    prior_net, _ = load_component(folder / p["file"])
+    prior_net, _ = load_component(_contained_file(folder, p["file"], "prior.file"))
     prior = PriorSpec(prior_net, VPPath(p["schedule"], p["timesteps"]), p["prediction"], sampler=p["sampler"],
                       steps=p["steps"], guidance=p["guidance"], num_candidates=p["candidates"])  # fmt: skip
     stages = []
     for st in spec["stages"]:
-        net, _ = load_component(folder / st["file"])
+        net, _ = load_component(_contained_file(folder, st["file"], "stages[].file"))
         low = None
         if st.get("lowres_size"):
             low = LowresAugment(st["lowres_size"], sample_level=st["sample_level"])

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from t2i.io import CheckpointMismatchError, CorruptFileError
 from t2i.io.sd3 import TRANSFORMER_PREFIX, VAE_PREFIX, split_official_checkpoint, transformer_official_to_diffusers
 from t2i.models.mmdit import PRESETS, MMDiT
 from t2i.models.sd3_loading import load_mmdit, load_sd3, load_text_encoder, load_vae, read_safetensors
@@ -64,6 +65,44 @@ def test_official_single_file(tmp_path):
     save_file({TRANSFORMER_PREFIX + k: v for k, v in model.state_dict().items()}, only_dit)
     with pytest.raises(ValueError, match="no VAE"):
         load_vae(only_dit)
+
+
+@pytest.mark.parametrize(
+    "lost",
+    ["final_layer.linear.weight", "context_embedder.weight", "joint_blocks.0.context_block.attn.ln_k.weight",
+     "joint_blocks.1.x_block.attn.ln_q.weight"],  # fmt: skip
+)
+def test_a_lost_transformer_key_is_named_with_the_file(tmp_path, lost):
+    model, _ = tiny_models()
+    sd = dict(model.state_dict())
+    del sd[lost]
+    path = tmp_path / "dit.safetensors"
+    save_file(sd, path)
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_mmdit(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: ") and lost in msg
+    assert "unexpected" not in msg  # one lost QK-norm weight is one missing key, not QK-norm switched off
+
+
+@pytest.mark.parametrize("lost", ["encoder.conv_in.weight", "decoder.conv_in.weight", "encoder.down.1.block.0.conv1.weight"])
+def test_a_lost_vae_key_is_named_with_the_file(tmp_path, lost):
+    _, vae = tiny_models()
+    sd = {k: v for k, v in vae.state_dict().items() if k != lost}
+    path = tmp_path / "vae.safetensors"
+    save_file(sd, path)
+    with pytest.raises(CheckpointMismatchError, match=lost) as err:
+        load_vae(path, norm_groups=4)
+    assert str(err.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 5, b"\xff" * 64])
+def test_unreadable_weights_files_are_named(tmp_path, content):
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(content)
+    for load in (load_mmdit, load_vae, read_safetensors):
+        with pytest.raises(CorruptFileError, match=r"broken\.safetensors is not a readable safetensors file"):
+            load(path)
 
 
 def test_only_safetensors_are_loaded(tmp_path):

@@ -178,9 +178,23 @@ def test_export_from_training_runs_round_trips(tmp_path):
     with pytest.raises(ValueError, match="does not hold the weights of the vae run"):
         export_sd3(tmp_path / "bad", transformer=sd3, vae=other_vae, clip=clip, share_from=out)
     (out / "clip.safetensors").rename(out / "gone.safetensors")
-    with pytest.raises(FileNotFoundError, match=r"names '\.\./m_sd3/clip\.safetensors' for its clip"):
+    with pytest.raises(FileNotFoundError, match=r"names '\.\./m_sd3/clip\.safetensors' for components\.clip"):
         load_generator(str(twin))
     (out / "gone.safetensors").rename(out / "clip.safetensors")
+    # a model.json must not reach files outside its folder and the model folders beside it
+    secret = tmp_path / "elsewhere"
+    secret.mkdir()
+    (secret / "vae.safetensors").write_bytes((out / "vae.safetensors").read_bytes())  # a folder without model.json
+    good = (twin / "model.json").read_text()
+    for rel, match in (("../elsewhere/vae.safetensors", "points outside"), ("../../vae.safetensors", "points outside"),
+                       (str(out / "vae.safetensors"), "relative to the model folder"),
+                       ("../m_sd3/model.json", "must name a .safetensors file"), ("", "relative")):  # fmt: skip
+        bad = json.loads(good)
+        bad["components"]["vae"] = rel
+        (twin / "model.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=match):
+            load_generator(str(twin))
+    (twin / "model.json").write_text(good)
 
     unet = (
         "model.params={dim: 8, dim_mults: [1, 2], num_res_blocks: 1, attn_levels: [false, true], "
