@@ -176,11 +176,9 @@ def create_app(cfg: ServeConfig | None = None, *, generators: dict[str, Any] | N
         e = validation_error(list(err.errors()))
         return JSONResponse(e.body(), status_code=e.status)
 
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, err: Exception):
-        log.exception("internal error on %s", request.url.path)
-        body = APIError(500, f"internal error: {type(err).__name__}: {err}", type="server_error").body()
-        return JSONResponse(body, status_code=500)
+    # an unexpected error is answered inside the app, as an ordinary response: Starlette's last-resort handler
+    # re-raises after answering, which made uvicorn drop the (keep-alive) connection and skip the metrics
+    app.add_middleware(_ContainErrors, on_error=metrics.on_response)
 
     # -- auth -------------------------------------------------------------------------------------------------
 
@@ -295,8 +293,7 @@ def create_app(cfg: ServeConfig | None = None, *, generators: dict[str, Any] | N
                 except Aborted:
                     return None
                 except Exception as err:
-                    log.exception("sampling failed")
-                    raise APIError(500, f"sampling failed: {type(err).__name__}: {err}", type="server_error") from err
+                    raise internal_error("sampling failed", err) from err
             if await request.is_disconnected():
                 batcher.cancel(job)
                 metrics.cancelled += 1
@@ -310,6 +307,40 @@ def create_app(cfg: ServeConfig | None = None, *, generators: dict[str, Any] | N
                                type="timeout_error", code="timeout")  # fmt: skip
 
     return app
+
+
+def internal_error(what: str, err: BaseException) -> APIError:
+    """A 500 that names an id to find in the server log, and nothing of the exception (it may hold paths)."""
+    ref = uuid.uuid4().hex[:12]
+    log.error("%s [error id %s]", what, ref, exc_info=(type(err), err, err.__traceback__))
+    return APIError(500, f"{what}: an internal error; the server log has the details under error id {ref}",
+                    type="server_error", code="internal_error")  # fmt: skip
+
+
+class _ContainErrors:
+    """ASGI middleware: an exception no handler took becomes a logged, counted 500 in OpenAI's error shape."""
+
+    def __init__(self, app, on_error):
+        self.app, self.on_error = app, on_error
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watch(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as err:
+            e = internal_error(f"{scope.get('method', '')} {scope.get('path', '')}", err)
+            self.on_error(500)
+            if started:  # half a response is on the wire: nothing to do but end the connection
+                raise
+            await JSONResponse(e.body(), status_code=500)(scope, receive, send)
 
 
 async def _read_json(request: Request, max_bytes: int) -> Any:
@@ -327,9 +358,16 @@ async def _read_json(request: Request, max_bytes: int) -> Any:
     if not raw.strip():
         raise APIError(400, 'the request body is empty; send JSON such as {"prompt": "a red circle"}')
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise APIError(400, f"the request body is not valid JSON ({err})", code="invalid_json") from None
+        return json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:  # thousands of nested brackets: refuse them, never a 500
+        raise APIError(400, "the request body nests too deeply to be a request", code="invalid_json") from None
+    except ValueError as err:  # JSONDecodeError, a non-UTF-8 body, an integer of more than 4300 digits, NaN
+        reason = str(err).splitlines()[0][:200]
+        raise APIError(400, f"the request body is not valid JSON ({reason})", code="invalid_json") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")  # Python's json reads NaN and Infinity unless told not to
 
 
 def _encode(images, job: Job, req: GenerationRequest, model_name: str, s, base_url: str, out_dir: Path):

@@ -30,7 +30,9 @@ class Limits:
 
 
 class GenerationRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    # strict: JSON types are what the schema says; `n: true`, `n: "2"`, `steps: 1.0` and `seed: 1e3` are 422s, not
+    # silently coerced (integers are still accepted where a number is asked for, as JSON has one number type)
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, strict=True, allow_inf_nan=False)
 
     prompt: str = Field(min_length=1, description="the text prompt")
     model: str | None = Field(None, description="a served model id (GET /v1/models); default: the first served")

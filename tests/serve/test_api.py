@@ -105,6 +105,17 @@ BAD_REQUESTS = [
     (b'{"prompt": "x", "seed": -3}', 422, "seed"),
     (b'{"prompt": "x", "model": "/etc/passwd"}', 404, "not served here"),
     (b'{"prompt": "x", "request_id": "../x"}', 422, "request_id"),
+    # strict types: no coercion of booleans, strings or floats into integers (issue: all four were accepted)
+    (b'{"prompt": "x", "n": true}', 422, "n: Input should be a valid integer"),
+    (b'{"prompt": "x", "n": "2"}', 422, "n: Input should be a valid integer"),
+    (b'{"prompt": "x", "steps": 1.0}', 422, "steps: Input should be a valid integer"),
+    (b'{"prompt": "x", "seed": 1e3}', 422, "seed: Input should be a valid integer"),
+    (b'{"prompt": "x", "guidance": "4"}', 422, "guidance: Input should be a valid number"),
+    (b'{"prompt": "x", "guidance": NaN}', 400, "NaN is not a JSON number"),
+    (b'{"prompt": "x", "guidance": 1e999}', 422, "guidance"),
+    # malformed bodies that used to be 500s
+    (b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "nests too deeply"),
+    (b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", 400, "not valid JSON"),
     (json.dumps({"prompt": "x" * 1001}).encode(), 400, "the limit is 1000"),
     (json.dumps({"prompt": "x" * 20000}).encode(), 413, "limit"),
 ]
@@ -192,3 +203,38 @@ def test_openapi_documents_the_request_shape(client):
     spec = client.get("/openapi.json").json()
     schema = spec["paths"]["/v1/images/generations"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert {"prompt", "n", "size", "response_format", "seed", "steps", "guidance"} <= set(schema["properties"])
+
+
+def test_an_unexpected_error_is_a_counted_500_that_leaks_nothing_and_keeps_the_connection(sd3_folder, tmp_path):
+    import http.client
+
+    from conftest import LiveServer
+
+    from t2i.pipelines.shipped import load_generator
+
+    real = load_generator(sd3_folder)
+
+    class Broken:  # a model whose settings cannot be read: an error no handler expects
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        @property
+        def defaults(self):
+            raise RuntimeError("/srv/secret/weights.safetensors vanished")
+
+    app = create_app(ServeConfig(output_dir=tmp_path, batch_window_ms=0), generators={"ok": real, "broken": Broken()})
+    with LiveServer(app) as srv:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+        headers = {"content-type": "application/json"}
+        conn.request("POST", "/v1/images/generations", json.dumps({"prompt": "x", "model": "broken"}), headers)
+        r = conn.getresponse()
+        body = json.loads(r.read())
+        assert r.status == 500 and body["error"]["type"] == "server_error"
+        assert "error id" in body["error"]["message"] and "secret" not in json.dumps(body)
+        # the same keep-alive connection still works
+        conn.request("POST", "/v1/images/generations", json.dumps({"prompt": "x", "model": "ok", "steps": 1}), headers)
+        r = conn.getresponse()
+        assert r.status == 200 and json.loads(r.read())["data"]
+        conn.request("GET", "/metrics")
+        counts = json.loads(conn.getresponse().read())["requests"]
+        assert counts.get("500") == 1 and counts.get("200") == 1
