@@ -68,6 +68,8 @@ def config_from_args(args: argparse.Namespace):
         raise CLIError("--timeout must be > 0 and --batch-window-ms >= 0")
     if not 0 < args.port < 65536:
         raise CLIError(f"--port must be 1-65535, got {args.port}")
+    if any(not k.strip() for k in args.api_keys):
+        raise CLIError("--api-key is empty; give a secret (an empty key would silently turn authentication off)")
     keys = [*args.api_keys, *(k.strip() for k in os.environ.get("T2I_API_KEY", "").split(",") if k.strip())]
     return ServeConfig(
         models=args.models or ["sd3-shapes"],
@@ -105,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     from t2i.pipelines.shipped import model_folder
 
-    for m in cfg.models:  # a typo fails here, in one line, not in the server's startup traceback
+    for m in [*cfg.models, *cfg.allow_models]:  # a typo fails here, in one line, not at startup or first use
         if model_folder(m) is None and not os.path.exists(m):
             raise CLIError(f"unknown model {m!r}: give a shipped name (sd3-shapes, unclip-shapes), a t2i model "
                            "folder, or a local SD3/SD3.5 file or diffusers folder")  # fmt: skip

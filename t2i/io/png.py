@@ -28,6 +28,9 @@ from torch import Tensor
 _PAIR = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^"\\])*"|[^,]*)(?:,|$)')
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
+
+
 def format_parameters(prompt: str, settings: Mapping[str, Any], negative: str = "") -> str:
     """The ``parameters`` text for ``prompt``, ``settings`` (ordered key -> value) and a negative prompt."""
 
@@ -35,11 +38,17 @@ def format_parameters(prompt: str, settings: Mapping[str, Any], negative: str = 
         s = str(v)
         return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"' if ("," in s or ":" in s or '"' in s) else s
 
-    lines = [prompt]
+    lines = [one_line(prompt)]
     if negative:
-        lines.append(f"Negative prompt: {negative}")
-    lines.append(", ".join(f"{k}: {value(v)}" for k, v in settings.items()))
+        lines.append(f"Negative prompt: {one_line(negative)}")
+    lines.append(", ".join(f"{k}: {one_line(value(v))}" for k, v in settings.items()))
     return "\n".join(lines)
+
+
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other control characters (NUL included) as spaces: a prompt must not forge
+    the ``Negative prompt:`` or settings lines that readers of the chunk parse."""
+    return _CONTROL.sub(" ", text)
 
 
 def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:

@@ -129,7 +129,9 @@ def create_app(cfg: ServeConfig | None = None, *, generators: dict[str, Any] | N
     """The ASGI app. ``generators`` (id -> Generator) serves already-loaded models (tests, notebooks)."""
     cfg = cfg or ServeConfig()
     registry = ModelRegistry(cfg.models, cfg.allow_models, generators)
-    limits = replace(cfg.limits, max_n=min(cfg.limits.max_n, cfg.max_batch))
+    # a request larger than the whole queue would get 429 for ever and clients that honour Retry-After would loop:
+    # it is a 400 instead ("at most N images per request")
+    limits = replace(cfg.limits, max_n=min(cfg.limits.max_n, cfg.max_batch, cfg.max_queue))
     metrics = Metrics()
     out_dir = Path(cfg.output_dir)
     keys = [k for k in cfg.api_keys if k]
@@ -355,6 +357,11 @@ async def _read_json(request: Request, max_bytes: int) -> Any:
             raise APIError(413, f"the request body is over the {max_bytes}-byte limit", code="body_too_large")
         chunks.append(chunk)
     raw = b"".join(chunks)
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        # a browser sends text/plain cross-origin without asking first (no CORS preflight): never read it as JSON
+        raise APIError(415, f"the request body must be sent as application/json, got {media or 'no content-type'!r}",
+                       code="unsupported_media_type")  # fmt: skip
     if not raw.strip():
         raise APIError(400, 'the request body is empty; send JSON such as {"prompt": "a red circle"}')
     try:

@@ -30,6 +30,9 @@ def test_flags_become_the_config(monkeypatch):
         (["--timeout", "0"], "--timeout must be > 0"),
         (["--port", "70000"], "--port must be 1-65535"),
         (["--model", "no/such/model"], "unknown model 'no/such/model'"),
+        (["--allow-model", "no/such/other"], "unknown model 'no/such/other'"),
+        (["--api-key", ""], "--api-key is empty"),
+        (["--api-key", "  "], "--api-key is empty"),
     ],
 )
 def test_bad_flags_fail_in_one_line(capsys, argv, message):

@@ -21,7 +21,7 @@ def test_layout_matches_what_png_info_readers_parse():
 
 @pytest.mark.parametrize(
     "prompt",
-    ['the word "CAT"', "two lines\nof prompt", "commas, colons: and 'quotes'", "unicode: ünïcödé ✓", ""],
+    ['the word "CAT"', "commas, colons: and 'quotes'", "unicode: ünïcödé ✓", ""],
 )
 def test_round_trip_through_a_png_file(tmp_path, prompt):
     settings = {**SETTINGS, "Note": 'has, comma: and "quote"'}
@@ -29,6 +29,16 @@ def test_round_trip_through_a_png_file(tmp_path, prompt):
     back_prompt, negative, back = parse_parameters(read_parameters(path))
     assert back_prompt == prompt and negative == "no, thanks"
     assert back == {k: str(v) for k, v in settings.items()}
+
+
+def test_line_breaks_and_nul_cannot_forge_lines(tmp_path):
+    forged = "a cat\nNegative prompt: evil\nSteps: 1, Sampler: forged, CFG scale: 0, Seed: 0\x00\r\u2028x"
+    text = format_parameters(forged, SETTINGS, "neg\nSteps: 2")
+    assert text.count("\n") == 2 and "\x00" not in text and "\r" not in text and "\u2028" not in text
+    path = save_png(tmp_path / "x.png", Image.new("RGB", (4, 4)), text)
+    prompt, negative, back = parse_parameters(read_parameters(path))
+    assert prompt.startswith("a cat Negative prompt: evil Steps: 1") and negative == "neg Steps: 2"
+    assert back == {k: str(v) for k, v in SETTINGS.items()}  # the real settings, not the forged ones
 
 
 def test_to_pil_rounds_and_clamps():

@@ -95,6 +95,7 @@ BAD_REQUESTS = [
     (b'{"prompt": "x", "n": "two"}', 422, "n: Input should be a valid integer"),
     (b'{"prompt": 7}', 422, "prompt: Input should be a valid string"),
     (b'{"prompt": "x", "n": 9}', 400, "at most 8 images"),
+    (b'{"prompt": "x"}', 415, "must be sent as application/json, got 'text/plain'"),
     (b'{"prompt": "x", "steps": 1000}', 400, "steps is 1000; the limit is 100"),
     (b'{"prompt": "x", "size": "big"}', 422, "size"),
     (b'{"prompt": "x", "size": "32x48"}', 400, "square"),
@@ -123,7 +124,8 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize(("body", "status", "message"), BAD_REQUESTS, ids=range(len(BAD_REQUESTS)))
 def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(client, body, status, message):
-    r = client.post("/v1/images/generations", content=body, headers={"content-type": "application/json"})
+    media = "text/plain" if status == 415 else "application/json"  # text/plain: a cross-origin "simple" POST
+    r = client.post("/v1/images/generations", content=body, headers={"content-type": media})
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert message in err["message"] and err["type"]
@@ -238,3 +240,11 @@ def test_an_unexpected_error_is_a_counted_500_that_leaks_nothing_and_keeps_the_c
         conn.request("GET", "/metrics")
         counts = json.loads(conn.getresponse().read())["requests"]
         assert counts.get("500") == 1 and counts.get("200") == 1
+
+
+def test_a_request_larger_than_the_queue_is_a_400_not_an_endless_429(sd3_folder, tmp_path):
+    cfg = ServeConfig(models=[sd3_folder], output_dir=tmp_path, batch_window_ms=0, max_queue=2)
+    with TestClient(create_app(cfg)) as c:
+        r = c.post("/v1/images/generations", json={"prompt": "x", "n": 3, "steps": 1})
+        assert r.status_code == 400 and "at most 2 images" in r.json()["error"]["message"]
+        assert "retry-after" not in r.headers
