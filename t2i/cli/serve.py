@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 import sys
 
 
@@ -37,6 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="require 'Authorization: Bearer <key>' (repeatable; also $T2I_API_KEY, comma-separated)",
     )
     p.add_argument("--output-dir", default="out/serve", help="where response_format=url images go (out/serve)")
+    p.add_argument("--public-url", help="URL prefix of response_format=url links (default: the bound address; the "
+                   "request's Host header is never used)")  # fmt: skip
+    p.add_argument("--url-ttl", type=float, default=3600.0,
+                   help="seconds response_format=url images are kept before deletion (default 3600)")  # fmt: skip
     p.add_argument("--max-batch", type=int, default=16, help="most images per sampling call (default 16)")
     p.add_argument(
         "--batch-window-ms",
@@ -66,6 +71,10 @@ def config_from_args(args: argparse.Namespace):
             raise CLIError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.timeout <= 0 or args.batch_window_ms < 0:
         raise CLIError("--timeout must be > 0 and --batch-window-ms >= 0")
+    if not args.url_ttl > 0:
+        raise CLIError(f"--url-ttl must be > 0 seconds, got {args.url_ttl}")
+    if args.public_url is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", args.public_url):
+        raise CLIError(f"--public-url must be an http(s) URL such as https://example.org/t2i, got {args.public_url!r}")
     if not 0 < args.port < 65536:
         raise CLIError(f"--port must be 1-65535, got {args.port}")
     if any(not k.strip() for k in args.api_keys):
@@ -82,6 +91,8 @@ def config_from_args(args: argparse.Namespace):
         max_queue=args.max_queue,
         request_timeout_s=args.timeout,
         batching=not args.no_batching,
+        public_url=args.public_url,
+        url_ttl_s=args.url_ttl,
     )
 
 

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -64,6 +66,10 @@ class ServeConfig:
     max_queue: int = 64
     request_timeout_s: float = 300.0
     batching: bool = True
+    # response_format=url: the URL prefix clients are given (default: the address the server is bound to; never the
+    # request's Host header, which any client can set), and how long the PNGs are kept before they are deleted
+    public_url: str | None = None
+    url_ttl_s: float = 3600.0
 
 
 class ModelRegistry:
@@ -134,6 +140,7 @@ def create_app(cfg: ServeConfig | None = None, *, generators: dict[str, Any] | N
     limits = replace(cfg.limits, max_n=min(cfg.limits.max_n, cfg.max_batch, cfg.max_queue))
     metrics = Metrics()
     out_dir = Path(cfg.output_dir)
+    sweeper = _Sweeper(out_dir, cfg.url_ttl_s)
     keys = [k for k in cfg.api_keys if k]
 
     def run_batch(key, prompts, seeds, progress):
@@ -275,7 +282,9 @@ def create_app(cfg: ServeConfig | None = None, *, generators: dict[str, Any] | N
         if images is None:  # the client went away; nobody reads this response
             metrics.on_response(499)
             return Response(status_code=499)
-        data = await asyncio.to_thread(_encode, images, job, req, gen.name, s, str(request.base_url), out_dir)
+        if req.response_format == "url":
+            await asyncio.to_thread(sweeper.sweep)
+        data = await asyncio.to_thread(_encode, images, job, req, gen.name, s, _base_url(request, cfg), out_dir)
         body = {"created": int(time.time()), "data": data,
                 "t2i": {"model": model_id, "steps": s.steps, "guidance": s.cfg, "sampler": s.sampler,
                         "size": f"{s.size}x{s.size}", "negative_prompt": req.negative_prompt,
@@ -309,6 +318,37 @@ def create_app(cfg: ServeConfig | None = None, *, generators: dict[str, Any] | N
                                type="timeout_error", code="timeout")  # fmt: skip
 
     return app
+
+
+def _base_url(request: Request, cfg: ServeConfig) -> str:
+    """Where clients fetch ``/files/...``: the configured public URL, else the socket the request arrived on."""
+    if cfg.public_url:
+        return cfg.public_url.rstrip("/")
+    server = request.scope.get("server")
+    if not server:
+        return ""  # no socket (an in-process client): a path-only URL
+    host, port = server[0], server[1]
+    host = f"[{host}]" if ":" in host else host
+    return f"{request.url.scheme}://{host}:{port}"
+
+
+class _Sweeper:
+    """Deletes response_format=url PNGs older than ``ttl`` seconds: at most one pass a minute, when new ones come."""
+
+    def __init__(self, folder: Path, ttl: float, every: float = 60.0):
+        self.folder, self.ttl, self.every, self.last = folder, ttl, every, -math.inf
+
+    def sweep(self) -> int:
+        now = time.time()
+        if now - self.last < min(self.every, self.ttl) or not self.folder.is_dir():
+            return 0
+        self.last, gone = now, 0
+        for path in self.folder.iterdir():
+            if _FILE_NAME.fullmatch(path.name) and now - path.stat().st_mtime > self.ttl:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    gone += 1
+        return gone
 
 
 def internal_error(what: str, err: BaseException) -> APIError:

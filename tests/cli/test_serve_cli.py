@@ -15,9 +15,11 @@ def parse(*argv):
 def test_flags_become_the_config(monkeypatch):
     monkeypatch.setenv("T2I_API_KEY", "env1, env2")
     cfg = config_from_args(parse("--model", "a", "--model", "b", "--allow-model", "c", "--api-key", "k",
-                                 "--max-batch", "4", "--max-n", "2", "--no-batching", "--timeout", "9"))  # fmt: skip
+                                 "--max-batch", "4", "--max-n", "2", "--no-batching", "--timeout", "9",
+                                 "--public-url", "https://x.org/t2i", "--url-ttl", "60"))  # fmt: skip
     assert cfg.models == ["a", "b"] and cfg.allow_models == ["c"] and cfg.api_keys == ["k", "env1", "env2"]
     assert cfg.max_batch == 4 and cfg.limits.max_n == 2 and not cfg.batching and cfg.request_timeout_s == 9
+    assert cfg.public_url == "https://x.org/t2i" and cfg.url_ttl_s == 60
     monkeypatch.delenv("T2I_API_KEY")
     default = config_from_args(parse())
     assert default.models == ["sd3-shapes"] and default.api_keys == [] and default.batching
@@ -32,6 +34,8 @@ def test_flags_become_the_config(monkeypatch):
         (["--model", "no/such/model"], "unknown model 'no/such/model'"),
         (["--allow-model", "no/such/other"], "unknown model 'no/such/other'"),
         (["--api-key", ""], "--api-key is empty"),
+        (["--url-ttl", "0"], "--url-ttl must be > 0"),
+        (["--public-url", "ftp://x"], "--public-url must be an http(s) URL"),
         (["--api-key", "  "], "--api-key is empty"),
     ],
 )

@@ -54,8 +54,8 @@ def test_same_seed_same_image_and_settings_change_it(client):
 def test_url_response_serves_the_file_from_the_output_folder_only(client, tmp_path):
     r = client.post("/v1/images/generations", json={"prompt": "x", "seed": 1, "steps": 1, "response_format": "url"})
     url = r.json()["data"][0]["url"]
-    assert url.startswith("http://testserver/files/") and url.endswith("-1.png")
-    got = client.get(url.removeprefix("http://testserver"))
+    assert url.startswith("http://testserver:80/files/") and url.endswith("-1.png")  # the socket's address
+    got = client.get(url.removeprefix("http://testserver:80"))
     assert got.status_code == 200 and got.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(got.content)).size == (32, 32)
     secret = tmp_path / "secret.png"
@@ -155,7 +155,7 @@ def test_api_key_on_every_route_but_health(sd3_folder, tmp_path):
         good = {"Authorization": "Bearer s3cret"}
         r = c.post("/v1/images/generations", json=req, headers=good)
         assert r.status_code == 200
-        url = r.json()["data"][0]["url"].removeprefix("http://testserver")
+        url = r.json()["data"][0]["url"].removeprefix("http://testserver:80")
         assert c.get(url).status_code == 401 and c.get(url, headers=good).status_code == 200
         assert c.get("/v1/models", headers={"x-api-key": "s3cret"}).status_code == 200
 
@@ -248,3 +248,23 @@ def test_a_request_larger_than_the_queue_is_a_400_not_an_endless_429(sd3_folder,
         r = c.post("/v1/images/generations", json={"prompt": "x", "n": 3, "steps": 1})
         assert r.status_code == 400 and "at most 2 images" in r.json()["error"]["message"]
         assert "retry-after" not in r.headers
+
+
+def test_url_responses_ignore_the_host_header_and_old_files_are_swept(sd3_folder, tmp_path):
+    import os
+    import time
+
+    out = tmp_path / "out"
+    cfg = ServeConfig(models=[sd3_folder], output_dir=out, batch_window_ms=0, public_url="https://img.example.org/t2i/")
+    req = {"prompt": "x", "seed": 1, "steps": 1, "response_format": "url"}
+    with TestClient(create_app(cfg)) as c:
+        first = c.post("/v1/images/generations", json=req, headers={"host": "evil.example"}).json()["data"][0]["url"]
+        assert first.startswith("https://img.example.org/t2i/files/") and "evil" not in first
+        old = out / first.rsplit("/", 1)[1]
+        stale = time.time() - 2 * cfg.url_ttl_s
+        os.utime(old, (stale, stale))
+        keep = out / "notes.txt"  # not a file the server wrote: never touched
+        keep.write_text("mine")
+        os.utime(keep, (stale, stale))
+        second = c.post("/v1/images/generations", json={**req, "seed": 2}).json()["data"][0]["url"]
+        assert not old.exists() and (out / second.rsplit("/", 1)[1]).exists() and keep.exists()
