@@ -42,6 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "request's Host header is never used)")  # fmt: skip
     p.add_argument("--url-ttl", type=float, default=3600.0,
                    help="seconds response_format=url images are kept before deletion (default 3600)")  # fmt: skip
+    p.add_argument("--max-connections", type=int, default=512,
+                   help="open connections at most; beyond, the oldest one still sending its request is dropped")
+    p.add_argument("--read-timeout", type=float, default=10.0,
+                   help="seconds a client has to send a request's headers and body (default 10)")
     p.add_argument("--max-batch", type=int, default=16, help="most images per sampling call (default 16)")
     p.add_argument(
         "--batch-window-ms",
@@ -71,6 +75,8 @@ def config_from_args(args: argparse.Namespace):
             raise CLIError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.timeout <= 0 or args.batch_window_ms < 0:
         raise CLIError("--timeout must be > 0 and --batch-window-ms >= 0")
+    if args.max_connections < 1 or not args.read_timeout > 0:
+        raise CLIError("--max-connections must be at least 1 and --read-timeout > 0")
     if not args.url_ttl > 0:
         raise CLIError(f"--url-ttl must be > 0 seconds, got {args.url_ttl}")
     if args.public_url is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", args.public_url):
@@ -131,5 +137,12 @@ def run(args: argparse.Namespace) -> int:
               "can use the server (set --api-key or T2I_API_KEY)", file=sys.stderr)  # fmt: skip
     print(f"t2i serve: {', '.join(cfg.models)} on http://{args.host}:{args.port}/ (API docs at /docs)",
           file=sys.stderr)  # fmt: skip
-    uvicorn.run(create_app(cfg), host=args.host, port=args.port, log_level=args.log_level)
+    from t2i.serve.guard import ConnectionLimits, uvicorn_config
+
+    limits = ConnectionLimits(max_connections=args.max_connections, request_read_s=args.read_timeout)
+    config = uvicorn_config(create_app(cfg), host=args.host, port=args.port, limits=limits, log_level=args.log_level)
+    if config.guard.limits.max_connections < args.max_connections:
+        print(f"t2i serve: at most {config.guard.limits.max_connections} connections (the file-descriptor limit)",
+              file=sys.stderr)  # fmt: skip
+    uvicorn.Server(config).run()
     return 0

@@ -13,13 +13,16 @@ from model_folders import tiny_sd3_folder
 
 
 class LiveServer:
-    def __init__(self, app):
+    def __init__(self, app, limits=None):
+        from t2i.serve.guard import uvicorn_config
+
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.config = uvicorn_config(app, host="127.0.0.1", port=self.port, limits=limits, log_level="warning")
+        self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> LiveServer:
