@@ -146,9 +146,10 @@ class RateLimitedLog(logging.Filter):
 
 
 def install_log_limits(burst: int = 20, window: float = 60.0) -> RateLimitedLog:
-    """Rate-limit the loggers a flood can drive: uvicorn's, asyncio's (the accept loop) and t2i.serve's."""
+    """Rate-limit the loggers a flood can drive: uvicorn's errors, asyncio's (the accept loop) and t2i.serve's.
+    Access lines are left alone: there is one per answered request, so the request rate already bounds them."""
     flt = RateLimitedLog(burst, window)
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "asyncio", "t2i.serve"):
+    for name in ("uvicorn", "uvicorn.error", "asyncio", "t2i.serve"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, RateLimitedLog) for f in logger.filters):
             logger.addFilter(flt)
