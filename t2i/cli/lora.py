@@ -74,8 +74,8 @@ def run_merge(args: argparse.Namespace) -> int:
     loras = []
     for spec in args.loras:
         path, weight = _split_weight(spec)
-        state, _ = load_lora(path)
-        loras.append((convert_lora(state, "t2i", module_names=names), weight))
+        state, meta = load_lora(path)
+        loras.append((convert_lora(state, "t2i", module_names=names, metadata=meta), weight))
     save_weights(args.output, merge_into_state_dict(base, loras), metadata={"merged_loras": ",".join(args.loras)})
     print(f"wrote {args.output}: {args.base} with {len(loras)} adapter(s) merged")
     return 0
@@ -85,7 +85,7 @@ def run_convert(args: argparse.Namespace) -> int:
     from t2i.io.lora import convert_lora, detect_format, load_lora, save_lora
 
     state, meta = load_lora(args.input)
-    out = convert_lora(state, args.to, module_names=_module_names(args.base))
+    out = convert_lora(state, args.to, module_names=_module_names(args.base), metadata=meta)
     save_lora(args.output, out, metadata={k: v for k, v in meta.items() if k.startswith("base")})
     print(f"wrote {args.output}: {detect_format(state)} -> {args.to}, {len(out)} tensors")
     return 0

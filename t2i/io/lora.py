@@ -24,6 +24,8 @@ keep no alpha in the tensors. Conversion therefore works as follows:
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -155,11 +157,60 @@ def sd3_to_diffusers(state: Mapping[str, Tensor], prefix: str = DIFFUSERS_PREFIX
     return out
 
 
-def sd3_from_diffusers(state: Mapping[str, Tensor], prefix: str = DIFFUSERS_PREFIX) -> dict[str, Tensor]:
-    """diffusers/peft SD3 LoRA -> t2i layout on official MMDiT names (alpha = rank, scale folded into up)."""
+PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers writes the peft LoraConfig here, as JSON
+
+
+def _peft_pattern_key(patterns: Iterable[str], module: str) -> str:
+    """peft's rule: a pattern applies to ``module`` when it matches the whole name or a dotted suffix of it."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return module
+
+
+def peft_scales(metadata: Mapping[str, str] | None, targets: Iterable[str], prefix: str = DIFFUSERS_PREFIX) -> dict:
+    """The scale peft applies to each diffusers target module, from a file's ``lora_adapter_metadata``.
+
+    ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA), with ``rank_pattern`` / ``alpha_pattern`` overriding per module,
+    as ``StableDiffusion3Pipeline.load_lora_weights`` applies them. A file without that metadata gets scale 1
+    (diffusers then sets lora_alpha = r).
+    """
+    raw = (metadata or {}).get(PEFT_METADATA_KEY)
+    if not raw:
+        return {t: 1.0 for t in targets}
+    try:
+        cfg = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"the LoRA file's {PEFT_METADATA_KEY} is not valid JSON ({err})") from None
+    pre = f"{prefix}."
+    if any(k.startswith(pre) for k in cfg):  # a pipeline-level file: one config per component, prefixed
+        cfg = {k[len(pre) :]: v for k, v in cfg.items() if k.startswith(pre)}
+    r = cfg.get("r", 8)
+    alpha = cfg.get("lora_alpha", r)
+    ranks, alphas = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    out = {}
+    for t in targets:
+        rr = ranks.get(_peft_pattern_key(ranks, t), r)
+        aa = alphas.get(_peft_pattern_key(alphas, t), alpha)
+        out[t] = float(aa) / (math.sqrt(rr) if cfg.get("use_rslora") else float(rr))
+    return out
+
+
+def sd3_from_diffusers(
+    state: Mapping[str, Tensor], prefix: str = DIFFUSERS_PREFIX, *, metadata: Mapping[str, str] | None = None
+) -> dict[str, Tensor]:
+    """diffusers/peft SD3 LoRA -> t2i layout on official MMDiT names (alpha = rank, scale folded into up).
+
+    ``metadata`` (the file's safetensors metadata) carries peft's lora_alpha and per-module patterns; without it the
+    scale is 1, as diffusers assumes for a file without them.
+    """
     pre = f"{prefix}." if prefix else ""
     plain = {(k[len(pre) :] if pre and k.startswith(pre) else k): v for k, v in state.items()}
     targets = sorted({k.rsplit(".lora_", 1)[0] for k in plain if ".lora_A." in k})
+    for t, scale in peft_scales(metadata, targets, prefix).items():
+        if scale != 1.0:
+            b = plain[f"{t}.lora_B.weight"]
+            plain[f"{t}.lora_B.weight"] = (b.float() * scale).to(b.dtype)
     block_rules, top_rules = _sd3_rules()
     out, used = {}, set()
 
@@ -208,10 +259,17 @@ def sd3_from_diffusers(state: Mapping[str, Tensor], prefix: str = DIFFUSERS_PREF
     return out
 
 
-def convert_lora(state: Mapping[str, Tensor], to: str, *, module_names: Iterable[str] | None = None) -> dict:
+def convert_lora(
+    state: Mapping[str, Tensor],
+    to: str,
+    *,
+    module_names: Iterable[str] | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> dict:
     """Convert a LoRA state dict of any layout to ``to`` ("t2i", "kohya" or "diffusers"; diffusers = SD3 only).
 
-    ``module_names`` (the target model's module names) is needed to read kohya files.
+    ``module_names`` (the target model's module names) is needed to read kohya files; ``metadata`` (the file's
+    safetensors metadata) to read a diffusers file's lora_alpha and its per-module patterns.
     """
     if to not in FORMATS:
         raise ValueError(f"unknown LoRA format {to!r}; choose one of {FORMATS}")
@@ -221,7 +279,7 @@ def convert_lora(state: Mapping[str, Tensor], to: str, *, module_names: Iterable
             raise ValueError("reading a kohya LoRA needs the model's module names to undo the underscores")
         native = from_kohya(state, module_names)
     elif src == "diffusers":
-        native = sd3_from_diffusers(state)
+        native = sd3_from_diffusers(state, metadata=metadata)
     else:
         native = dict(state)
     if to == "t2i":

@@ -113,3 +113,39 @@ def test_fast_path_applies_adapters_everywhere():
         model.set_fast_path(True)
         fast = model(x, t, ctx, pooled)
     torch.testing.assert_close(fast, plain, atol=2e-5, rtol=1e-5)
+
+
+def test_diffusers_lora_alpha_and_patterns_from_the_file_metadata(tmp_path):
+    """A file saved by diffusers with lora_alpha != r, an alpha_pattern and a rank_pattern loads at the strength
+    diffusers' own loader applies (its scales live only in the file's ``lora_adapter_metadata``)."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    cfg, base, twin, _ = _models()
+    config = LoraConfig(r=2, lora_alpha=5, rank_pattern={"to_k": 4}, alpha_pattern={"to_out.0": 1, "to_k": 8},
+                        target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj"])  # fmt: skip
+    twin.add_adapter(config)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for n, p in twin.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.2, generator=g)
+    StableDiffusion3Pipeline.save_lora_weights(
+        tmp_path, transformer_lora_layers=get_peft_model_state_dict(twin),
+        transformer_lora_adapter_metadata=twin.peft_config["default"].to_dict(),
+    )  # fmt: skip
+    state, meta = load_lora(next(tmp_path.glob("*.safetensors")))
+    assert "lora_adapter_metadata" in meta
+    model = randomize_(MMDiT(cfg)).eval()
+    model.load_state_dict(base.state_dict())
+    load_lora_state_dict(model, convert_lora(state, "t2i", metadata=meta))
+    x, t, ctx, pooled = _inputs(cfg)
+    with torch.no_grad():
+        theirs = twin(x, ctx, pooled, t).sample
+        torch.testing.assert_close(model(x, t, ctx, pooled), theirs, atol=2e-5, rtol=1e-5)
+        # without the metadata every scale would be 1: a visibly different model
+        unscaled = randomize_(MMDiT(cfg)).eval()
+        unscaled.load_state_dict(base.state_dict())
+        load_lora_state_dict(unscaled, convert_lora(state, "t2i"))
+        assert (unscaled(x, t, ctx, pooled) - theirs).abs().max() > 1e-3
