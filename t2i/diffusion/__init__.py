@@ -25,6 +25,7 @@ from .samplers import (
     sample_ddpm,
     sample_dpmpp_2m,
     sample_dpmpp_2m_sde,
+    sample_dpmpp_2m_ve,
     sample_euler,
     sample_euler_ancestral,
     sample_heun,

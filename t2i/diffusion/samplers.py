@@ -174,6 +174,45 @@ def sample_dpmpp_2m(
 
 
 @torch.no_grad()
+def sample_dpmpp_2m_ve(
+    denoise: DenoiseFn,
+    x: Tensor,
+    ts: Tensor,
+    path: NoisePath,
+    *,
+    extra_args: dict | None = None,
+    callback: Callable | None = None,
+    noise: NoiseSource = None,
+    progress: bool = False,
+) -> Tensor:
+    """DPM-Solver++(2M) in the variance-exploding form, ``lambda = -log sigma``, with no alpha term.
+
+    This is the update the official sd3.5 reference applies to its flow models (k-diffusion's sampler on the flow
+    sigmas): ``x <- (sigma'/sigma) x + (1 - sigma'/sigma) D``, D the 2M-corrected denoised estimate. On a flow path
+    it is not the probability-flow solver of ``dpmpp_2m`` (which uses ``lambda = log(alpha/sigma)``; they differ by
+    0.23 relative at 8 steps), but it reproduces the reference's images; the ``sd3.5-large-ref`` preset uses it.
+    """
+    grid, extra_args = _Grid(ts, path), extra_args or {}
+    x = x.float()
+    old_x0, h_last = None, None
+    for i in _steps(grid, progress, "dpmpp_2m_ve"):
+        x0 = denoise(x, grid.t(i, x), **extra_args)
+        _call(callback, x, i, grid, x0)
+        s, s_n = grid.sigmas[i], grid.sigmas[i + 1]
+        if s_n == 0:
+            x = x0  # lambda = inf: the step lands on the denoised estimate
+            continue
+        h = math.log(s / s_n)
+        d = x0
+        if old_x0 is not None:
+            r = h_last / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old_x0
+        x = (s_n / s) * x + (1 - s_n / s) * d
+        old_x0, h_last = x0, h
+    return x
+
+
+@torch.no_grad()
 def sample_dpmpp_2m_sde(
     denoise: DenoiseFn,
     x: Tensor,
@@ -359,6 +398,8 @@ SAMPLERS: dict[str, SamplerInfo] = {
     "heun": SamplerInfo(sample_heun, False, 2, "Heun 2nd order (Karras et al. 2022); 2 calls per step"),
     "dpmpp_2m": SamplerInfo(sample_dpmpp_2m, False, 2, "DPM-Solver++(2M) (Lu et al. 2022)"),
     "dpmpp_2m_sde": SamplerInfo(sample_dpmpp_2m_sde, True, 2, "DPM-Solver++(2M) SDE (Lu et al. 2022)"),
+    "dpmpp_2m_ve": SamplerInfo(sample_dpmpp_2m_ve, False, 2,
+                               "DPM-Solver++(2M) in VE form, as the sd3.5 reference applies it to flow models"),
     "consistency": SamplerInfo(sample_consistency, True, 1, "multistep consistency sampling, for distilled students"),
 }
 

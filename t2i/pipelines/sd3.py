@@ -58,8 +58,9 @@ class SD3Preset:
 PRESETS: dict[str, SD3Preset] = {
     # model card: 28 steps at guidance 3.5 (3.5-4.5 works)
     "sd3.5-large": SD3Preset(steps=28, cfg=3.5, sampler="euler"),
-    # the sd3.5 reference CONFIGS entry: 40 steps, cfg 4.5, DPM++(2M)
-    "sd3.5-large-ref": SD3Preset(steps=40, cfg=4.5, sampler="dpmpp_2m"),
+    # the sd3.5 reference CONFIGS entry: 40 steps, cfg 4.5, and its DPM++(2M), which works in VE form on the flow
+    # sigmas (lambda = -log sigma): `dpmpp_2m_ve` reproduces it; t2i's own `dpmpp_2m` is the flow-correct solver
+    "sd3.5-large-ref": SD3Preset(steps=40, cfg=4.5, sampler="dpmpp_2m_ve"),
     # ADD-distilled: 4 Euler steps, no CFG
     "sd3.5-large-turbo": SD3Preset(steps=4, cfg=1.0, sampler="euler"),
     # 40 steps, cfg 4.5, SLG on layers 7, 8, 9 at 2.5 between 1% and 20% of the steps

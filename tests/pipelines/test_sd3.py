@@ -111,7 +111,7 @@ def test_presets_are_the_documented_defaults():
         (0.01, 0.2),
     )
     assert all(p.shift == 3.0 for p in PRESETS.values())
-    assert PRESETS["sd3.5-large-ref"].sampler == "dpmpp_2m" and PRESETS["sd3.5-large"].steps == 28
+    assert PRESETS["sd3.5-large-ref"].sampler == "dpmpp_2m_ve" and PRESETS["sd3.5-large"].steps == 28
     with pytest.raises(ValueError, match="unknown sampler"):
         SD3Preset(sampler="nope")
 
