@@ -42,10 +42,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "request's Host header is never used)")  # fmt: skip
     p.add_argument("--url-ttl", type=float, default=3600.0,
                    help="seconds response_format=url images are kept before deletion (default 3600)")  # fmt: skip
-    p.add_argument("--max-connections", type=int, default=512,
-                   help="open connections at most; beyond, the oldest one still sending its request is dropped")
-    p.add_argument("--read-timeout", type=float, default=10.0,
-                   help="seconds a client has to send a request's headers and body (default 10)")
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=512,
+        help="open connections at most; beyond, the oldest one still sending its request is dropped",
+    )
+    p.add_argument(
+        "--read-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a client has to send a request's headers and body (default 10)",
+    )
     p.add_argument("--max-batch", type=int, default=16, help="most images per sampling call (default 16)")
     p.add_argument(
         "--batch-window-ms",

@@ -398,8 +398,9 @@ SAMPLERS: dict[str, SamplerInfo] = {
     "heun": SamplerInfo(sample_heun, False, 2, "Heun 2nd order (Karras et al. 2022); 2 calls per step"),
     "dpmpp_2m": SamplerInfo(sample_dpmpp_2m, False, 2, "DPM-Solver++(2M) (Lu et al. 2022)"),
     "dpmpp_2m_sde": SamplerInfo(sample_dpmpp_2m_sde, True, 2, "DPM-Solver++(2M) SDE (Lu et al. 2022)"),
-    "dpmpp_2m_ve": SamplerInfo(sample_dpmpp_2m_ve, False, 2,
-                               "DPM-Solver++(2M) in VE form, as the sd3.5 reference applies it to flow models"),
+    "dpmpp_2m_ve": SamplerInfo(
+        sample_dpmpp_2m_ve, False, 2, "DPM-Solver++(2M) in VE form, as the sd3.5 reference applies it to flow models"
+    ),
     "consistency": SamplerInfo(sample_consistency, True, 1, "multistep consistency sampling, for distilled students"),
 }
 

@@ -139,7 +139,9 @@ class RateLimitedLog(logging.Filter):
             dropped = sum(max(0, c - self.burst) for c in self.counts.values())
             self.start, self.counts = now, {}
             if dropped:
-                record.msg = f"{dropped} repeated log lines suppressed in the last {self.window:g} s; then: {record.msg}"
+                record.msg = (
+                    f"{dropped} repeated log lines suppressed in the last {self.window:g} s; then: {record.msg}"
+                )
         key = (record.name, record.msg)
         self.counts[key] = self.counts.get(key, 0) + 1
         return self.counts[key] <= self.burst
@@ -164,8 +166,9 @@ def uvicorn_config(app, *, host: str, port: int, limits: ConnectionLimits | None
     limits = ConnectionLimits(usable_connections(limits.max_connections), limits.request_read_s, limits.keep_alive_s)
     guard = _Guard(limits)
     protocol = type("GuardedH11", (GuardedH11Protocol,), {"guard": guard})
+    backlog = min(2048, limits.max_connections * 4)
     config = uvicorn.Config(app, host=host, port=port, http=protocol, log_level=log_level,
-                            timeout_keep_alive=limits.keep_alive_s, backlog=min(2048, limits.max_connections * 4))  # fmt: skip
+                            timeout_keep_alive=limits.keep_alive_s, backlog=backlog)  # fmt: skip
     config.guard = guard
     install_log_limits()
     return config

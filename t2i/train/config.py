@@ -10,6 +10,7 @@ way against the chosen model's or task's own config dataclass when it is built.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -208,12 +209,10 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             try:
                 number = float(value)
             except OverflowError:
-                raise ValueError(f"{name} is too large to be a number, got an integer of {len(str(value))} digits") from None
+                raise ValueError(f"{name} is too large to be a number ({value.bit_length()} bits)") from None
         elif isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):
                 number = float(value)  # PyYAML reads 3e-4 (no dot) as a string
-            except ValueError:
-                pass
         if number is None:
             raise ValueError(f"{name} must be a number, got {value!r}")
         if not math.isfinite(number):  # no config value means "infinite": inf and nan are always typos or attacks

@@ -69,8 +69,12 @@ def test_official_single_file(tmp_path):
 
 @pytest.mark.parametrize(
     "lost",
-    ["final_layer.linear.weight", "context_embedder.weight", "joint_blocks.0.context_block.attn.ln_k.weight",
-     "joint_blocks.1.x_block.attn.ln_q.weight"],  # fmt: skip
+    [
+        "final_layer.linear.weight",
+        "context_embedder.weight",
+        "joint_blocks.0.context_block.attn.ln_k.weight",
+        "joint_blocks.1.x_block.attn.ln_q.weight",
+    ],
 )
 def test_a_lost_transformer_key_is_named_with_the_file(tmp_path, lost):
     model, _ = tiny_models()
@@ -85,7 +89,9 @@ def test_a_lost_transformer_key_is_named_with_the_file(tmp_path, lost):
     assert "unexpected" not in msg  # one lost QK-norm weight is one missing key, not QK-norm switched off
 
 
-@pytest.mark.parametrize("lost", ["encoder.conv_in.weight", "decoder.conv_in.weight", "encoder.down.1.block.0.conv1.weight"])
+@pytest.mark.parametrize(
+    "lost", ["encoder.conv_in.weight", "decoder.conv_in.weight", "encoder.down.1.block.0.conv1.weight"]
+)
 def test_a_lost_vae_key_is_named_with_the_file(tmp_path, lost):
     _, vae = tiny_models()
     sd = {k: v for k, v in vae.state_dict().items() if k != lost}

@@ -255,7 +255,9 @@ def test_url_responses_ignore_the_host_header_and_old_files_are_swept(sd3_folder
     import time
 
     out = tmp_path / "out"
-    cfg = ServeConfig(models=[sd3_folder], output_dir=out, batch_window_ms=0, public_url="https://img.example.org/t2i/")
+    cfg = ServeConfig(
+        models=[sd3_folder], output_dir=out, batch_window_ms=0, public_url="https://img.example.org/t2i/"
+    )
     req = {"prompt": "x", "seed": 1, "steps": 1, "response_format": "url"}
     with TestClient(create_app(cfg)) as c:
         first = c.post("/v1/images/generations", json=req, headers={"host": "evil.example"}).json()["data"][0]["url"]

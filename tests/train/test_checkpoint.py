@@ -74,7 +74,7 @@ def _damaged_run(tiny_cfg, quiet, **extra):
 
 @pytest.mark.parametrize("damage", ["flipped_tensor_byte", "truncated", "garbage", "state_json", "ema_missing_listed"])
 def test_resume_skips_a_damaged_newest_checkpoint_and_says_so(tiny_cfg, quiet, damage):
-    cfg, (first, second, newest) = _damaged_run(tiny_cfg, quiet)
+    cfg, (_, second, newest) = _damaged_run(tiny_cfg, quiet)
     assert verify_checkpoint(newest)
     if damage == "flipped_tensor_byte":
         _flip_byte(newest / "model.safetensors")
@@ -106,7 +106,7 @@ def test_every_checkpoint_damaged_or_one_named_is_a_clear_error(tiny_cfg, quiet)
         Trainer(cfg, out=quiet, resume=str(found[-1]))
     for path in found[:-1]:
         _flip_byte(path / "state.safetensors")
-    with pytest.raises(CorruptFileError, match="every checkpoint .* is damaged; start a fresh run"):
+    with pytest.raises(CorruptFileError, match=r"every checkpoint .* is damaged; start a fresh run"):
         Trainer(cfg, out=quiet, resume=True)
 
 

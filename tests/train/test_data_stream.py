@@ -91,6 +91,8 @@ def test_shapes_source_trains_when_available(tiny_cfg, quiet):
 
 def test_shapes_category_weights_shape_the_train_stream():
     pytest.importorskip("t2i.data.dataset")
+    from t2i.data.captions import ALL_CATEGORIES
+
     data = load_config(None, ["data.source=shapes", "data.image_size=32", "data.num_samples=400",
                               "data.shapes_weights={position: 3, colors: 0, text: 0}"]).data  # fmt: skip
     ds = build_dataset(data)
@@ -101,9 +103,8 @@ def test_shapes_category_weights_shape_the_train_stream():
     assert "colors" not in counts and "text" not in counts  # weight 0: never drawn
     # position weighs 3 of 7 (single_object, two_objects, counting, color_attribution weigh 1 each): about 171 of 400
     assert 130 < counts["position"] < 215, counts
-    for bad, match in (("{positon: 2}", "unknown categories"), ("{position: -1}", ">= 0"),
-                       ("{single_object: 0, two_objects: 0, counting: 0, colors: 0, position: 0, color_attribution: 0, text: 0}",
-                        "weight 0")):
+    all_zero = "{" + ", ".join(f"{c}: 0" for c in ALL_CATEGORIES) + "}"
+    for bad, match in (("{positon: 2}", "unknown categories"), ("{position: -1}", ">= 0"), (all_zero, "weight 0")):
         cfg = load_config(None, ["data.source=shapes", f"data.shapes_weights={bad}"]).data
         with pytest.raises(ValueError, match=match):
             build_dataset(cfg)
