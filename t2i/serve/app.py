@@ -36,7 +36,7 @@ from collections.abc import Hashable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -45,11 +45,52 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from t2i.serve.batcher import Aborted, Batcher, Job, QueueFull
 from t2i.serve.metrics import Metrics
-from t2i.serve.schemas import APIError, GenerationRequest, Limits, check_limits, parse_request, validation_error
+from t2i.serve.schemas import (
+    APIError,
+    GenerationRequest,
+    Limits,
+    check_limits,
+    parse_request,
+    request_schema,
+    validation_error,
+)
 
 log = logging.getLogger("t2i.serve")
 STATIC = Path(__file__).parent / "static"
 _FILE_NAME = re.compile(r"[A-Za-z0-9_-]{1,100}\.png")
+
+_ERROR_BODY = {
+    "description": "an error in OpenAI's shape",
+    "content": {"application/json": {"schema": {
+        "type": "object", "required": ["error"],
+        "properties": {"error": {"type": "object", "required": ["message", "type"], "properties": {
+            "message": {"type": "string"}, "type": {"type": "string"},
+            "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}},
+    }}},
+}  # fmt: skip
+_WHY = {
+    400: "malformed JSON, or a value this server's limits or the model cannot take (the message names the field)",
+    401: "missing or wrong API key",
+    404: "no such model, request id or file",
+    405: "method not allowed",
+    413: "request body too large",
+    415: "the body is not application/json",
+    422: "a field of the wrong type, out of range, or unknown",
+    429: "the queue is full; retry after the Retry-After seconds",
+    500: "an internal error (the message holds an id to find in the server log, nothing else)",
+    504: "the request did not finish within the server's timeout",
+}
+
+
+def _sampler_names():
+    from t2i.diffusion import SAMPLERS
+
+    return SAMPLERS
+
+
+def _errors(*codes: int) -> dict:
+    """OpenAPI ``responses`` for the error statuses a route can answer (schemathesis checks them)."""
+    return {c: {**_ERROR_BODY, "description": _WHY[c]} for c in (*codes, 401, 405, 500)}
 
 
 @dataclass
@@ -211,7 +252,7 @@ def create_app(cfg: ServeConfig | None = None, *, generators: dict[str, Any] | N
     async def page():
         return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_errors())
     async def list_models(request: Request):
         from t2i.diffusion import SAMPLERS
 
@@ -230,7 +271,7 @@ def create_app(cfg: ServeConfig | None = None, *, generators: dict[str, Any] | N
             data.append(entry)
         return {"object": "list", "data": data}
 
-    @app.get("/v1/progress/{request_id}")
+    @app.get("/v1/progress/{request_id}", responses=_errors(404, 422))
     async def progress(request_id: str, request: Request):
         authorize(request)
         state = batcher.progress(request_id)
@@ -238,16 +279,26 @@ def create_app(cfg: ServeConfig | None = None, *, generators: dict[str, Any] | N
             raise APIError(404, f"no request with request_id {request_id!r} is queued or recent", param="request_id")
         return state
 
-    @app.get("/metrics")
-    async def get_metrics(request: Request, format: str = "json"):
+    @app.get(
+        "/metrics",
+        responses={
+            **_errors(422),
+            200: {
+                "description": "counters, histograms and latencies",
+                "content": {"application/json": {}, "text/plain": {}},
+            },
+        },
+    )
+    async def get_metrics(request: Request, format: Literal["json", "prometheus"] = "json"):
         authorize(request)
         if format == "prometheus":
             return PlainTextResponse(metrics.prometheus(batcher), media_type="text/plain; version=0.0.4")
-        if format != "json":
-            raise APIError(400, "format must be json or prometheus", param="format")
         return metrics.snapshot(batcher)
 
-    @app.get("/files/{name}")
+    @app.get(
+        "/files/{name}",
+        responses={**_errors(404), 200: {"content": {"image/png": {}}, "description": "a PNG this server wrote"}},
+    )
     async def files(name: str, request: Request):
         authorize(request)
         path = (out_dir / name).resolve()
@@ -255,8 +306,9 @@ def create_app(cfg: ServeConfig | None = None, *, generators: dict[str, Any] | N
             raise APIError(404, "no such file", code="file_not_found")
         return FileResponse(path, media_type="image/png")
 
-    @app.post("/v1/images/generations", openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": GenerationRequest.model_json_schema()}}}})  # fmt: skip
+    @app.post("/v1/images/generations", responses=_errors(400, 404, 413, 415, 422, 429, 504),
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": request_schema(limits, list(_sampler_names()))}}}})  # fmt: skip
     async def generations(request: Request):
         t0 = time.perf_counter()
         authorize(request)

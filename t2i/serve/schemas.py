@@ -34,10 +34,14 @@ class GenerationRequest(BaseModel):
     # silently coerced (integers are still accepted where a number is asked for, as JSON has one number type)
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, strict=True, allow_inf_nan=False)
 
-    prompt: str = Field(min_length=1, description="the text prompt")
+    prompt: str = Field(min_length=1, description="the text prompt", json_schema_extra={"pattern": r"\S"})
     model: str | None = Field(None, description="a served model id (GET /v1/models); default: the first served")
     n: int = Field(1, ge=1, description="images to generate")
-    size: str = Field("auto", description='"WxH" (square: W == H) or "auto" for the model\'s trained size')
+    size: str = Field(
+        "auto",
+        description='"WxH" (square: W == H) or "auto" for the model\'s trained size',
+        json_schema_extra={"pattern": r"^(auto|[1-9][0-9]{0,4}x[1-9][0-9]{0,4})$"},
+    )
     response_format: Literal["b64_json", "url"] = "b64_json"
     user: str | None = Field(None, max_length=256)
     quality: str | None = Field(None, description="accepted for OpenAI compatibility; ignored")
@@ -48,7 +52,11 @@ class GenerationRequest(BaseModel):
     guidance: float | None = Field(None, ge=0, description="classifier-free guidance scale (1 disables it)")
     sampler: str | None = None
     negative_prompt: str = ""
-    request_id: str | None = Field(None, description="client-chosen id for GET /v1/progress/{request_id}")
+    request_id: str | None = Field(
+        None,
+        description="client-chosen id for GET /v1/progress/{request_id}",
+        json_schema_extra={"pattern": r"^[A-Za-z0-9_-]{1,64}$"},
+    )
 
     @field_validator("size")
     @classmethod
@@ -85,6 +93,23 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def request_schema(limits: Limits, samplers: list[str]) -> dict[str, Any]:
+    """The request's JSON schema with this server's limits in it, so the published API says what it accepts."""
+    schema = GenerationRequest.model_json_schema()
+    props = schema["properties"]
+    props["prompt"]["maxLength"] = limits.max_prompt_chars
+    props["negative_prompt"]["maxLength"] = limits.max_prompt_chars
+    props["n"]["maximum"] = limits.max_n
+    for name, bound in (("steps", limits.max_steps), ("guidance", limits.max_guidance)):
+        for alt in props[name].get("anyOf", [props[name]]):
+            if alt.get("type") in ("integer", "number"):
+                alt["maximum"] = bound
+    for alt in props["sampler"].get("anyOf", [props["sampler"]]):
+        if alt.get("type") == "string":
+            alt["enum"] = sorted(samplers)
+    return schema
 
 
 def check_limits(req: GenerationRequest, limits: Limits) -> None:
