@@ -44,6 +44,7 @@ test: $(STAMP) browser
 
 test-slow: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -m slow
+	FUZZ_EXAMPLES=400 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 tests/fuzz
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check .

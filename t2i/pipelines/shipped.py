@@ -201,7 +201,12 @@ class UnCLIPGenerator(Generator):
 
 
 def _read_model_json(folder: Path) -> dict[str, Any]:
-    spec = json.loads((folder / "model.json").read_text())
+    try:
+        spec = json.loads((folder / "model.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{folder}/model.json is not valid JSON ({err}); restore the folder's copy") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{folder}/model.json must hold a JSON object, got {type(spec).__name__}")
     if spec.get("format") != FORMAT:
         raise ValueError(f"{folder}/model.json is format {spec.get('format')!r}; this t2i reads {FORMAT!r}")
     return spec
@@ -312,11 +317,16 @@ def load_generator(model: str) -> Generator:
         )
     if (path / "model.json").exists():
         spec = _read_model_json(path)
-        if spec["kind"] == "sd3":
-            return _sd3_from_folder(path, spec)
-        if spec["kind"] == "unclip":
-            return _unclip_from_folder(path, spec)
-        raise ValueError(f"{path}/model.json has unknown kind {spec['kind']!r}")
+        build = {"sd3": _sd3_from_folder, "unclip": _unclip_from_folder}.get(spec.get("kind"))
+        if build is None:
+            raise ValueError(f"{path}/model.json has unknown kind {spec.get('kind')!r}; use sd3 or unclip")
+        try:
+            return build(path, spec)
+        except (KeyError, TypeError, AttributeError) as err:  # an entry missing or of the wrong JSON type
+            raise ValueError(
+                f"{path}/model.json is malformed ({type(err).__name__}: {err}); compare it with a folder that "
+                "`t2i export` wrote"
+            ) from None
     from t2i.pipelines.sd3 import PRESETS, SD3Pipeline
 
     def settings(p) -> Settings:
