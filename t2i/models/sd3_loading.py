@@ -63,10 +63,10 @@ def read_safetensors(
 
 def _checked(path: PathLike) -> Path:
     path = Path(path)
+    if not path.exists():  # first: a missing folder is not a pickle file
+        raise FileNotFoundError(f"no weights file at {path}")
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: only .safetensors files are loaded (pickle checkpoints can run code)")
-    if not path.exists():
-        raise FileNotFoundError(f"no weights file at {path}")
     return path
 
 

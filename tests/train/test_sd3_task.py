@@ -158,3 +158,16 @@ def test_training_loop_smoke(tmp_path):
     cfg = load_config(None, overrides(tmp_path, **extra))
     result = train(cfg)
     assert result is not None
+
+
+def test_a_component_that_was_never_trained_is_named(tmp_path, capsys):
+    from t2i.cli.main import main
+
+    for part in ("vae", "text"):
+        cfg = load_config(None, overrides(tmp_path, **{f"task.params.{part}": str(tmp_path / "runs" / "never")}))
+        with pytest.raises(FileNotFoundError, match=f"task.params.{part}=.*never does not exist: train that"):
+            build_task(cfg)
+    assert main(["train", "configs/distill/sd3_shapes_consistency.yaml",
+                 f"task.params.base_params.vae={tmp_path / 'nothing'}", "--dry-run"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "does not exist: train that component first" in err and "pickle" not in err

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -81,6 +82,13 @@ class SD3Task(Task):
         self.seed = cfg.run.seed
         self.vae: nn.Module | None = None
         self.text_encoder: nn.Module | None = None
+        for name, path in (("vae", p.vae), ("text", p.text)):
+            if path is not None and not Path(path).exists():
+                raise FileNotFoundError(
+                    f"task.params.{name}={path} does not exist: train that component first (configs/default/ holds "
+                    "the recipes: `make train-defaults` runs them in order), or point it at an existing run, a "
+                    "model folder's component file (e.g. models/sd3-shapes/vae.safetensors) or SD3 weights"
+                )
         if p.vae is not None:
             self.vae = self._load_vae(p.vae)
         if p.text is not None:
