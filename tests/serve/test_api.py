@@ -211,7 +211,7 @@ def test_openapi_documents_the_request_shape(client):
 def test_an_unexpected_error_is_a_counted_500_that_leaks_nothing_and_keeps_the_connection(sd3_folder, tmp_path):
     import http.client
 
-    from conftest import LiveServer
+    from live_server import LiveServer
 
     from t2i.pipelines.shipped import load_generator
 

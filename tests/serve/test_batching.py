@@ -13,7 +13,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from conftest import LiveServer
+from live_server import LiveServer
 from PIL import Image
 
 from t2i.serve import ServeConfig, create_app

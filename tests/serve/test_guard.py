@@ -9,7 +9,7 @@ import socket
 import time
 
 import pytest
-from conftest import LiveServer
+from live_server import LiveServer
 
 from t2i.pipelines.shipped import load_generator
 from t2i.serve.app import ServeConfig, create_app

@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from conftest import LiveServer
+from live_server import LiveServer
 
 from t2i.serve import ServeConfig, create_app
 
