@@ -108,6 +108,16 @@ def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str
         if key == "transformer" and distilled:
             what = f"MMDiT-X student ({distilled['method']} distillation)"
             config = f"configs/distill/{r.get('run')}.yaml"
+        first = r.get("started_from")
+        if first:  # a curriculum: the stage it continued, then this one
+            cfg1 = f"configs/default/{str(first.get('run')).removeprefix('default_')}.yaml"
+            lines.append(f"| {key}, stage 1 | {what} | `{cfg1}` | {r.get('params', 0) / 1e6:.2f} M | "
+                         f"{first.get('step', '-')} | {first.get('batch_size', '-')} | {first.get('samples', '-')} | "
+                         f"{first.get('seed', '-')} | "
+                         f"{first.get('threads', '-')} | {_fmt_seconds(first.get('train_seconds'))} | "
+                         f"{_fmt_seconds(first.get('cpu_seconds'))} | - |")  # fmt: skip
+            key = f"{key}, stage 2"
+            config = f"configs/default/{str(r.get('run')).removeprefix('default_')}.yaml"
         lines.append(f"| {key} | {what} | `{config}` | {r.get('params', 0) / 1e6:.2f} M | "
                      f"{r.get('step', '-')} | {r.get('batch_size', '-')} | {r.get('samples', '-')} | "
                      f"{r.get('seed', '-')} | {r.get('threads', '-')} | {_fmt_seconds(r.get('train_seconds'))} | "
@@ -119,8 +129,9 @@ def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str
     lines += ["", f"Weights are the EMA weights of each run's last checkpoint, stored in fp16 (loaded as fp32). "
               f"{retrain}", ""]  # fmt: skip
     if (folder / "learning_curve.png").exists():
-        lines += ["Shapes benchmark score per category while the transformer trained (10 `eval` prompts per "
-                  "category, EMA weights), against training CPU-minutes:", "",
+        lines += ["Shapes benchmark score per category while the transformer trained (its last stage, when "
+                  "there are two; the first `eval` prompts of each category, EMA weights), against that run's "
+                  "training CPU-minutes:", "",
                   "![learning curve](learning_curve.png)", ""]  # fmt: skip
     q = _quality(name, Path(quality_json)) if quality_json else None
     lines += ["## Shapes benchmark", ""]

@@ -376,7 +376,34 @@ def _run_part(run: str | Path, name: str) -> tuple[nn.Module, dict[str, Any], di
     cpu = _last_metric(run, "cpu_seconds")
     if cpu is not None:
         record["cpu_seconds"] = round(cpu, 1)
+    earlier = _stage_record(cfg.get("model", {}).get("init_from"))
+    if earlier is not None:  # a later stage of a curriculum: the card counts the stage it started from too
+        record["started_from"] = earlier
     return net, cfg, record
+
+
+def _stage_record(init_from: str | None) -> dict[str, Any] | None:
+    """The training record of the run checkpoint a run started from (``model.init_from``), or None when it did not
+    start from a ``t2i train`` checkpoint (``<run>/checkpoints/step_N/<file>``) that is still on disk."""
+    if not init_from:
+        return None
+    p = Path(init_from)
+    if p.parent.parent.name != "checkpoints" or not (p.parents[2] / "metrics.jsonl").is_file():
+        return None
+    from t2i.io import read_config
+    from t2i.train.report import read_metrics
+
+    run, step = p.parents[2], int(p.parent.name.split("_")[-1])
+    cfg = read_config(p) if p.is_file() else None
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if r.get("step", 0) <= step and "cpu_seconds" in r]
+    rec: dict[str, Any] = {"run": run.name, "checkpoint": p.parent.name, "weights": p.name, "step": step}
+    if cfg:
+        rec.update(batch_size=cfg["data"]["batch_size"], samples=step * cfg["data"]["batch_size"],
+                   threads=cfg["run"]["threads"], seed=cfg["run"]["seed"])  # fmt: skip
+    rec["train_seconds"] = _train_seconds(run)
+    if rows:
+        rec["cpu_seconds"] = round(rows[-1]["cpu_seconds"], 1)
+    return rec
 
 
 def _last_metric(run: Path, key: str) -> float | None:

@@ -222,3 +222,24 @@ def test_export_from_training_runs_round_trips(tmp_path):
 def test_export_needs_a_pinned_latent_format(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         export_sd3(tmp_path / "x", transformer=str(tmp_path), vae=str(tmp_path), clip=str(tmp_path))
+
+
+def test_a_second_stage_run_exports_with_both_stages_on_its_card(tmp_path):
+    """configs/default/sd3_binding.yaml continues sd3.yaml's run (model.init_from): the exported record and card
+    carry the first stage's steps and CPU time beside the second's."""
+    from model_folders import TINY_MMDIT
+
+    from t2i.pipelines.model_card import card_text
+
+    stage1, vae, clip = train_tiny_sd3(tmp_path)
+    init = f"{stage1}/checkpoints/step_00000002/ema.safetensors"
+    task = [f"task.params.vae={vae}", f"task.params.text={clip}", "task.params.text_chars=0"]
+    stage2 = train_default(tmp_path, "sd3_binding", [*task, *TINY_MMDIT, f"model.init_from={init}",
+                                                     "data.batch_size=2", "run.eval_every=0"])  # fmt: skip
+    out = export_sd3(tmp_path / "m", transformer=stage2, vae=vae, clip=clip)
+    rec = json.loads((out / "model.json").read_text())["training"]["transformer"]
+    assert rec["run"] == "default_sd3_binding" and rec["started_from"]["run"] == "default_sd3"
+    assert rec["started_from"]["step"] == 2 and rec["started_from"]["cpu_seconds"] > 0
+    card = card_text(out, None)
+    assert "| transformer, stage 1 |" in card and "`configs/default/sd3.yaml`" in card
+    assert "| transformer, stage 2 |" in card and "`configs/default/sd3_binding.yaml`" in card
