@@ -203,8 +203,9 @@ def _learning_curves(models: Sequence[dict[str, Any]], out_dir: Path) -> list[st
     if not lines:
         return []
     return ["", "## Learning curves", "",
-            "Score per category on 10 `eval` prompts per category while each model trained (EMA weights, the "
-            "model's default sampler), against training CPU-minutes (`run.eval_every`, docs/training.md):", "",
+            "Score per category on the first `eval` prompts of each category (`run.eval_per_category`) while each "
+            "model's last training stage ran (EMA weights, the model's default sampler), against that run's training "
+            "CPU-minutes (`run.eval_every`, docs/training.md; the model cards give every stage's time):", "",
             *lines]  # fmt: skip
 
 
