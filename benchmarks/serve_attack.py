@@ -8,7 +8,7 @@ A fresh server runs in its own process with an API key. Three phases, each ``--d
 1. **quiet**: one keyed client alone, sending a request (one image) as soon as the previous one is answered;
 2. **burst**: the same, and half way through a burst of ``--burst`` concurrent requests that overfills the queue,
    so 429s are measured;
-3. **attack + burst**: the same while ``--slow`` connections each send half a request's headers, then a byte every
+3. **attack + burst**: the same while ``--slow`` connections (from another process) each send half a request's headers, then a byte every
    second, never finishing; when the server cuts one, it reconnects at once (slowloris);
 4. **after**: the client alone again (the server must have recovered).
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import platform
 import resource
@@ -102,6 +103,26 @@ async def slow_client(port: int, until: float, counts: dict) -> None:
             writer.close()
 
 
+def attack_process(port: int, n: int, seconds: float, results) -> None:
+    """The slow connections, in their own process and event loop, so the keyed client's latency is the server's
+    and not this benchmark's own loop juggling thousands of sockets."""
+    raise_fd_limit(n + 256)
+    counts = {"opened": 0, "cut": 0, "refused": 0}
+
+    async def main():
+        until = time.perf_counter() + seconds
+        await asyncio.gather(*(slow_client(port, until, counts) for _ in range(n)), return_exceptions=True)
+
+    asyncio.run(main())
+    results.put(counts)
+
+
+def raise_fd_limit(want: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, want), hard))
+
+
 async def keyed_client(url: str, body: dict, until: float, out: list) -> None:
     headers = {"authorization": f"Bearer {KEY}"}
     async with httpx.AsyncClient(timeout=120) as client:
@@ -111,8 +132,8 @@ async def keyed_client(url: str, body: dict, until: float, out: list) -> None:
             try:
                 r = await client.post(f"{url}/v1/images/generations", json={**body, "seed": i}, headers=headers)
                 status = r.status_code
-            except httpx.HTTPError:
-                status = -1
+            except httpx.HTTPError as err:
+                status = type(err).__name__
             out.append((status, time.perf_counter() - t0))
             i += 1
             if status == 429:
@@ -129,8 +150,8 @@ async def burst(url: str, body: dict, n: int, out: list) -> None:
                 r = await client.post(f"{url}/v1/images/generations", json={**body, "seed": 10_000 + k},
                                       headers=headers)  # fmt: skip
                 out.append((r.status_code, time.perf_counter() - t0))
-            except httpx.HTTPError:
-                out.append((-1, time.perf_counter() - t0))
+            except httpx.HTTPError as err:
+                out.append((type(err).__name__, time.perf_counter() - t0))
 
         await asyncio.gather(*(one(k) for k in range(n)))
 
@@ -144,11 +165,15 @@ def run_phase(args, port: int, pid: int, log: Path, attack: bool, with_burst: bo
     samples: list[tuple[int, float]] = []
     log_before = log.stat().st_size
 
+    attacker, results = None, None
+    if attack:
+        results = multiprocessing.Queue()
+        attacker = multiprocessing.Process(target=attack_process, args=(port, args.slow, args.duration, results))
+        attacker.start()
+
     async def main():
         until = time.perf_counter() + args.duration
         tasks = [asyncio.create_task(keyed_client(url, body, until, keyed))]
-        if attack:
-            tasks += [asyncio.create_task(slow_client(port, until, counts)) for _ in range(args.slow)]
         if with_burst:
 
             async def later_burst():
@@ -162,7 +187,11 @@ def run_phase(args, port: int, pid: int, log: Path, attack: bool, with_burst: bo
         await asyncio.gather(*tasks, return_exceptions=True)
 
     asyncio.run(main())
+    if attacker is not None:
+        counts.update(results.get(timeout=60))
+        attacker.join(timeout=30)
     ok = np.array([t for s, t in keyed if s == 200] or [np.nan])
+    errors = sorted({str(s) for s, _ in keyed + burst_out if s not in (200, 429)})
     rejected = [t for s, t in burst_out + keyed if s == 429]
     fds = [f for f, _ in samples]
     return {
@@ -176,6 +205,7 @@ def run_phase(args, port: int, pid: int, log: Path, attack: bool, with_burst: bo
         "fds_max": max(fds) if fds else 0,
         "rss_end": samples[-1][1] if samples else float("nan"),
         "log_bytes": log.stat().st_size - log_before,
+        "error_kinds": errors,
         **counts,
     }
 
@@ -192,9 +222,7 @@ def main() -> None:
     ap.add_argument("--read-timeout", type=float, default=10.0)
     ap.add_argument("--threads", type=int, help="the server's torch threads")
     args = ap.parse_args()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < args.slow + 256:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, args.slow + 256), hard))
+    raise_fd_limit(args.slow + 256)
     port = free_port()
     log = Path(tempfile.mkdtemp()) / "serve.log"
     proc = start_server(args, port, log)
@@ -221,7 +249,8 @@ def main() -> None:
         cells = [name, r["keyed_ok"], r["keyed_errors"], f"{r['p50']:.2f}", f"{r['p95']:.2f}", r["burst_ok"]]
         cells += [r["n429"], f"{r['p50_429']:.3f}", r["fds_max"], f"{r['rss_end']:.0f}", r["log_bytes"], slow]
         print("| " + " | ".join(map(str, cells)) + " |")
-    print(f"\nserver still running at the end: {alive}")
+    kinds = {name: r["error_kinds"] for name, r in rows if r["error_kinds"]}
+    print(f"\nserver still running at the end: {alive}" + (f"; keyed errors: {kinds}" if kinds else ""))
 
 
 if __name__ == "__main__":

@@ -58,11 +58,27 @@ def usable_connections(wanted: int) -> int:
 class _Guard:
     """Per-server bookkeeping shared by its connections: who is still sending a request, and since when."""
 
+    GRACE_S = 1.0  # a connection that has sent nothing yet is spared this long: its request may be in flight
+
     def __init__(self, limits: ConnectionLimits):
         self.limits = limits
         self.reading: dict[GuardedH11Protocol, float] = {}  # insertion order = oldest first
         self.dropped_slow = 0
         self.dropped_full = 0
+
+    def victim(self) -> GuardedH11Protocol | None:
+        """The connection to drop for a newcomer: the oldest that sent part of a request and stalled (slowloris),
+        else the oldest that has sent nothing for ``GRACE_S``; never one being served. None: drop the newcomer.
+
+        A client that sends its whole request at once leaves ``reading`` as soon as it arrives, so a flood of
+        connections that never finish their requests evicts itself, not the clients that do."""
+        now, idle = time.monotonic(), None
+        for conn, since in self.reading.items():
+            if conn._got_data:
+                return conn
+            if idle is None and now - since >= self.GRACE_S:
+                idle = conn
+        return idle
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -73,18 +89,19 @@ class GuardedH11Protocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._deadline: asyncio.TimerHandle | None = None
+        self._got_data = False
         limit = self.guard.limits.max_connections
         if len(self.connections) > limit:
-            victim = next(iter(self.guard.reading), None)  # the oldest connection still sending its request
-            if victim is None:  # every connection is being served: the newcomer waits for none, it goes
-                self.guard.dropped_full += 1
+            self.guard.dropped_full += 1
+            victim = self.guard.victim()
+            if victim is None:  # every other connection is being served or has just arrived: the newcomer goes
                 transport.abort()
                 return
-            self.guard.dropped_full += 1
             victim._drop()
         self._start_reading()
 
     def data_received(self, data: bytes) -> None:
+        self._got_data = True
         super().data_received(data)
         if self.transport.is_closing():
             return
@@ -166,7 +183,9 @@ def uvicorn_config(app, *, host: str, port: int, limits: ConnectionLimits | None
     limits = ConnectionLimits(usable_connections(limits.max_connections), limits.request_read_s, limits.keep_alive_s)
     guard = _Guard(limits)
     protocol = type("GuardedH11", (GuardedH11Protocol,), {"guard": guard})
-    backlog = min(2048, limits.max_connections * 4)
+    # a modest backlog: the event loop accepts up to `backlog` sockets per turn, and a flood accepted all at once
+    # would crowd out the turn in which a real client's request is read
+    backlog = min(256, limits.max_connections)
     config = uvicorn.Config(app, host=host, port=port, http=protocol, log_level=log_level,
                             timeout_keep_alive=limits.keep_alive_s, backlog=backlog)  # fmt: skip
     config.guard = guard
