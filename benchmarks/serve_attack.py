@@ -8,8 +8,9 @@ A fresh server runs in its own process with an API key. Three phases, each ``--d
 1. **quiet**: one keyed client alone, sending a request (one image) as soon as the previous one is answered;
 2. **burst**: the same, and half way through a burst of ``--burst`` concurrent requests that overfills the queue,
    so 429s are measured;
-3. **attack + burst**: the same while ``--slow`` connections (from another process) each send half a request's headers, then a byte every
-   second, never finishing; when the server cuts one, it reconnects at once (slowloris);
+3. **attack + burst**: the same while ``--slow`` connections (from another process) each send half a request's
+   headers, then a byte every second, never finishing; when the server cuts one, it reconnects at once
+   (slowloris). The last line lists the kinds of connection errors the keyed client and the burst saw;
 4. **after**: the client alone again (the server must have recovered).
 
 Printed per phase: keyed requests answered and their p50 / p95 latency, errors, the connections the server process
