@@ -26,7 +26,6 @@ import multiprocessing
 import os
 import platform
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,15 +34,10 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from serve_common import free_port, wait_healthy
 
 KEY = "bench-key"
 PARTIAL = b"POST /v1/images/generations HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(args, port: int, log: Path) -> subprocess.Popen:
@@ -54,18 +48,8 @@ def start_server(args, port: int, log: Path) -> subprocess.Popen:
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("the server did not start in 120 s")
+    wait_healthy(proc, port, log.read_text)
+    return proc
 
 
 def proc_stats(pid: int) -> tuple[int, float]:

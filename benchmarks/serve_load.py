@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from serve_common import free_port, wait_healthy
 
 PROMPTS = [
     "a red circle above a blue square",
@@ -36,12 +36,6 @@ PROMPTS = [
     "an orange circle",
     "four cyan squares",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(args, batching: bool, port: int) -> subprocess.Popen:
@@ -67,18 +61,8 @@ def start_server(args, batching: bool, port: int) -> subprocess.Popen:
     if not batching:
         cmd.append("--no-batching")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {proc.stderr.read()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("the server did not start in 120 s")
+    wait_healthy(proc, port, proc.stderr.read)
+    return proc
 
 
 async def client_loop(k: int, url: str, body: dict, until: float, results: list) -> None:
