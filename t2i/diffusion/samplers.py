@@ -60,6 +60,11 @@ def _exp_neg_h(a: float, s: float, a_next: float, s_next: float) -> float:
     return (a * s_next) / (s * a_next)
 
 
+def _second_order(x0: Tensor, old_x0: Tensor, r: float) -> Tensor:
+    """DPM-Solver++(2M)'s multistep estimate from the last two denoised values; ``r = h_last / h``."""
+    return (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old_x0
+
+
 def _steps(grid: _Grid, progress: bool, desc: str):
     return trange(grid.n, disable=not progress, desc=desc, leave=False)
 
@@ -166,8 +171,7 @@ def sample_dpmpp_2m(
         h = -math.log(e) if e > 0 else math.inf
         d = x0
         if old_x0 is not None and math.isfinite(h_last) and math.isfinite(h):
-            r = h_last / h
-            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old_x0
+            d = _second_order(x0, old_x0, h_last / h)
         x = (s_n / s) * x + a_n * (1 - e) * d
         old_x0, h_last = x0, h
     return x
@@ -203,10 +207,7 @@ def sample_dpmpp_2m_ve(
             x = x0  # lambda = inf: the step lands on the denoised estimate
             continue
         h = math.log(s / s_n)
-        d = x0
-        if old_x0 is not None:
-            r = h_last / h
-            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old_x0
+        d = x0 if old_x0 is None else _second_order(x0, old_x0, h_last / h)
         x = (s_n / s) * x + (1 - s_n / s) * d
         old_x0, h_last = x0, h
     return x
