@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from t2i.io import load_weights, read_metadata, save_weights
+from t2i.io import CheckpointMismatchError, check_state_dict, load_weights, read_metadata, save_weights
 from t2i.io.safetensors_io import atomic_write_text
 
 FORMAT = "t2i-model/1"
@@ -61,8 +61,11 @@ def load_component(path: str | Path, *, dtype=torch.float32) -> tuple[nn.Module,
     name = meta.get("t2i_component")
     if name not in MODELS:
         raise ValueError(f"{path} is not a t2i model component (no known 't2i_component' in its metadata)")
-    params = json.loads(meta["model_config"])
-    extra = json.loads(meta.get("t2i_extra", "{}"))
+    try:
+        params = json.loads(meta["model_config"])
+        extra = json.loads(meta.get("t2i_extra", "{}"))
+    except (KeyError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: its component metadata is damaged ({type(err).__name__}: {err})") from None
     if name == "clip":
         from t2i.models.clip import ClipEncoder, WordTokenizer
 
@@ -74,6 +77,10 @@ def load_component(path: str | Path, *, dtype=torch.float32) -> tuple[nn.Module,
     else:
         module = MODELS[name][1](model_config(name, params))
     sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_weights(path).items()}
+    try:  # every missing, unexpected or mis-shaped key in one error that names the file (a damaged or foreign file)
+        check_state_dict(module.state_dict(), sd, what=f"{name} component")
+    except CheckpointMismatchError as err:
+        raise CheckpointMismatchError(f"{path}: {err}") from None
     module.load_state_dict(sd, strict=True)
     return module.to(dtype).eval().requires_grad_(False), extra
 

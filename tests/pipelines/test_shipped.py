@@ -243,3 +243,19 @@ def test_a_second_stage_run_exports_with_both_stages_on_its_card(tmp_path):
     card = card_text(out, None)
     assert "| transformer, stage 1 |" in card and "`configs/default/sd3.yaml`" in card
     assert "| transformer, stage 2 |" in card and "`configs/default/sd3_binding.yaml`" in card
+
+
+def test_a_component_with_a_damaged_key_name_is_one_error_naming_it(tmp_path):
+    """Found by the fuzz suite: a flipped byte inside a key name made load_state_dict raise a RuntimeError."""
+    import shutil
+
+    from t2i.io import CheckpointMismatchError
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_sd3_folder(tmp_path / "src"), folder)
+    blob = (folder / "clip.safetensors").read_bytes()
+    key = b"model.text_model.encoder.layers.0.self_attn.k_proj.bias"
+    assert key in blob
+    (folder / "clip.safetensors").write_bytes(blob.replace(key, b"l" + key[1:], 1))
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)clip\.safetensors: .*missing key.*k_proj\.bias"):
+        load_generator(str(folder))
