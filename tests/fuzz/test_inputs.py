@@ -2,7 +2,8 @@
 folders and CLI flags. The property is always the same: a documented 4xx or a one-line error of the documented
 type (ValueError and its subclasses, FileNotFoundError), never another exception, a traceback or a hang.
 
-``FUZZ_EXAMPLES`` sets the examples per property (more under ``make test-slow``).
+``FUZZ_EXAMPLES`` sets the examples per property and makes them random (``make test-slow``); without it the same
+examples replay on every run.
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "40"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+# `make test` replays the same examples every run (a red CI must mean a change broke something); `make test-slow`
+# (FUZZ_EXAMPLES set) explores fresh random ones
+RANDOM = "FUZZ_EXAMPLES" in os.environ
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=not RANDOM,
+                suppress_health_check=list(HealthCheck))  # fmt: skip
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
