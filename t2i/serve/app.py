@@ -82,12 +82,6 @@ _WHY = {
 }
 
 
-def _sampler_names():
-    from t2i.diffusion import SAMPLERS
-
-    return SAMPLERS
-
-
 def _errors(*codes: int) -> dict:
     """OpenAPI ``responses`` for the error statuses a route can answer (schemathesis checks them)."""
     return {c: {**_ERROR_BODY, "description": _WHY[c]} for c in (*codes, 401, 405, 500)}
@@ -174,6 +168,8 @@ def _batch_key(model_id: str, s, negative: str) -> Hashable:
 
 def create_app(cfg: ServeConfig | None = None, *, generators: dict[str, Any] | None = None) -> FastAPI:
     """The ASGI app. ``generators`` (id -> Generator) serves already-loaded models (tests, notebooks)."""
+    from t2i.diffusion import SAMPLERS
+
     cfg = cfg or ServeConfig()
     registry = ModelRegistry(cfg.models, cfg.allow_models, generators)
     # a request larger than the whole queue would get 429 for ever and clients that honour Retry-After would loop:
@@ -254,8 +250,6 @@ def create_app(cfg: ServeConfig | None = None, *, generators: dict[str, Any] | N
 
     @app.get("/v1/models", responses=_errors())
     async def list_models(request: Request):
-        from t2i.diffusion import SAMPLERS
-
         authorize(request)
         data = []
         for model_id in registry.ids:
@@ -308,7 +302,7 @@ def create_app(cfg: ServeConfig | None = None, *, generators: dict[str, Any] | N
 
     @app.post("/v1/images/generations", responses=_errors(400, 404, 413, 415, 422, 429, 504),
               openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": request_schema(limits, list(_sampler_names()))}}}})  # fmt: skip
+                  "application/json": {"schema": request_schema(limits, list(SAMPLERS))}}}})  # fmt: skip
     async def generations(request: Request):
         t0 = time.perf_counter()
         authorize(request)
