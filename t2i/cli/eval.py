@@ -4,6 +4,7 @@
     t2i eval shapes --write-prompts DIR [--split eval] [--per-prompt 4]     # metadata.jsonl for a sampler
     t2i eval shapes --write-ground-truth DIR [--split eval] [--size 32]     # rendered ground truth
     t2i eval quality [--models sd3-shapes unclip-shapes] [--per-category N]  # docs/quality.md
+    t2i eval clip [--clip models/unclip-shapes/clip.safetensors] [--split eval]  # order and binding probe
 
 The folder format (``metadata.jsonl`` + images) is documented in ``t2i/data/dataset.py`` and docs/shapes.md.
 """
@@ -38,6 +39,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--merge", nargs="+", metavar="JSON", help="instead: merge partial reports (one per model, made "
                    "side by side with the same settings) into --out")  # fmt: skip
     q.set_defaults(func=run_quality)
+    c = bench.add_parser("clip", help="does a CLIP read relations and colour binding? (counterfactual captions)")
+    c.add_argument("--clip", default="models/unclip-shapes/clip.safetensors",
+                   help="a model folder's clip.safetensors, or a `t2i train` clip run")  # fmt: skip
+    c.add_argument("--split", default="eval", choices=("eval", "heldout"))
+    c.add_argument("--per-category", type=int, help="only the first N prompts of each category")
+    c.set_defaults(func=run_clip_probe)
+
+
+def run_clip_probe(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from t2i.eval.clip_probe import counterfactual_probe, probe_table
+
+    path = Path(args.clip)
+    if not path.exists():
+        raise FileNotFoundError(f"--clip {path} does not exist; pass a clip.safetensors or a clip training run")
+    if path.is_file():
+        from t2i.pipelines.shipped import load_component
+
+        clip, _ = load_component(path)
+    else:
+        from t2i.train.tasks.unclip import load_trained
+
+        clip = load_trained(str(path), "clip")
+    if not hasattr(clip, "embed_text"):
+        raise ValueError(f"--clip {path} holds a {type(clip).__name__}, not a CLIP")
+    print(f"counterfactual probe of {path} on the {args.split} split")
+    print(probe_table(counterfactual_probe(clip, args.split, args.per_category)))
+    return 0
 
 
 def run_quality(args: argparse.Namespace) -> int:

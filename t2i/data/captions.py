@@ -227,6 +227,40 @@ def caption_for(spec: Spec, rng: np.random.Generator) -> str:
     raise ValueError(f"unknown category {spec.category!r}; use one of {', '.join(ALL_CATEGORIES)}")
 
 
+# Hard negatives for contrastive training: the same words, a different meaning. A CLIP trained on in-batch negatives
+# alone can tell captions apart by their bag of words (other colours, other shapes), so it never has to learn which
+# way a relation points or which colour goes with which shape. Each rewrite below keeps every word's vocabulary and
+# fixes the articles, so the negative differs from a real caption only in what it means.
+_REVERSED = {"left": "right", "right": "left", "above": "below", "over": "under", "below": "above",
+             "under": "over", "beneath": "above"}  # fmt: skip
+_OTHER_COUNT = {"two": "three", "2": "3", "three": "four", "3": "4", "four": "three", "4": "3"}
+
+
+def _fix_articles(words: list[str]) -> list[str]:
+    return [("an" if words[i + 1][0] in "aeiou" else "a") if w in ("a", "an") and i + 1 < len(words) else w
+            for i, w in enumerate(words)]  # fmt: skip
+
+
+def counterfactual_captions(caption: str) -> list[str]:
+    """Captions that share ``caption``'s words but not its meaning: the relation reversed ("left" <-> "right",
+    "above" <-> "below"), the two colours or the two shapes swapped (when colours or a relation bind them), or the
+    count changed. Empty when the caption has none of these (one object, two objects without colours, a word)."""
+    words = caption.replace("a pair of", "two").split(" ")
+    out = []
+    if any(w in _REVERSED for w in words):
+        out.append([_REVERSED.get(w, w) for w in words])
+    relation, two_colors = bool(out), len({w for w in words if w in COLORS}) == 2
+    for vocab in (COLORS, SHAPES):  # two shapes without two colours or a relation read the same either way round
+        at = [i for i, w in enumerate(words) if w in vocab]
+        if len(at) == 2 and words[at[0]] != words[at[1]] and (relation or two_colors):
+            swapped = list(words)
+            swapped[at[0]], swapped[at[1]] = words[at[1]], words[at[0]]
+            out.append(swapped)
+    if any(w in PLURALS.values() for w in words) and any(w in _OTHER_COUNT for w in words):
+        out.append([_OTHER_COUNT.get(w, w) for w in words])
+    return [" ".join(_fix_articles(w)) for w in out]
+
+
 ################################################################################################################
 # Sampling: random spec, and the scene for a spec
 ################################################################################################################

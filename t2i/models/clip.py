@@ -296,19 +296,37 @@ class ClipEncoder(nn.Module):
 
     # -- training -----------------------------------------------------------------------------------------------
 
-    def contrastive_loss(self, images: Tensor, ids: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Per-sample symmetric InfoNCE (Radford et al. 2021, Fig. 3): mean of image->text and text->image CE."""
+    def contrastive_loss(
+        self, images: Tensor, ids: Tensor, mask: Tensor | None = None, negatives: tuple[Tensor, ...] | None = None
+    ) -> Tensor:
+        """Per-sample symmetric InfoNCE (Radford et al. 2021, Fig. 3): mean of image->text and text->image CE.
+
+        ``negatives = (ids, mask, valid)`` adds one hard-negative caption per sample (NegCLIP, Yuksekgonul et al.
+        2023): every image is also contrasted against every valid negative text, so a caption with the same words
+        in another order (a relation reversed, colours swapped) must score below the true one. Text->image stays
+        over the real captions.
+        """
         img = self.embed_image(images)
         txt, _ = self.encode_text(ids, mask)
-        logits = self.model.logit_scale.exp().clamp(max=100) * img @ txt.t()  # (B, B)
+        scale = self.model.logit_scale.exp().clamp(max=100)
+        logits = scale * img @ txt.t()  # (B, B)
+        image_to_text = logits
+        if negatives is not None:
+            neg_ids, neg_mask, valid = negatives
+            neg, _ = self.encode_text(neg_ids, neg_mask)
+            neg_logits = (scale * img @ neg.t()).masked_fill(~valid[None, :], float("-inf"))
+            image_to_text = torch.cat([logits, neg_logits], 1)  # (B, 2B)
         target = torch.arange(len(img), device=img.device)
         return 0.5 * (
-            F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.t(), target, reduction="none")
+            F.cross_entropy(image_to_text, target, reduction="none")
+            + F.cross_entropy(logits.t(), target, reduction="none")
         )
 
-    def forward(self, images: Tensor, ids: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, images: Tensor, ids: Tensor, mask: Tensor | None = None, negatives: tuple[Tensor, ...] | None = None
+    ) -> Tensor:
         """The per-sample contrastive loss (so DDP's forward hooks see the training computation)."""
-        return self.contrastive_loss(images, ids, mask)
+        return self.contrastive_loss(images, ids, mask, negatives)
 
     # -- files --------------------------------------------------------------------------------------------------
 

@@ -84,6 +84,10 @@ def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str
         lines.append("A small DALL-E 2 (unCLIP) cascade trained by t2i from scratch on the shapes world: CLIP, a "
                      "diffusion prior from text to CLIP image embeddings, a 32 px base decoder conditioned on the "
                      "image embedding and caption, and a 32 -> 64 px upsampler.")  # fmt: skip
+    if kind == "sd3" and spec.get("text_words"):
+        lines[-1] += (" Where SD3 puts T5's tokens, the text encoder also passes the CLIP's input embeddings of the "
+                      "prompt's words, which keep apart the relation words (left, right, above, below) that the "
+                      "small CLIP's later layers blur together.")  # fmt: skip
     if kind == "sd3" and spec.get("text_chars"):
         lines[-1] += (f" The text encoder also spells the prompt's quoted text as {spec['text_chars']} character "
                       "tokens, where SD3 puts T5's tokens.")  # fmt: skip

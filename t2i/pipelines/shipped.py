@@ -266,7 +266,7 @@ def _sd3_from_folder(folder: Path, spec: dict[str, Any]) -> SD3Generator:
     vae, vae_extra = load_component(component_file(folder, spec, "vae"))
     vae.latent_format = LatentFormat(**vae_extra["latent_format"])
     clip, _ = load_component(component_file(folder, spec, "clip"))
-    text = ClipTextConditioner(clip, spec["text_layer"], spec.get("text_chars", 0))
+    text = ClipTextConditioner(clip, spec["text_layer"], spec.get("text_chars", 0), spec.get("text_words", False))
     d = _settings(spec["defaults"])
     preset = SD3Preset(steps=d.steps, cfg=d.cfg, sampler=d.sampler, shift=d.extra.get("shift", 3.0))
     pipe = SD3Pipeline(transformer, vae, text, preset=preset, device="cpu")
@@ -494,6 +494,8 @@ def export_sd3(out: str | Path, *, transformer: str, vae: str, clip: str, name: 
             "training": {"transformer": rec, "vae": vae_rec, "clip": clip_rec}}  # fmt: skip
     if task.get("text_chars"):
         spec["text_chars"] = task["text_chars"]
+    if task.get("text_words"):
+        spec["text_words"] = True
     if components:
         spec["components"] = components
     _write_model(out, spec)

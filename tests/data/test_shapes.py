@@ -241,3 +241,31 @@ def test_evaluate_generator_filters_prompts():
     report = evaluate_generator(fn, split="heldout", where=where)
     n = sum(where(p) for p in split_prompts("heldout"))
     assert 0 < len(report.results) == n < 480 and report.overall == 1.0
+
+
+def test_counterfactual_captions_keep_the_words_and_change_the_meaning():
+    from collections import Counter
+
+    from t2i.data.captions import counterfactual_captions, train_prompt
+
+    assert counterfactual_captions("a red circle to the left of a blue square") == [
+        "a red circle to the right of a blue square",  # the relation reversed
+        "a blue circle to the left of a red square",  # the colours swapped
+        "a red square to the left of a blue circle",  # the shapes swapped
+    ]
+    assert counterfactual_captions("an orange circle and a red cross") == [
+        "a red circle and an orange cross",  # articles follow the swapped colours
+        "an orange cross and a red circle",
+    ]
+    assert counterfactual_captions("just a pair of circles") == ["just three circles"]
+    # nothing to rewrite, or a rewrite that would mean the same
+    for same in ("a red circle", "a circle next to a cross", "a red circle and a red cross", 'the word "CAT"'):
+        assert counterfactual_captions(same) == []
+    ignore = {"a", "an", "two", "three", "four", "2", "3", "4", "pair", "of"}
+    for i in range(300):
+        p = train_prompt(0, i)
+        for rewrite in counterfactual_captions(p.caption):
+            assert rewrite != p.caption
+            if p.spec.category != "counting":  # a reordering: the same words, articles aside
+                words = lambda s: Counter(w for w in s.split() if w not in ignore)  # noqa: E731
+                assert words(rewrite) == words(p.caption) or p.spec.category == "position"

@@ -172,3 +172,31 @@ def test_scratch_clip_registry_entry_and_contrastive_training():
         opt.step()
     with torch.no_grad():
         assert float(enc.contrastive_loss(images, ids, mask).mean()) < 0.5 * start
+
+
+def test_contrastive_loss_with_hard_negatives():
+    """Each image is also contrasted against every valid negative caption; invalid ones drop out exactly."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    enc = ScratchClip(ClipConfig(**{**CLIP_PRESETS["tiny"].__dict__, "context_length": 24})).eval()
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    ids, mask = enc.tokenize(CAPTIONS[:4])
+    neg_ids, neg_mask = enc.tokenize(["a red circle below a blue square", "four green triangles", "", "two crosses"])
+    with torch.no_grad():
+        plain = enc.contrastive_loss(images, ids, mask)
+        none_valid = enc.contrastive_loss(images, ids, mask, (neg_ids, neg_mask, torch.zeros(4, dtype=torch.bool)))
+        torch.testing.assert_close(none_valid, plain)
+        valid = torch.tensor([True, False, True, True])
+        got = enc(images, ids, mask, (neg_ids, neg_mask, valid))
+        img, (txt, _), (neg, _) = (
+            enc.embed_image(images),
+            enc.encode_text(ids, mask),
+            enc.encode_text(neg_ids, neg_mask),
+        )
+        scale = enc.model.logit_scale.exp()
+        cols = torch.cat([txt, neg[valid]])  # the image->text softmax runs over captions and valid negatives
+        i2t = F.cross_entropy(scale * img @ cols.t(), torch.arange(4), reduction="none")
+        t2i = F.cross_entropy(scale * txt @ img.t(), torch.arange(4), reduction="none")
+        torch.testing.assert_close(got, 0.5 * (i2t + t2i))
+        assert (got >= plain - 1e-6).all()  # more negatives never make the task easier

@@ -169,3 +169,31 @@ def test_clip_text_conditioner_with_glyph_tokens():
     assert ctx[2].abs().max() == 0  # the empty prompt stays the all-zero unconditional input
     with pytest.raises(ValueError, match="width"):
         ClipTextConditioner(ScratchClip(CLIP_PRESETS["tiny"]), chars=6)
+
+
+def test_clip_text_conditioner_with_word_tokens():
+    """``words=True`` appends the CLIP's input embeddings (unit RMS, padding zeroed) before the glyph tokens."""
+    import dataclasses
+
+    from t2i.models.clip import CLIP_PRESETS, ScratchClip
+    from t2i.models.text import ClipTextConditioner, glyph_tokens
+
+    torch.manual_seed(0)
+    clip = ScratchClip(dataclasses.replace(CLIP_PRESETS["tiny"], text_width=64)).eval()
+    plain, enc = ClipTextConditioner(clip, chars=6), ClipTextConditioner(clip, chars=6, words=True)
+    prompts = ['the word "CAT" left of a circle', "a circle right of the word", ""]
+    ctx, pooled = enc(prompts)
+    ref_ctx, ref_pooled = plain(prompts)
+    assert ctx.shape == (3, 24 + 24 + 6, 64) and enc.tokens == 24
+    torch.testing.assert_close(ctx[:, :24], ref_ctx[:, :24])  # the CLIP states and the pooled vector unchanged
+    torch.testing.assert_close(pooled, ref_pooled)
+    torch.testing.assert_close(ctx[:2, 48:], glyph_tokens(prompts[:2], 6, 64))
+    ids, mask = clip.tokenize(prompts[:2])
+    words = ctx[:2, 24:48]
+    rms = words.square().mean(-1).sqrt()
+    torch.testing.assert_close(rms[mask], torch.ones(int(mask.sum())))
+    assert words[~mask].abs().max() == 0
+    emb = clip.model.text_model.embeddings(input_ids=ids)  # word + position embedding, before any layer
+    cos = torch.nn.functional.cosine_similarity(words[mask], emb[mask], dim=-1)
+    torch.testing.assert_close(cos, torch.ones_like(cos))
+    assert ctx[2].abs().max() == 0  # the empty prompt stays the all-zero unconditional input

@@ -54,7 +54,7 @@ def test_configs_resolve(name, tmp_path):
 
 
 def test_clip_then_prior_with_the_trained_clip(tmp_path):
-    clip_run = fit(cfg_for("unclip_clip", tmp_path))
+    clip_run = fit(cfg_for("unclip_clip", tmp_path, **{"task.params.hard_negatives": "true"}))
     prior = fit(cfg_for("unclip_prior", tmp_path, **{"task.params.clip_path": str(clip_run.run_dir)}))
     task = prior.task
     # the frozen CLIP is the trained one and is not part of the optimised model

@@ -217,19 +217,34 @@ def _self_conditioned(net, prediction: str, path, t: Tensor, use: Tensor):
 @dataclass
 class ClipTaskConfig:
     caption_key: str = "caption"
+    # one hard-negative caption per sample (t2i.data.captions.counterfactual_captions: relation reversed, colours
+    # or shapes swapped, count changed), so the text tower must encode order and binding, not a bag of words
+    hard_negatives: bool = False
 
 
 class ClipTask(Task):
-    """Contrastive CLIP training from scratch (model ``clip``); per-sample symmetric InfoNCE."""
+    """Contrastive CLIP training from scratch (model ``clip``); per-sample symmetric InfoNCE, optionally with a
+    hard-negative caption per sample (``task.params.hard_negatives``)."""
 
     params_cls = ClipTaskConfig
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
         enc = _inner(model)
         device = enc.image_mean.device
-        ids, mask = enc.tokenize(list(batch[self.params.caption_key]), device=device)
+        captions = list(batch[self.params.caption_key])
+        ids, mask = enc.tokenize(captions, device=device)
+        negatives = None
+        if self.params.hard_negatives:
+            from t2i.data.captions import counterfactual_captions
+
+            # which rewrite a sample gets cycles with its draw id, so every kind is seen and runs stay reproducible
+            options = [counterfactual_captions(c) for c in captions]
+            draws = [int(d) for d in batch["id"]]
+            texts = [o[d % len(o)] if o else c for o, d, c in zip(options, draws, captions, strict=True)]
+            valid = torch.tensor([bool(o) for o in options], device=device)
+            negatives = (*enc.tokenize(texts, device=device), valid)
         # in-batch negatives only: under DDP each rank contrasts its own micro-batch (no all-gather)
-        return model(batch["image"].to(device), ids, mask)
+        return model(batch["image"].to(device), ids, mask, negatives)
 
     def sample(self, model, n, *, seed, device, steps=None):
         return None  # CLIP has no images to show
