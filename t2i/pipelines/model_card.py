@@ -112,15 +112,19 @@ def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str
         if key == "transformer" and distilled:
             what = f"MMDiT-X student ({distilled['method']} distillation)"
             config = f"configs/distill/{r.get('run')}.yaml"
-        first = r.get("started_from")
-        if first:  # a curriculum: the stage it continued, then this one
-            cfg1 = f"configs/default/{str(first.get('run')).removeprefix('default_')}.yaml"
-            lines.append(f"| {key}, stage 1 | {what} | `{cfg1}` | {r.get('params', 0) / 1e6:.2f} M | "
-                         f"{first.get('step', '-')} | {first.get('batch_size', '-')} | {first.get('samples', '-')} | "
-                         f"{first.get('seed', '-')} | "
-                         f"{first.get('threads', '-')} | {_fmt_seconds(first.get('train_seconds'))} | "
-                         f"{_fmt_seconds(first.get('cpu_seconds'))} | - |")  # fmt: skip
-            key = f"{key}, stage 2"
+        stages, earlier = [], r.get("started_from")
+        while earlier:  # a curriculum: the stages it continued, first to last, then this one
+            stages.insert(0, earlier)
+            earlier = earlier.get("started_from")
+        for i, st in enumerate(stages, 1):
+            cfg_i = f"configs/default/{str(st.get('run')).removeprefix('default_')}.yaml"
+            lines.append(f"| {key}, stage {i} | {what} | `{cfg_i}` | {r.get('params', 0) / 1e6:.2f} M | "
+                         f"{st.get('step', '-')} | {st.get('batch_size', '-')} | {st.get('samples', '-')} | "
+                         f"{st.get('seed', '-')} | "
+                         f"{st.get('threads', '-')} | {_fmt_seconds(st.get('train_seconds'))} | "
+                         f"{_fmt_seconds(st.get('cpu_seconds'))} | - |")  # fmt: skip
+        if stages:
+            key = f"{key}, stage {len(stages) + 1}"
             config = f"configs/default/{str(r.get('run')).removeprefix('default_')}.yaml"
         lines.append(f"| {key} | {what} | `{config}` | {r.get('params', 0) / 1e6:.2f} M | "
                      f"{r.get('step', '-')} | {r.get('batch_size', '-')} | {r.get('samples', '-')} | "
@@ -134,7 +138,7 @@ def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str
               f"{retrain}", ""]  # fmt: skip
     if (folder / "learning_curve.png").exists():
         lines += ["Shapes benchmark score per category while the transformer trained (its last stage, when "
-                  "there are two; the first `eval` prompts of each category, EMA weights), against that run's "
+                  "there are several; the first `eval` prompts of each category, EMA weights), against that run's "
                   "training CPU-minutes:", "",
                   "![learning curve](learning_curve.png)", ""]  # fmt: skip
     q = _quality(name, Path(quality_json)) if quality_json else None

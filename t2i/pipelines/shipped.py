@@ -389,10 +389,11 @@ def _run_part(run: str | Path, name: str) -> tuple[nn.Module, dict[str, Any], di
     return net, cfg, record
 
 
-def _stage_record(init_from: str | None) -> dict[str, Any] | None:
+def _stage_record(init_from: str | None, depth: int = 0) -> dict[str, Any] | None:
     """The training record of the run checkpoint a run started from (``model.init_from``), or None when it did not
-    start from a ``t2i train`` checkpoint (``<run>/checkpoints/step_N/<file>``) that is still on disk."""
-    if not init_from:
+    start from a ``t2i train`` checkpoint (``<run>/checkpoints/step_N/<file>``) that is still on disk. A stage that
+    itself continued an earlier one carries that one's record as its ``started_from``, and so on."""
+    if not init_from or depth > 16:  # a curriculum, not a cycle
         return None
     p = Path(init_from)
     if p.parent.parent.name != "checkpoints" or not (p.parents[2] / "metrics.jsonl").is_file():
@@ -410,6 +411,9 @@ def _stage_record(init_from: str | None) -> dict[str, Any] | None:
     rec["train_seconds"] = _train_seconds(run)
     if rows:
         rec["cpu_seconds"] = round(rows[-1]["cpu_seconds"], 1)
+    earlier = _stage_record((cfg or {}).get("model", {}).get("init_from"), depth + 1)
+    if earlier is not None:
+        rec["started_from"] = earlier
     return rec
 
 

@@ -245,6 +245,17 @@ def test_a_second_stage_run_exports_with_both_stages_on_its_card(tmp_path):
     card = card_text(out, None)
     assert "| transformer, stage 1 |" in card and "`configs/default/sd3.yaml`" in card
     assert "| transformer, stage 2 |" in card and "`configs/default/sd3_binding.yaml`" in card
+    # configs/default/sd3_words.yaml continues the second stage: the record nests, the card lists all three
+    init = f"{stage2}/checkpoints/step_00000002/ema.safetensors"
+    stage3 = train_default(tmp_path, "sd3_words", [*task, *TINY_MMDIT, f"model.init_from={init}",
+                                                   "data.batch_size=2", "run.eval_every=0"])  # fmt: skip
+    out = export_sd3(tmp_path / "m3", transformer=stage3, vae=vae, clip=clip)
+    rec = json.loads((out / "model.json").read_text())["training"]["transformer"]
+    assert [rec["run"], rec["started_from"]["run"], rec["started_from"]["started_from"]["run"]] == [
+        "default_sd3_words", "default_sd3_binding", "default_sd3"]  # fmt: skip
+    card = card_text(out, None)
+    assert "| transformer, stage 2 |" in card and "| transformer, stage 3 |" in card
+    assert "`configs/default/sd3_words.yaml`" in card and "input embeddings" in card
 
 
 def test_a_component_with_a_damaged_key_name_is_one_error_naming_it(tmp_path):
