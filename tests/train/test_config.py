@@ -12,6 +12,7 @@ from t2i.train.config import TrainConfig, config_from_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = sorted((ROOT / "configs" / "tiny").glob("*.yaml"))
+RECIPES = sorted([*(ROOT / "configs" / "default").glob("*.yaml"), *(ROOT / "configs" / "experiments").glob("*.yaml")])
 
 
 def test_defaults_and_overrides():
@@ -96,7 +97,7 @@ def test_unreadable_config_files_get_one_line_errors(tmp_path, capsys):
         assert message.split(" at ")[0] in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("path", TINY, ids=[p.stem for p in TINY])
+@pytest.mark.parametrize("path", TINY + RECIPES, ids=[p.stem for p in TINY + RECIPES])
 def test_shipped_configs_resolve_and_roundtrip(path):
     cfg = load_config(path)
     assert config_from_dict(cfg.to_dict()) == cfg
