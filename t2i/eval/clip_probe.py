@@ -17,10 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from t2i.data.captions import counterfactual_captions, scene_for, split_prompts
-from t2i.data.shapes import render
+from t2i.data.captions import Prompt, counterfactual_captions, split_prompts
+from t2i.data.dataset import ground_truth, to_tensor
 
 
 @dataclass
@@ -32,50 +31,36 @@ class ProbeRow:
     text_cosine: float  # mean cosine of the pooled text embeddings of a caption and its rewrites
 
 
-def _image_batch(prompts, size: int) -> Tensor:
-    images = []
-    for p in prompts:
-        scene = scene_for(p.spec, np.random.default_rng(p.seed), size=size)
-        images.append(torch.from_numpy(render(scene, size)).permute(2, 0, 1).float() / 127.5 - 1)
-    return torch.stack(images)
-
-
 @torch.no_grad()
 def counterfactual_probe(clip, split: str = "eval", per_category: int | None = None) -> list[ProbeRow]:
     """One ``ProbeRow`` per category of ``split`` whose captions have rewrites, plus an ``all`` row."""
     clip = clip.eval()
-    size = int(clip.image_size)
-    rows: list[ProbeRow] = []
-    totals = {"n": 0, "acc": 0.0, "chance": 0.0, "cos": 0.0}
-    by_cat: dict[str, list] = {}
+    size = max(int(clip.image_size), 32)
+    by_cat: dict[str, list[tuple[Prompt, list[str]]]] = {}
     for p in split_prompts(split):
-        if counterfactual_captions(p.caption):
-            by_cat.setdefault(p.spec.category, []).append(p)
-    for category, prompts in by_cat.items():
-        prompts = prompts[:per_category] if per_category else prompts
-        acc = chance = cos = 0.0
-        for i in range(0, len(prompts), 64):
-            chunk = prompts[i : i + 64]
-            img = clip.embed_image(_image_batch(chunk, max(size, 32)))
-            for j, p in enumerate(chunk):
-                texts = [p.caption, *counterfactual_captions(p.caption)]
-                txt, _, _ = clip.embed_text(texts)
-                scores = img[j] @ txt.t()
-                acc += float(scores[0] > scores[1:].max())
-                chance += 1 / len(texts)
-                cos += float((txt[0] @ txt[1:].t()).mean())
-        n = len(prompts)
-        rows.append(ProbeRow(category, n, acc / n, chance / n, cos / n))
-        totals["n"] += n
-        totals["acc"], totals["chance"], totals["cos"] = (
-            totals["acc"] + acc,
-            totals["chance"] + chance,
-            totals["cos"] + cos,
-        )
-    if not rows:
+        rewrites = counterfactual_captions(p.caption)
+        kept = by_cat.setdefault(p.spec.category, []) if rewrites else None
+        if kept is not None and (per_category is None or len(kept) < per_category):
+            kept.append((p, rewrites))
+    if not by_cat:
         raise ValueError(f"no prompt of split {split!r} has a counterfactual rewrite")
-    n = totals["n"]
-    rows.append(ProbeRow("all", n, totals["acc"] / n, totals["chance"] / n, totals["cos"] / n))
+    rows, sums = [], np.zeros(3)
+    for category, items in by_cat.items():
+        per_prompt = []  # (ranked first, chance, cosine to the rewrites)
+        for i in range(0, len(items), 64):
+            chunk = items[i : i + 64]
+            images = to_tensor(np.stack([ground_truth(p, size).image for p, _ in chunk]))
+            for img, (p, rewrites) in zip(clip.embed_image(images), chunk, strict=True):
+                txt, _, _ = clip.embed_text([p.caption, *rewrites])
+                scores = img @ txt.t()
+                per_prompt.append(
+                    (float(scores[0] > scores[1:].max()), 1 / len(txt), float((txt[0] @ txt[1:].t()).mean()))
+                )
+        total = np.sum(per_prompt, axis=0)
+        rows.append(ProbeRow(category, len(items), *(total / len(items))))
+        sums += total
+    n = sum(r.prompts for r in rows)
+    rows.append(ProbeRow("all", n, *(sums / n)))
     return rows
 
 

@@ -40,6 +40,14 @@ _LIMITS = {
 }
 
 
+def _part_row(part: str, what: str, config: str, params: int, rec: dict[str, Any], file: str) -> str:
+    """One row of the parts table: a part (or one stage of it) and its training record."""
+    return (f"| {part} | {what} | `{config}` | {params / 1e6:.2f} M | {rec.get('step', '-')} | "
+            f"{rec.get('batch_size', '-')} | {rec.get('samples', '-')} | {rec.get('seed', '-')} | "
+            f"{rec.get('threads', '-')} | {_fmt_seconds(rec.get('train_seconds'))} | "
+            f"{_fmt_seconds(rec.get('cpu_seconds'))} | {file} |")  # fmt: skip
+
+
 def _fmt_seconds(s: float | None) -> str:
     if s is None:
         return "-"
@@ -118,18 +126,11 @@ def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str
             earlier = earlier.get("started_from")
         for i, st in enumerate(stages, 1):
             cfg_i = f"configs/default/{str(st.get('run')).removeprefix('default_')}.yaml"
-            lines.append(f"| {key}, stage {i} | {what} | `{cfg_i}` | {r.get('params', 0) / 1e6:.2f} M | "
-                         f"{st.get('step', '-')} | {st.get('batch_size', '-')} | {st.get('samples', '-')} | "
-                         f"{st.get('seed', '-')} | "
-                         f"{st.get('threads', '-')} | {_fmt_seconds(st.get('train_seconds'))} | "
-                         f"{_fmt_seconds(st.get('cpu_seconds'))} | - |")  # fmt: skip
+            lines.append(_part_row(f"{key}, stage {i}", what, cfg_i, r.get("params", 0), st, "-"))
         if stages:
             key = f"{key}, stage {len(stages) + 1}"
             config = f"configs/default/{str(r.get('run')).removeprefix('default_')}.yaml"
-        lines.append(f"| {key} | {what} | `{config}` | {r.get('params', 0) / 1e6:.2f} M | "
-                     f"{r.get('step', '-')} | {r.get('batch_size', '-')} | {r.get('samples', '-')} | "
-                     f"{r.get('seed', '-')} | {r.get('threads', '-')} | {_fmt_seconds(r.get('train_seconds'))} | "
-                     f"{_fmt_seconds(r.get('cpu_seconds'))} | {size} |")  # fmt: skip
+        lines.append(_part_row(key, what, config, r.get("params", 0), r, size))
     retrain = "Retrain everything with `make train-defaults`."
     if distilled:
         retrain = (f"Retrain the student with `t2i train configs/distill/{train['transformer'].get('run')}.yaml` "
