@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
 
 import torch
 
 from t2i.eval.quality import _fn
 from t2i.eval.shapes import evaluate_generator
-from t2i.pipelines.shipped import load_generator
+from t2i.pipelines.folders import load_generator
 
 
 def measure(gen, settings, per_category: int) -> dict:
@@ -43,13 +42,13 @@ def write_grid(path: str, teacher, students) -> None:
 
     cats = ("single_object", "two_objects", "counting", "colors", "position", "color_attribution")
     prompts = [next(p for p in split_prompts("eval") if p.spec.category == c) for c in cats]
-    rows = [(teacher, replace(teacher.defaults, steps=28)), (teacher, replace(teacher.defaults, steps=4))]
+    rows = [(teacher, teacher.settings(steps=28)), (teacher, teacher.settings(steps=4))]
     rows += [(gen, gen.defaults) for gen in students]
     images, labels = [], []
     for gen, s in rows:
         out = gen.generate([p.caption for p in prompts], [p.seed for p in prompts], s)
         images += [to_pil(im) for im in out]
-        nfe = s.steps * (2 if s.cfg != 1.0 else 1)
+        nfe = s.steps * (2 if s.guidance != 1.0 else 1)
         labels += [f"{gen.name}, {s.steps} steps ({nfe} NFE): {p.caption}" for p in prompts]
     contact_sheet(images, labels, cell=128, columns=len(prompts)).save(path)
     print(f"grid: {path}")
@@ -76,11 +75,11 @@ def main() -> None:
         return
     rows = []
     for n in args.teacher_steps:
-        s = replace(teacher.defaults, steps=n)
-        rows.append((f"{teacher.name} (teacher, CFG {s.cfg})", s, measure(teacher, s, args.per_category)))
+        s = teacher.settings(steps=n)
+        rows.append((f"{teacher.name} (teacher, CFG {s.guidance})", s, measure(teacher, s, args.per_category)))
     for gen in students:
         for n in sorted({gen.defaults.steps, *args.student_steps}):
-            s = replace(gen.defaults, steps=n)
+            s = gen.settings(steps=n)
             guidance = "no CFG" if s.cfg == 1.0 else f"CFG {s.cfg}"
             rows.append((f"{gen.name} ({s.sampler}, {guidance})", s, measure(gen, s, args.per_category)))
     print(f"shapes `eval`, first {args.per_category} prompts per category, {args.threads} threads\n")

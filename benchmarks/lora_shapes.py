@@ -25,7 +25,7 @@ from t2i.eval.quality import _fn
 from t2i.eval.shapes import evaluate_generator
 from t2i.io import load_weights
 from t2i.nn.lora import load_lora_state_dict
-from t2i.pipelines.shipped import load_generator
+from t2i.pipelines.folders import load_generator
 
 CATS = ("counting", "colors", "position", "color_attribution")
 

@@ -146,7 +146,7 @@ def run_case(case: Case, amp: bool, fast: bool, reps: int, sample_reps: int, ste
     pipe.set_progress_bar_config(disable=True)
     px = S * 8
     for steps in steps_list:
-        ours = SD3Pipeline(model, preset=SD3Preset(steps=steps, cfg=4.5, sampler="euler"))
+        ours = SD3Pipeline(model, preset=SD3Preset(steps=steps, guidance=4.5, sampler="euler"))
 
         def s_t2i(ours=ours):
             with amp_ctx():

@@ -1,4 +1,6 @@
-"""Tiny random model folders in the shipped format (``t2i.pipelines.shipped``), for pipeline and CLI tests."""
+"""Tiny random model folders in the shipped format (``t2i.pipelines.folders``), for pipeline and CLI tests.
+
+The SD3 folder writes its defaults with the older ``cfg`` key, the unCLIP one with ``guidance``: both load."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import torch
 
 from t2i.models import build_model
 from t2i.models.clip import CLIP_PRESETS, ScratchClip
-from t2i.pipelines.shipped import _clip_extra, _write_model, save_component
+from t2i.models.files import clip_extra, save_model_file
+from t2i.pipelines.folders import write_model_json
 
 
 def _randomize(module: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
@@ -49,11 +52,11 @@ def tiny_sd3_folder(root: str | Path, seed: int = 0, **defaults) -> Path:
     net = _randomize(build_model("mmdit", mmdit), seed)
     vae = build_model("sd3_vae", dict(block_out_channels=[8, 8], layers_per_block=1, latent_channels=4, norm_groups=4))
     root.mkdir(parents=True, exist_ok=True)
-    save_component(root / "transformer.safetensors", "mmdit", net)
-    save_component(root / "vae.safetensors", "sd3_vae", vae, latent_format={"scale": 1.0, "shift": 0.0})
-    save_component(root / "clip.safetensors", "clip", clip, **_clip_extra(clip))
+    save_model_file(root / "transformer.safetensors", "mmdit", net)
+    save_model_file(root / "vae.safetensors", "sd3_vae", vae, latent_format={"scale": 1.0, "shift": 0.0})
+    save_model_file(root / "clip.safetensors", "clip", clip, **clip_extra(clip))
     d = {"steps": 3, "cfg": 3.0, "sampler": "euler", "size": 32, "shift": 1.0, **defaults}
-    _write_model(root, {"kind": "sd3", "name": "tiny-sd3", "text_layer": -2, "defaults": d,
+    write_model_json(root, {"kind": "sd3", "name": "tiny-sd3", "text_layer": -2, "defaults": d,
                         "presets": {"fast": {"steps": 1, "cfg": 1.0}}})  # fmt: skip
     return root
 
@@ -71,18 +74,18 @@ def tiny_unclip_folder(root: str | Path, seed: int = 0) -> Path:
     sr = _randomize(build_model("unclip_unet", dict(unet, attn_levels=[False, False], lowres_cond=True,
                                                     lowres_noise_cond=True)), seed + 1)  # fmt: skip
     root.mkdir(parents=True, exist_ok=True)
-    save_component(root / "clip.safetensors", "clip", clip, **_clip_extra(clip))
-    save_component(root / "prior.safetensors", "unclip_prior", prior)
-    save_component(root / "decoder.safetensors", "unclip_unet", base)
-    save_component(root / "sr.safetensors", "unclip_unet", sr)
+    save_model_file(root / "clip.safetensors", "clip", clip, **clip_extra(clip))
+    save_model_file(root / "prior.safetensors", "unclip_prior", prior)
+    save_model_file(root / "decoder.safetensors", "unclip_unet", base)
+    save_model_file(root / "sr.safetensors", "unclip_unet", sr)
     stage = {"schedule": "cosine", "timesteps": 1000, "sampler": "ddim", "steps": 2, "sample_level": 0.2}
-    _write_model(root, {
+    write_model_json(root, {
         "kind": "unclip", "name": "tiny-unclip",
         "prior": {"file": "prior.safetensors", "schedule": "cosine", "timesteps": 1000, "prediction": "x0",
                   "sampler": "ddim", "steps": 2, "guidance": 2.0, "candidates": 2},
         "stages": [dict(stage, file="decoder.safetensors", size=16, prediction="eps", guidance=2.0, lowres_size=None),
                    dict(stage, file="sr.safetensors", size=32, prediction="v", guidance=1.0, lowres_size=16)],
-        "defaults": {"steps": 2, "cfg": 2.0, "sampler": "ddim", "size": 32},
+        "defaults": {"steps": 2, "guidance": 2.0, "sampler": "ddim", "size": 32},
     })  # fmt: skip
     return root
 

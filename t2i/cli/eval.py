@@ -55,16 +55,9 @@ def run_clip_probe(args: argparse.Namespace) -> int:
     path = Path(args.clip)
     if not path.exists():
         raise FileNotFoundError(f"--clip {path} does not exist; pass a clip.safetensors or a clip training run")
-    if path.is_file():
-        from t2i.pipelines.shipped import load_component
+    from t2i.models.files import load_trained
 
-        clip, _ = load_component(path)
-    else:
-        from t2i.train.tasks.unclip import load_trained
-
-        clip = load_trained(str(path), "clip")
-    if not hasattr(clip, "embed_text"):
-        raise ValueError(f"--clip {path} holds a {type(clip).__name__}, not a CLIP")
+    clip = load_trained(path, "clip").eval().requires_grad_(False)
     print(f"counterfactual probe of {path} on the {args.split} split")
     print(probe_table(counterfactual_probe(clip, args.split, args.per_category)))
     return 0

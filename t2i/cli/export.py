@@ -40,18 +40,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _defaults(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling defaults written to model.json (default: the training run's settings)")
     g.add_argument("--steps", type=int)
-    g.add_argument("--cfg", type=float)
+    g.add_argument("--guidance", "--cfg", dest="guidance", type=float, help="guidance scale (--cfg: the same)")
     g.add_argument("--sampler")
 
 
 def run(args: argparse.Namespace) -> int:
-    from t2i.diffusion import SAMPLERS
+    from t2i.diffusion import check_sampler
     from t2i.pipelines.model_card import write_model_card
-    from t2i.pipelines.shipped import export_sd3, export_unclip
+    from t2i.train.export import export_sd3, export_unclip
 
-    if args.sampler is not None and args.sampler not in SAMPLERS:
-        raise ValueError(f"unknown --sampler {args.sampler!r}; choose one of {', '.join(sorted(SAMPLERS))}")
-    defaults = {k: getattr(args, k) for k in ("steps", "cfg", "sampler") if getattr(args, k) is not None}
+    if args.sampler is not None:
+        check_sampler(args.sampler, "--sampler")
+    defaults = {k: getattr(args, k) for k in ("steps", "guidance", "sampler") if getattr(args, k) is not None}
     if args.kind == "sd3":
         out = export_sd3(args.out, transformer=args.transformer, vae=args.vae, clip=args.clip, name=args.name,
                          defaults=defaults, share_from=args.share_from)  # fmt: skip

@@ -12,7 +12,6 @@ them goes to ``contact_sheet.png``. Arguments are checked before any model is lo
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import sys
 import time
@@ -35,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"a shipped model (sd3-shapes, sd3-shapes-turbo, unclip-shapes), a t2i model folder, or an "
                         f"official SD3/SD3.5 file or diffusers folder (default {DEFAULT_MODEL})")  # fmt: skip
     p.add_argument("--steps", type=int, help="sampler steps")
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 disables it)")
+    p.add_argument("--guidance", "--cfg", dest="guidance", type=float,
+                   help="classifier-free guidance scale (1 disables it); --cfg is the same flag")  # fmt: skip
     p.add_argument("--sampler", help="sampler name (see `t2i info`)")
     p.add_argument("--size", type=int, help="image side in pixels")
     p.add_argument("--negative", default="", help="negative prompt (SD3-family models)")
@@ -71,23 +71,11 @@ MAX_SEED = 2**62  # torch generators take 64-bit seeds; room for seed + k over a
 
 def _check_args(args) -> None:
     from t2i.cli.main import CLIError
-    from t2i.diffusion import SAMPLERS
 
     if args.num_images < 1:
         raise CLIError(f"--num-images must be at least 1, got {args.num_images}")
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.steps is not None and args.steps < 1:
-        raise CLIError(f"--steps must be at least 1, got {args.steps}")
-    if args.cfg is not None and not (math.isfinite(args.cfg) and args.cfg >= 0):
-        # nan/inf would run the whole model and write black images with exit status 0
-        raise CLIError(f"--cfg must be a finite number >= 0 (1 disables guidance), got {args.cfg}")
-    if args.sampler is not None and args.sampler not in SAMPLERS:
-        import difflib
-
-        close = difflib.get_close_matches(args.sampler, list(SAMPLERS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise CLIError(f"unknown sampler {args.sampler!r}{hint} (choose one of {', '.join(sorted(SAMPLERS))})")
     if not 0 <= args.seed < MAX_SEED:  # checked before the model loads: image k uses seed + k
         raise CLIError(f"--seed must lie in [0, 2**62), got {args.seed}")
     out = Path(args.output)
@@ -99,28 +87,21 @@ def _slug(text: str, n: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n].strip("-") or "image"
 
 
+# the flag that sets each Settings field (errors name the flag the user typed)
+_FLAG = {"guidance": "--guidance", "negative": "--negative"}
+
+
 def _settings(gen, args):
-    from dataclasses import replace
-
+    """The flags over the model's defaults (or ``--preset``), through ``Generator.settings`` as the server does."""
     from t2i.cli.main import CLIError
+    from t2i.pipelines.generator import SettingsError
 
-    s = gen.defaults
-    if args.preset is not None:
-        presets = gen.presets()
-        if args.preset not in presets:
-            raise CLIError(
-                f"unknown --preset {args.preset!r} for {gen.name}; choose one of {sorted(presets) or '(none)'}"
-            )
-        s = presets[args.preset]
-    s = replace(s, extra=dict(s.extra))
-    for flag in ("steps", "cfg", "sampler", "size"):
-        if getattr(args, flag) is not None:
-            s = replace(s, **{flag: getattr(args, flag)})
     try:
-        gen.check_size(s.size)
-    except ValueError as err:
-        raise CLIError(str(err)) from None
-    return s
+        return gen.settings(args.preset, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
+                            size=args.size, negative=args.negative or None)  # fmt: skip
+    except SettingsError as err:
+        flag = _FLAG.get(err.field, f"--{err.field}")
+        raise CLIError(f"{flag}: {err}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -136,7 +117,7 @@ def _run(args: argparse.Namespace) -> int:
     _check_args(args)
 
     from t2i.io.png import contact_sheet, format_parameters, save_png, to_pil
-    from t2i.pipelines.shipped import load_generator
+    from t2i.pipelines.folders import load_generator
 
     gen = load_generator(args.model)
     s = _settings(gen, args)
@@ -151,7 +132,7 @@ def _run(args: argparse.Namespace) -> int:
     files, pils, labels, first = [], [], [], None
     for b in range(0, len(jobs), args.batch_size):
         batch = jobs[b : b + args.batch_size]
-        images = gen.generate([p for _, p, _ in batch], [seed for _, _, seed in batch], s, negative=args.negative)
+        images = gen.generate([p for _, p, _ in batch], [seed for _, _, seed in batch], s)
         for (i, prompt, seed), image in zip(batch, images, strict=True):
             pil = to_pil(image)
             params = format_parameters(prompt, s.describe(gen.name, seed), args.negative)

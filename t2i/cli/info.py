@@ -25,9 +25,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name:<16} {kind:<13} order {s.order}  {s.description}")
     print(f"predictions: {', '.join(PREDICTIONS)}")
     print(f"training time densities: {', '.join(TIME_SAMPLERS)}")
-    import json
-
-    from t2i.pipelines.shipped import SHIPPED, model_folder, models_dir
+    from t2i.pipelines.folders import SHIPPED, model_folder, models_dir, read_model_json
+    from t2i.pipelines.generator import Settings
 
     print(f"shipped models ({models_dir()}):")
     for name in SHIPPED:
@@ -35,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         if folder is None:
             print(f"  {name:<16} missing")
             continue
-        d = json.loads((folder / "model.json").read_text())["defaults"]
+        d = Settings.from_dict(read_model_json(folder)["defaults"]).to_dict()
         mb = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e6
-        print(f"  {name:<16} {d['size']} px, {d['steps']} steps of {d['sampler']}, CFG {d['cfg']}  ({mb:.1f} MB)")
+        print(f"  {name:<16} {d['size']} px, {d['steps']} steps of {d['sampler']}, CFG {d['guidance']}  ({mb:.1f} MB)")
     return 0

@@ -130,12 +130,13 @@ def run(args: argparse.Namespace) -> int:
     from t2i.serve.app import create_app
 
     cfg = config_from_args(args)
-    from t2i.pipelines.shipped import model_folder
+    from t2i.pipelines.folders import resolve_model
 
     for m in [*cfg.models, *cfg.allow_models]:  # a typo fails here, in one line, not at startup or first use
-        if model_folder(m) is None and not os.path.exists(m):
-            raise CLIError(f"unknown model {m!r}: give a shipped name (sd3-shapes, unclip-shapes), a t2i model "
-                           "folder, or a local SD3/SD3.5 file or diffusers folder")  # fmt: skip
+        try:
+            resolve_model(m)
+        except FileNotFoundError as err:
+            raise CLIError(str(err)) from None
     if args.threads:
         import torch
 

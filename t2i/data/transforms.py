@@ -35,12 +35,6 @@ def decode_image(data: bytes, channels: int = 3) -> Tensor:
         return pil_to_tensor(img, channels)
 
 
-def tensor_to_pil(x: Tensor) -> Image.Image:
-    """``(C, H, W)`` in [-1, 1] -> a PIL image (RGB for 3 channels, L for 1)."""
-    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
-
-
 def resize_short_side(x: Tensor, size: int) -> Tensor:
     """Resize so the shorter side is ``size`` (antialiased bilinear; a no-op when it already is)."""
     h, w = x.shape[-2:]

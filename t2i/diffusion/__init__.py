@@ -3,8 +3,9 @@
 Model-agnostic and rank-generic: it works on images ``[B, C, H, W]`` and on embedding vectors ``[B, D]``.
 """
 
+from t2i.nn.noise import Seeds, randn_like
+
 from .guidance import SkipLayerGuidance, classifier_free_guidance, dynamic_threshold, step_interval_to_time
-from .noise import Seeds, randn_like
 from .objectives import DenoisingObjective, flow_matching_objective, loss_weight
 from .parameterization import (
     PREDICTIONS,
@@ -19,6 +20,7 @@ from .parameterization import (
 from .paths import NoisePath, RectifiedFlow, VPPath, append_dims
 from .samplers import (
     SAMPLERS,
+    check_sampler,
     get_sampler,
     sample,
     sample_ddim,

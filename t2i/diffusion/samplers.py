@@ -26,7 +26,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import trange
 
-from .noise import NoiseSource, randn_like
+from t2i.errors import check_choice
+from t2i.nn.noise import NoiseSource, randn_like
+
 from .parameterization import DenoiseFn
 from .paths import NoisePath
 
@@ -406,12 +408,15 @@ SAMPLERS: dict[str, SamplerInfo] = {
 }
 
 
+def check_sampler(name: str, what: str = "sampler") -> str:
+    """``name`` if a sampler is registered under it, else an error naming the nearest one and listing them all."""
+    check_choice(what, name, SAMPLERS)
+    return name
+
+
 def get_sampler(name: str) -> Callable[..., Tensor]:
     """The sampler function registered as ``name``, with an error listing the valid names."""
-    try:
-        return SAMPLERS[name].fn
-    except KeyError:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}") from None
+    return SAMPLERS[check_sampler(name)].fn
 
 
 def sample(name: str, denoise: DenoiseFn, x: Tensor, ts: Tensor, path: NoisePath, **kwargs) -> Tensor:

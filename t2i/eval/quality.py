@@ -33,12 +33,6 @@ STEPS = (4, 8, 16, 28, 50)
 SAMPLERS = {"sd3": ("euler", "heun", "dpmpp_2m"), "unclip": ("ddpm", "euler_ancestral", "ddim")}
 
 
-def _kind(gen) -> str:
-    from t2i.pipelines.shipped import UnCLIPGenerator
-
-    return "unclip" if isinstance(gen, UnCLIPGenerator) else "sd3"
-
-
 def _fn(gen, settings, batch_size: int):
     def fn(prompts: list[str], seeds: list[int]):
         out = []
@@ -77,13 +71,13 @@ def evaluate_model(model: str, *, per_category: int | None = None, sweep_per_cat
                    sweep: bool = True, log=print) -> dict[str, Any]:  # fmt: skip
     """All measurements of one model (see the module docstring) as a JSON-able dict."""
     from t2i.eval.shapes import evaluate_generator
-    from t2i.pipelines.shipped import load_generator
+    from t2i.pipelines.folders import load_generator
 
     t0 = time.perf_counter()
     gen = load_generator(model)
     load_s = time.perf_counter() - t0
     d = gen.defaults
-    out: dict[str, Any] = {"model": gen.name, "source": model, "kind": _kind(gen), "defaults": {**d.__dict__},
+    out: dict[str, Any] = {"model": gen.name, "source": model, "kind": gen.kind, "defaults": d.to_dict(),
                            "load_seconds": load_s}  # fmt: skip
     for split in splits:
         t = time.perf_counter()
@@ -177,8 +171,8 @@ def merge_reports(paths: Sequence[str | Path], *, out_md: str | Path, update_car
 
 
 def _refresh_cards(models: Sequence[str], report_json: Path) -> None:
+    from t2i.pipelines.folders import model_folder
     from t2i.pipelines.model_card import write_model_card
-    from t2i.pipelines.shipped import model_folder
 
     for m in models:
         folder = model_folder(m)
@@ -192,7 +186,7 @@ def _f(v) -> str:
 
 def _learning_curves(models: Sequence[dict[str, Any]], out_dir: Path) -> list[str]:
     """Markdown images of the learning curves shipped in the models' folders (``learning_curve.png``)."""
-    from t2i.pipelines.shipped import model_folder
+    from t2i.pipelines.folders import model_folder
 
     lines = []
     for r in models:
@@ -250,10 +244,14 @@ def markdown(data: dict[str, Any], out_dir: str | Path | None = None) -> str:
             f"| {name} | {rep.get('fd_probe', float('nan')):.3f} | {rep.get('kid_probe', float('nan')):.4f} |"
         )
     lines += ["", "## Defaults and generation time", ""]
-    lines += ["| model | sampler | steps | cfg | size | eval images | seconds |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines += [
+        "| model | sampler | steps | guidance | size | eval images | seconds |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for r in data["models"]:
         d = r["defaults"]
-        lines.append(f"| {r['model']} | {d['sampler']} | {d['steps']} | {d['cfg']} | {d['size']} | "
+        guidance = d.get("guidance", d.get("cfg"))  # reports written before 0.2 call it cfg
+        lines.append(f"| {r['model']} | {d['sampler']} | {d['steps']} | {guidance} | {d['size']} | "
                      f"{r['eval']['n_images']} | {r['eval']['seconds']} |")  # fmt: skip
     for r in data["models"]:
         lines += ["", f"## Score vs steps: {r['model']}", "",

@@ -1,6 +1,7 @@
 """Checkpoint files: safetensors weights with metadata, pickle-free nested state, atomic writes.
 
-A leaf package: it imports torch and safetensors only, never ``t2i.train`` or the models.
+The lowest layer of t2i (the import contract in pyproject.toml): it imports torch and safetensors, never another
+t2i layer.
 """
 
 from .safetensors_io import (

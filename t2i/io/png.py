@@ -68,10 +68,13 @@ def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:
     return "\n".join(lines), negative, settings
 
 
-def to_pil(image: Tensor) -> Image.Image:
-    """``(3, H, W)`` in [0, 1] -> an RGB PIL image (rounded, not truncated)."""
-    arr = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(np.ascontiguousarray(arr))
+def to_pil(image: Tensor, value_range: tuple[float, float] = (0.0, 1.0)) -> Image.Image:
+    """``(C, H, W)`` with values in ``value_range`` -> a PIL image, RGB for 3 channels and L for 1 (rounded, not
+    truncated). Generators return [0, 1], the default; training data and samples are [-1, 1]."""
+    lo, hi = value_range
+    x = ((image.detach().float() - lo) / (hi - lo)).clamp(0, 1)
+    arr = (x * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(np.ascontiguousarray(arr[:, :, 0] if arr.shape[2] == 1 else arr))
 
 
 def _png_info(parameters: str) -> PngImagePlugin.PngInfo:

@@ -8,10 +8,11 @@ architectures (Unet decoders, the prior, MMDiT) register here the same way as th
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Any
 
 from torch import nn
+
+from t2i.errors import check_choice, unknown_choice
 
 from .clip import ClipConfig, ScratchClip
 from .mmdit import MMDiT, MMDiTConfig
@@ -35,17 +36,12 @@ MODELS: dict[str, tuple[type, type[nn.Module]]] = {
 
 def model_config(name: str, params: dict[str, Any] | None = None):
     """The config dataclass of model ``name`` filled from ``params``."""
-    if name not in MODELS:
-        close = difflib.get_close_matches(name, list(MODELS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown model {name!r}{hint} (registered: {', '.join(sorted(MODELS))})")
+    check_choice("model", name, MODELS)
     cfg_cls, _ = MODELS[name]
     valid = [f.name for f in dataclasses.fields(cfg_cls)]
     for key in params or {}:
         if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-            hint = f"; did you mean 'model.params.{close[0]}'?" if close else ""
-            raise ValueError(f"unknown config key 'model.params.{key}' for model {name!r}{hint} (valid: {valid})")
+            raise unknown_choice("config key", key, valid, cutoff=0.5, prefix="model.params.")
     return cfg_cls(**(params or {}))
 
 

@@ -17,7 +17,8 @@ condition: the unconditional branch must still denoise x_t, otherwise it degener
 (DALLE2-pytorch drops it as well and never explained why, issue #285; we keep it.)
 
 The network follows ``t2i.diffusion``'s contract ``net(x, t, **cond)``; sampling, guidance and best-of-n
-reranking live in ``t2i.pipelines.unclip`` (models never import the diffusion core).
+reranking live in ``t2i.pipelines.unclip``: models sit below the diffusion core (the import contract in
+pyproject.toml).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from torch import Tensor, nn
 
 from t2i.nn.attention import attention
 
-from .unet import SavableModel, make_config, timestep_embedding
+from .base import SavableModel, make_config
+from .unet import timestep_embedding
 
 
 @dataclass(frozen=True)

@@ -25,78 +25,19 @@ in one forward pass.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from t2i.io import load_weights, read_metadata, save_weights
 from t2i.nn.attention import attention
 
+from .base import SavableModel, make_config
+
 C = TypeVar("C")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# strict configs and self-describing weight files (shared by the unCLIP models)
-
-
-def make_config(cls: type[C], cfg: C | None = None, kwargs: dict[str, Any] | None = None) -> C:
-    """``cfg`` or ``cls(**kwargs)``, rejecting unknown keys with the nearest valid one (no ``**kwargs`` sinks)."""
-    kwargs = kwargs or {}
-    if cfg is not None:
-        if kwargs:
-            raise ValueError(f"pass either a {cls.__name__} or keyword arguments, not both (got {sorted(kwargs)})")
-        if not isinstance(cfg, cls):
-            raise ValueError(f"expected a {cls.__name__}, got {type(cfg).__name__}")
-        return cfg
-    valid = [f.name for f in dataclasses.fields(cls)]
-    for key in kwargs:
-        if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown {cls.__name__} argument {key!r}{hint} (valid: {', '.join(valid)})")
-    return cls(**kwargs)
-
-
-def config_to_json(cfg: Any) -> str:
-    return json.dumps(dataclasses.asdict(cfg), sort_keys=True)
-
-
-def config_from_json(cls: type[C], text: str) -> C:
-    data = json.loads(text)
-    hints = {f.name: f.type for f in dataclasses.fields(cls)}
-    for k, v in data.items():
-        if isinstance(v, list) and "tuple" in str(hints.get(k, "")):
-            data[k] = tuple(v)
-    return make_config(cls, kwargs=data)
-
-
-class SavableModel(nn.Module):
-    """``save(path)`` writes safetensors with the model config in its metadata; ``load(path)`` rebuilds it."""
-
-    config_cls: type
-    kind: str
-
-    def save(self, path: str | Path) -> None:
-        save_weights(
-            path, self.state_dict(), metadata={"t2i_model": self.kind, "model_config": config_to_json(self.cfg)}
-        )
-
-    @classmethod
-    def load(cls, path: str | Path, *, device: str | torch.device = "cpu"):
-        meta = read_metadata(path)
-        if meta.get("t2i_model") != cls.kind:
-            raise ValueError(f"{path} holds a {meta.get('t2i_model', 'non-t2i')!r} model, not a {cls.kind!r}")
-        model = cls(config_from_json(cls.config_cls, meta["model_config"]))
-        model.load_state_dict(load_weights(path), strict=True)
-        return model.to(device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -295,7 +236,7 @@ class Unet(SavableModel):
     """
 
     config_cls = UnetConfig
-    kind = "unet"
+    kind = "unclip_unet"
 
     def __init__(self, cfg: UnetConfig | None = None, **kwargs):
         super().__init__()

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from t2i.diffusion.noise import NoiseSource, randn_like
+from t2i.nn.noise import NoiseSource, randn_like
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .unet import Downsample, PixelShuffleUpsample, ResBlock, SavableModel, make_config
+from .base import SavableModel, make_config
+from .unet import Downsample, PixelShuffleUpsample, ResBlock
 
 QUANTIZERS = ("ema", "straight_through")
 

@@ -13,6 +13,8 @@ from typing import Any
 
 from t2i.io.safetensors_io import atomic_write_text
 
+from .generator import Settings
+
 _PARTS = {
     "sd3": [("transformer", "MMDiT-X (QK-norm) denoiser", "sd3"), ("vae", "KL autoencoder (SD3 VAE design)", "vae"),
             ("clip", "CLIP (text tower used)", "clip")],
@@ -67,7 +69,7 @@ def _quality(name: str, report: Path) -> dict[str, Any] | None:
 def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str:
     folder = Path(folder)
     spec = json.loads((folder / "model.json").read_text())
-    kind, name, d = spec["kind"], spec["name"], spec["defaults"]
+    kind, name, d = spec["kind"], spec["name"], Settings.from_dict(spec["defaults"]).to_dict()
     files = {f.name: f.stat().st_size for f in sorted(folder.glob("*.safetensors"))}
     train = spec.get("training", {})
     lines = [f"# {name}", ""]
@@ -100,7 +102,7 @@ def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str
         lines[-1] += (f" The text encoder also spells the prompt's quoted text as {spec['text_chars']} character "
                       "tokens, where SD3 puts T5's tokens.")  # fmt: skip
     lines += ["", "```bash", f't2i generate "a red circle above a blue square" --model {name} -n 4', "```", "",
-              f"Defaults: {d['steps']} steps of `{d['sampler']}`, CFG {d['cfg']}, {d['size']} px"
+              f"Defaults: {d['steps']} steps of `{d['sampler']}`, CFG {d['guidance']}, {d['size']} px"
               + (f", shift {d['shift']}" if "shift" in d else "") + ".", ""]  # fmt: skip
     lines += ["## Parts and training", "",
               "All parts were trained with `t2i train` on the `train` stream of the shapes benchmark (`shapes-v1`, "

@@ -18,7 +18,7 @@ because ``1 - 0.8`` is not exact in floating point). ``strength=1`` starts from 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,21 +27,23 @@ import torch
 from torch import Tensor, nn
 
 from t2i.diffusion import (
-    SAMPLERS,
     FlowDenoiser,
     RectifiedFlow,
     Seeds,
     SkipLayerGuidance,
+    check_sampler,
     classifier_free_guidance,
     sample,
     step_interval_to_time,
 )
+from t2i.io.png import to_pil
+from t2i.nn.offload import placed
 
 
 @dataclass(frozen=True)
 class SD3Preset:
     steps: int = 28
-    cfg: float = 4.5  # guidance scale w; 1.0 disables CFG (no unconditional pass)
+    guidance: float = 4.5  # classifier-free guidance scale w; 1.0 disables it (no unconditional pass)
     sampler: str = "euler"  # a key of t2i.diffusion.SAMPLERS
     shift: float = 3.0  # rectified-flow timestep shift
     slg_scale: float = 0.0  # skip-layer guidance strength; 0 disables it
@@ -49,32 +51,24 @@ class SD3Preset:
     slg_window: tuple[float, float] = (0.01, 0.2)  # fractions of the steps where SLG is on (strict bounds)
 
     def __post_init__(self):
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {sorted(SAMPLERS)}")
+        check_sampler(self.sampler)
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
 
 
 PRESETS: dict[str, SD3Preset] = {
     # model card: 28 steps at guidance 3.5 (3.5-4.5 works)
-    "sd3.5-large": SD3Preset(steps=28, cfg=3.5, sampler="euler"),
-    # the sd3.5 reference CONFIGS entry: 40 steps, cfg 4.5, and its DPM++(2M), which works in VE form on the flow
+    "sd3.5-large": SD3Preset(steps=28, guidance=3.5, sampler="euler"),
+    # the sd3.5 reference CONFIGS entry: 40 steps, guidance 4.5, and its DPM++(2M), which works in VE form on the flow
     # sigmas (lambda = -log sigma): `dpmpp_2m_ve` reproduces it; t2i's own `dpmpp_2m` is the flow-correct solver
-    "sd3.5-large-ref": SD3Preset(steps=40, cfg=4.5, sampler="dpmpp_2m_ve"),
+    "sd3.5-large-ref": SD3Preset(steps=40, guidance=4.5, sampler="dpmpp_2m_ve"),
     # ADD-distilled: 4 Euler steps, no CFG
-    "sd3.5-large-turbo": SD3Preset(steps=4, cfg=1.0, sampler="euler"),
-    # 40 steps, cfg 4.5, SLG on layers 7, 8, 9 at 2.5 between 1% and 20% of the steps
-    "sd3.5-medium": SD3Preset(steps=40, cfg=4.5, sampler="euler", slg_scale=2.5),
+    "sd3.5-large-turbo": SD3Preset(steps=4, guidance=1.0, sampler="euler"),
+    # 40 steps, guidance 4.5, SLG on layers 7, 8, 9 at 2.5 between 1% and 20% of the steps
+    "sd3.5-medium": SD3Preset(steps=40, guidance=4.5, sampler="euler", slg_scale=2.5),
     # diffusers' StableDiffusion3Pipeline defaults (tuned for SD3-Medium)
-    "sd3-medium": SD3Preset(steps=28, cfg=7.0, sampler="euler"),
+    "sd3-medium": SD3Preset(steps=28, guidance=7.0, sampler="euler"),
 }
-
-
-def _to_pil(images: Tensor) -> list:
-    from PIL import Image
-
-    arr = (images.clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
-    return [Image.fromarray(a) for a in arr]
 
 
 def _image_tensor(image, height: int, width: int) -> Tensor:
@@ -149,15 +143,8 @@ class SD3Pipeline:
         return cls(parts.transformer, parts.vae, parts.text_encoder, preset=preset, device=device,
                    offload=offload, autocast=autocast)  # fmt: skip
 
-    @contextmanager
     def _on_device(self, module: nn.Module | None):
-        if module is not None and self.offload:
-            module.to(self.device)
-        try:
-            yield module
-        finally:
-            if module is not None and self.offload:
-                module.to("cpu")
+        return placed(module, self.device if self.offload else None)
 
     # -- steps ----------------------------------------------------------------------------------------------------
 
@@ -198,7 +185,7 @@ class SD3Pipeline:
         if p.slg_scale != 0:
             window = step_interval_to_time(ts, *p.slg_window)
             slg = SkipLayerGuidance(scale=p.slg_scale, layers=tuple(p.slg_layers), interval=window)
-        guided = classifier_free_guidance(denoise, p.cfg, uncond, skip_layers=slg)
+        guided = classifier_free_guidance(denoise, p.guidance, uncond, skip_layers=slg)
         amp = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast is not None else nullcontext()
         with self._on_device(self.transformer), amp:
             return sample(p.sampler, guided, x, ts, path, extra_args=cond, noise=noise, callback=callback,
@@ -239,11 +226,13 @@ class SD3Pipeline:
             latents: explicit starting noise ``(B, C, H/8, W/8)`` instead of drawing it from ``seeds``.
             output: "pil", "tensor" (``(B, 3, H, W)`` in [0, 1]) or "latent" (MMDiT-space latents).
             vae_tile: decode in tiles of this many latent pixels (bounds VAE memory for large images).
-            overrides: any ``SD3Preset`` field: ``steps``, ``cfg``, ``sampler``, ``shift``, ``slg_scale``,
-                ``slg_layers``, ``slg_window``.
+            overrides: any ``SD3Preset`` field: ``steps``, ``guidance`` (also accepted as ``cfg``), ``sampler``,
+                ``shift``, ``slg_scale``, ``slg_layers``, ``slg_window``.
         """
         if output not in ("pil", "tensor", "latent"):
             raise ValueError(f"output must be 'pil', 'tensor' or 'latent', got {output!r}")
+        if "cfg" in overrides:  # the guidance scale's older name
+            overrides["guidance"] = overrides.pop("cfg")
         p = replace(self.preset, **overrides)  # unknown keys raise TypeError naming them
         # 1. conditioning
         seeds = [seeds] if isinstance(seeds, int) else list(seeds)
@@ -263,17 +252,17 @@ class SD3Pipeline:
             raise ValueError(f"{len(seeds)} seeds for {B} prompts; pass one seed per image")
         cond = {"context": context.to(self.device), "pooled": pooled.to(self.device)}
         uncond = {}
-        if p.cfg != 1.0:
+        if p.guidance != 1.0:
             if negative_context is None:
                 negs = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
                 negative_context, negative_pooled = self.encode_prompt(negs)
             uncond = {"context": negative_context.to(self.device), "pooled": negative_pooled.to(self.device)}
         # 2. schedule and starting point
-        cfg = self.transformer.cfg
+        arch = self.transformer.cfg
         factor = self.vae.downscale if self.vae is not None else 8
-        if height % (factor * cfg.patch_size) or width % (factor * cfg.patch_size):
-            raise ValueError(f"height and width must be multiples of {factor * cfg.patch_size}, got {height}x{width}")
-        shape = (B, cfg.in_channels, height // factor, width // factor)
+        if height % (factor * arch.patch_size) or width % (factor * arch.patch_size):
+            raise ValueError(f"height and width must be multiples of {factor * arch.patch_size}, got {height}x{width}")
+        shape = (B, arch.in_channels, height // factor, width // factor)
         noise = Seeds(seeds)
         path, ts = self.schedule(p.steps, p.shift, strength if init_image is not None else 1.0)
         eps = latents.float().to(self.device) if latents is not None else noise.randn(shape, device=self.device)
@@ -293,4 +282,4 @@ class SD3Pipeline:
         if output == "latent":
             return x
         images = self.decode(x, tile=vae_tile)
-        return images if output == "tensor" else _to_pil(images)
+        return images if output == "tensor" else [to_pil(im) for im in images]

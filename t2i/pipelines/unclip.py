@@ -593,7 +593,7 @@ def sample_ddpm_learned_variance(
     combines the x0 estimates; the variance comes from the conditional branch. ``net(x, model_t,
     return_variance=True, **cond) -> (prediction, v)``.
     """
-    from t2i.diffusion.noise import randn_like
+    from t2i.nn.noise import randn_like
 
     x = x.float()
     alphas, sigmas = path.alpha(ts).tolist(), path.sigma(ts).tolist()

@@ -32,7 +32,6 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Hashable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -126,44 +125,32 @@ class ModelRegistry:
         if model_id not in self.ids:
             raise KeyError(model_id)
         if model_id not in self.loaded:
-            from t2i.pipelines.shipped import load_generator
+            from t2i.pipelines.folders import load_generator
 
             log.info("loading model %s", model_id)
             self.loaded[model_id] = load_generator(model_id)
         return self.loaded[model_id]
 
 
-def _settings(gen, req: GenerationRequest):
-    """The request's sampling settings over the model's defaults; 400 naming the field when one is impossible."""
-    from t2i.diffusion import SAMPLERS
-    from t2i.pipelines.shipped import UnCLIPGenerator
+# the request field that carries each Settings field (errors name the field the client sent)
+_REQUEST_FIELD = {"negative": "negative_prompt"}
 
-    s = replace(gen.defaults, extra=dict(gen.defaults.extra))
-    if req.sampler is not None:
-        if req.sampler not in SAMPLERS:
-            raise APIError(400, f"unknown sampler {req.sampler!r}; choose one of {', '.join(sorted(SAMPLERS))}",
-                           param="sampler")  # fmt: skip
-        s.sampler = req.sampler
-    if req.steps is not None:
-        s.steps = req.steps
-    if req.guidance is not None:
-        s.cfg = req.guidance
+
+def _settings(gen, req: GenerationRequest):
+    """The request's sampling settings over the model's defaults (``Generator.settings``, as the CLI uses it);
+    400 naming the field when one is impossible. Being frozen and hashable, they are the batch key's second half:
+    jobs batch together only when the model and all of them are equal."""
+    from t2i.pipelines.generator import SettingsError
+
     try:
         side = req.side()
-        if side is not None:
-            s.size = side
-        gen.check_size(s.size)
     except ValueError as err:
-        raise APIError(400, str(err).replace("--size ", "size "), param="size") from None
-    if req.negative_prompt and isinstance(gen, UnCLIPGenerator):
-        raise APIError(400, "unCLIP models guide with a null caption; negative_prompt is not supported for them",
-                       param="negative_prompt")  # fmt: skip
-    return s
-
-
-def _batch_key(model_id: str, s, negative: str) -> Hashable:
-    """Everything that changes how a batch samples; jobs batch together only when all of it is equal."""
-    return (model_id, s.steps, float(s.cfg), s.sampler, s.size, negative, json.dumps(s.extra, sort_keys=True))
+        raise APIError(400, str(err), param="size") from None
+    try:
+        return gen.settings(steps=req.steps, guidance=req.guidance, sampler=req.sampler, size=side,
+                            negative=req.negative_prompt or None)  # fmt: skip
+    except SettingsError as err:
+        raise APIError(400, str(err), param=_REQUEST_FIELD.get(err.field, err.field)) from None
 
 
 def create_app(cfg: ServeConfig | None = None, *, generators: dict[str, Any] | None = None) -> FastAPI:
@@ -183,13 +170,9 @@ def create_app(cfg: ServeConfig | None = None, *, generators: dict[str, Any] | N
     def run_batch(key, prompts, seeds, progress):
         import torch
 
-        from t2i.pipelines.shipped import Settings
-
-        model_id, steps, cfg_scale, sampler, size, negative, extra = key
-        gen = registry.get(model_id)
-        settings = Settings(steps, cfg_scale, sampler, size, json.loads(extra))
+        model_id, settings = key
         with torch.no_grad():  # this thread only; never the process-wide switch
-            return gen.generate(prompts, seeds, settings, negative=negative, callback=progress)
+            return registry.get(model_id).generate(prompts, seeds, settings, callback=progress)
 
     batcher = Batcher(run_batch, max_batch=cfg.max_batch, window_s=cfg.batch_window_ms / 1000,
                       max_queue=cfg.max_queue, batching=cfg.batching, on_batch=metrics.on_batch)  # fmt: skip
@@ -258,8 +241,8 @@ def create_app(cfg: ServeConfig | None = None, *, generators: dict[str, Any] | N
             gen = registry.loaded.get(model_id)
             if gen is not None:
                 d = gen.defaults
-                entry["defaults"] = {"steps": d.steps, "guidance": d.cfg, "sampler": d.sampler,
-                                     "size": f"{d.size}x{d.size}", **d.extra}  # fmt: skip
+                entry["defaults"] = {"steps": d.steps, "guidance": d.guidance, "sampler": d.sampler,
+                                     "size": f"{d.size}x{d.size}", **d.options}  # fmt: skip
                 entry["presets"] = sorted(gen.presets())
                 entry["samplers"] = sorted(SAMPLERS)
             data.append(entry)
@@ -315,7 +298,7 @@ def create_app(cfg: ServeConfig | None = None, *, generators: dict[str, Any] | N
         gen = registry.loaded.get(model_id) or await batcher.call(registry.get, model_id)
         s = _settings(gen, req)
         seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little") % (2**31 - req.n)
-        job = Job(_batch_key(model_id, s, req.negative_prompt), req.prompt, [seed + k for k in range(req.n)],
+        job = Job((model_id, s), req.prompt, [seed + k for k in range(req.n)],
                   request_id=req.request_id)  # fmt: skip
         try:
             batcher.submit(job)
@@ -332,9 +315,9 @@ def create_app(cfg: ServeConfig | None = None, *, generators: dict[str, Any] | N
             await asyncio.to_thread(sweeper.sweep)
         data = await asyncio.to_thread(_encode, images, job, req, gen.name, s, _base_url(request, cfg), out_dir)
         body = {"created": int(time.time()), "data": data,
-                "t2i": {"model": model_id, "steps": s.steps, "guidance": s.cfg, "sampler": s.sampler,
-                        "size": f"{s.size}x{s.size}", "negative_prompt": req.negative_prompt,
-                        "seeds": job.seeds, **s.extra}}  # fmt: skip
+                "t2i": {"model": model_id, "steps": s.steps, "guidance": s.guidance, "sampler": s.sampler,
+                        "size": f"{s.size}x{s.size}", "negative_prompt": s.negative,
+                        "seeds": job.seeds, **s.options}}  # fmt: skip
         metrics.on_response(200, images=len(data), latency=time.perf_counter() - t0)
         return JSONResponse(body)
 

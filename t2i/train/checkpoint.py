@@ -42,41 +42,10 @@ from t2i.io import (
     save_state,
     save_weights,
 )
+from t2i.io.runs import PARTIAL, STEP_PREFIX, checkpoint_dir, latest_checkpoint, list_checkpoints, step_name
 from t2i.io.safetensors_io import fsync_dir
 
-PARTIAL = ".partial"
-STEP_PREFIX = "step_"
 CHECKSUMS = "checksums.json"
-
-
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def step_name(step: int) -> str:
-    return f"{STEP_PREFIX}{step:08d}"
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (partial folders and folders without state.json are skipped)."""
-    root = checkpoint_dir(run_dir)
-    if not root.is_dir():
-        return []
-    done = [
-        p
-        for p in root.iterdir()
-        if p.is_dir()
-        and p.name.startswith(STEP_PREFIX)
-        and not p.name.endswith(PARTIAL)
-        and (p / "state.json").exists()
-    ]
-    return sorted(done, key=lambda p: int(p.name[len(STEP_PREFIX) :]))
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
-
 
 # -- RNG state ------------------------------------------------------------------------------------------------
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import math
 import types
 import typing
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
+from t2i.errors import unknown_choice
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adam", "lion")
@@ -157,9 +158,7 @@ def _plain(obj: Any) -> Any:
 
 def unknown_key_error(key: str, valid: list[str], where: str) -> ValueError:
     """The error for an unknown config key: names it and, if one is close, the valid key it probably meant."""
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean '{where}{close[0]}'?" if close else ""
-    return ValueError(f"unknown config key '{where}{key}'{hint} (valid keys: {', '.join(sorted(valid))})")
+    return unknown_choice("config key", key, valid, cutoff=0.5, prefix=where)
 
 
 def _coerce(value: Any, tp: Any, name: str) -> Any:

@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from t2i.data.transforms import tensor_to_pil
+from t2i.io.png import to_pil
 
 
 class MetricsLog:
@@ -77,7 +77,7 @@ def make_grid(images: Tensor, nrow: int | None = None, pad: int = 2) -> Tensor:
 
 def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
     """Write a PNG grid of images in [-1, 1]; ``scale`` enlarges tiny images with nearest-neighbour."""
-    img = tensor_to_pil(make_grid(images, nrow))
+    img = to_pil(make_grid(images, nrow), value_range=(-1.0, 1.0))
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     path = Path(path)

@@ -14,7 +14,8 @@ from t2i.data.embeddings import EmbeddingDataset, cache_embeddings, pixel_encode
 from t2i.data.folders import ImageCaptionFolder
 from t2i.data.tars import TarShards, expand_shards, write_shard
 from t2i.data.toy import ToyBlobs
-from t2i.data.transforms import ImageTransform, crop, decode_image, resize_short_side, tensor_to_pil
+from t2i.data.transforms import ImageTransform, crop, decode_image, resize_short_side
+from t2i.io.png import to_pil
 
 
 def _png(h: int, w: int, seed: int = 0) -> bytes:
@@ -28,7 +29,7 @@ def test_decode_and_back_is_lossless():
     data = _png(5, 7)
     x = decode_image(data)
     assert x.shape == (3, 5, 7) and x.min() >= -1 and x.max() <= 1
-    assert np.array_equal(np.asarray(tensor_to_pil(x)), np.asarray(Image.open(io.BytesIO(data))))
+    assert np.array_equal(np.asarray(to_pil(x, value_range=(-1.0, 1.0))), np.asarray(Image.open(io.BytesIO(data))))
 
 
 def test_resize_crop_flip():

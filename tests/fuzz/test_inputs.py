@@ -132,7 +132,7 @@ def test_random_bytes_as_weights_are_one_clear_error(tmp_path_factory, content):
 @FUZZ
 @given(data=st.data())
 def test_damaged_model_folders_are_one_clear_error(model_folder, tmp_path_factory, data):
-    from t2i.pipelines.shipped import load_generator
+    from t2i.pipelines.folders import load_generator
 
     folder = tmp_path_factory.mktemp("damaged") / "m"
     shutil.copytree(model_folder, folder)

@@ -6,12 +6,10 @@ fast); any change to the weights, the pipelines, the samplers or the loaders tha
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 
-from t2i.pipelines.shipped import SHIPPED, load_generator, model_folder
+from t2i.pipelines.folders import SHIPPED, load_generator, model_folder
 
 PROMPT = "a red circle above a blue square"
 # (steps, seed, pixels [0, 1] of rows 30-31, columns 30-33 of each channel of the 64 px image)
@@ -45,7 +43,7 @@ def test_shipped_model_fits_the_size_budget(name):
 def test_shipped_model_golden_slice(name):
     steps, seed, expected = GOLDEN[name]
     gen = load_generator(name)
-    s = replace(gen.defaults, steps=steps)
+    s = gen.settings(steps=steps)
     image = gen.generate([PROMPT], [seed], s)
     assert image.shape == (1, 3, 64, 64)
     torch.testing.assert_close(torch.tensor(golden_slice(image[0])), torch.tensor(expected), atol=2e-3, rtol=0)

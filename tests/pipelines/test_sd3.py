@@ -53,7 +53,7 @@ def test_sigma_tables_match_diffusers(steps, shift):
 @pytest.mark.parametrize("slg", [False, True])
 def test_ten_step_cfg_loop_matches_diffusers_pipeline(tiny, slg):
     model, ref, emb = tiny
-    pipe = SD3Pipeline(model, preset=SD3Preset(steps=10, cfg=4.5, slg_scale=2.5 if slg else 0.0, slg_layers=(1,)))
+    pipe = SD3Pipeline(model, preset=SD3Preset(steps=10, guidance=4.5, slg_scale=2.5 if slg else 0.0, slg_layers=(1,)))
     ours = pipe(**emb, seeds=[1, 2], height=96, width=64, output="latent")  # 12x8 latent: non-square
     noise = torch.stack([torch.randn(4, 12, 8, generator=torch.Generator().manual_seed(s)) for s in (1, 2)])
     dp = StableDiffusion3Pipeline(
@@ -101,9 +101,9 @@ def test_per_sample_seeds_and_turbo_has_no_uncond_pass(tiny):
 
 
 def test_presets_are_the_documented_defaults():
-    assert (PRESETS["sd3.5-large-turbo"].steps, PRESETS["sd3.5-large-turbo"].cfg) == (4, 1.0)
+    assert (PRESETS["sd3.5-large-turbo"].steps, PRESETS["sd3.5-large-turbo"].guidance) == (4, 1.0)
     med = PRESETS["sd3.5-medium"]
-    assert (med.steps, med.cfg, med.slg_scale, med.slg_layers, med.slg_window) == (
+    assert (med.steps, med.guidance, med.slg_scale, med.slg_layers, med.slg_window) == (
         40,
         4.5,
         2.5,

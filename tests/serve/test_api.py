@@ -213,7 +213,7 @@ def test_an_unexpected_error_is_a_counted_500_that_leaks_nothing_and_keeps_the_c
 
     from live_server import LiveServer
 
-    from t2i.pipelines.shipped import load_generator
+    from t2i.pipelines.folders import load_generator
 
     real = load_generator(sd3_folder)
 
@@ -221,8 +221,7 @@ def test_an_unexpected_error_is_a_counted_500_that_leaks_nothing_and_keeps_the_c
         def __getattr__(self, name):
             return getattr(real, name)
 
-        @property
-        def defaults(self):
+        def settings(self, *args, **kwargs):
             raise RuntimeError("/srv/secret/weights.safetensors vanished")
 
     app = create_app(ServeConfig(output_dir=tmp_path, batch_window_ms=0), generators={"ok": real, "broken": Broken()})

@@ -11,7 +11,7 @@ import time
 import pytest
 from live_server import LiveServer
 
-from t2i.pipelines.shipped import load_generator
+from t2i.pipelines.folders import load_generator
 from t2i.serve.app import ServeConfig, create_app
 from t2i.serve.guard import ConnectionLimits, RateLimitedLog, usable_connections
 

@@ -136,8 +136,8 @@ def test_bad_params_are_refused():
 
 def test_end_to_end_from_a_teacher_run(tmp_path):
     """`t2i train` a teacher, distil it through the loop, and read the student back as a plain network."""
+    from t2i.models.files import load_trained
     from t2i.train.loop import train
-    from t2i.train.tasks.unclip import load_trained
 
     common = [f"run.out_dir={tmp_path}", "run.steps=2", "run.sample_every=0", "run.ckpt_every=0", "run.log_every=1"]
     train(load_config("configs/tiny/flow_rf.yaml", common))
@@ -157,7 +157,8 @@ def test_sd3_student_exports_as_a_guidance_free_few_step_model(tmp_path):
     calls the transformer twice, on the batch alone."""
     from model_folders import TINY_MMDIT, train_default, train_tiny_sd3
 
-    from t2i.pipelines.shipped import export_sd3, load_generator
+    from t2i.pipelines.folders import load_generator
+    from t2i.train.export import export_sd3
 
     teacher, vae, clip = train_tiny_sd3(tmp_path)
     base = (f"{{vae: {vae}, text: {clip}, latent_scale: 1.5, latent_shift: 0.1, shift: 1.0, drop_clip_l: 0.1, "
@@ -169,7 +170,7 @@ def test_sd3_student_exports_as_a_guidance_free_few_step_model(tmp_path):
     out = export_sd3(tmp_path / "turbo", transformer=student, vae=vae, clip=clip, name="turbo")
     gen = load_generator(str(out))
     d = gen.defaults
-    assert (d.steps, d.cfg, d.sampler) == (2, 1.0, "euler")  # the student's preset: its steps, no CFG
+    assert (d.steps, d.guidance, d.sampler) == (2, 1.0, "euler")  # the student's preset: its steps, no CFG
     calls = []
     gen.pipe.transformer.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
     images = gen.generate(["a red circle", "a blue square", "a cross"], [0, 1, 2], gen.defaults)

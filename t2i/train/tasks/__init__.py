@@ -106,10 +106,6 @@ def _registry() -> dict[str, type[Task]]:
     }
 
 
-def task_names() -> list[str]:
-    return sorted(_registry())
-
-
 def resolve_params(cfg: TrainConfig) -> TrainConfig:
     """A copy of ``cfg`` whose ``model.params`` and ``task.params`` list every field, defaults included.
 
@@ -131,11 +127,8 @@ def resolve_params(cfg: TrainConfig) -> TrainConfig:
 
 def build_task(cfg: TrainConfig) -> Task:
     """The task named by ``cfg.task.name``, constructed from the whole config."""
-    import difflib
+    from t2i.errors import check_choice
 
     tasks = _registry()
-    if cfg.task.name not in tasks:
-        close = difflib.get_close_matches(cfg.task.name, list(tasks), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown task.name {cfg.task.name!r}{hint} (registered: {', '.join(sorted(tasks))})")
+    check_choice("task.name", cfg.task.name, tasks)
     return tasks[cfg.task.name](cfg)

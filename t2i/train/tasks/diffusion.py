@@ -22,17 +22,18 @@ from torch import Tensor, nn
 
 from t2i.data.transforms import sample_generator
 from t2i.diffusion import (
-    SAMPLERS,
     Denoiser,
     DenoisingObjective,
     RectifiedFlow,
     Seeds,
     VPPath,
+    check_sampler,
     classifier_free_guidance,
     get_sampler,
     make_time_sampler,
 )
 
+from ..distributed import unwrap
 from . import Task
 
 NOISE_STREAM = 1  # sample_generator stream for diffusion noise (0 is data augmentation)
@@ -73,8 +74,7 @@ class DiffusionTask(Task):
             times, sampler = p.time_sampler or "logit_normal", p.sampler or "euler"
         else:
             raise ValueError(f"task.params.path must be 'vp' or 'flow', got {p.path!r}")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"task.params.sampler {sampler!r} is not registered; choose one of {sorted(SAMPLERS)}")
+        check_sampler(sampler, "task.params.sampler")
         if not 0.0 <= p.cfg_dropout < 1.0:
             raise ValueError(f"task.params.cfg_dropout must lie in [0, 1), got {p.cfg_dropout}")
         self.objective = DenoisingObjective(
@@ -85,7 +85,7 @@ class DiffusionTask(Task):
         self._shape: tuple[int, ...] | None = None
 
     def _num_classes(self, model: nn.Module) -> int:
-        inner = getattr(model, "module", model)  # DDP / FSDP wrappers keep the network in .module
+        inner = unwrap(model)  # DDP / FSDP wrappers keep the network in .module
         return int(getattr(getattr(inner, "cfg", None), "num_classes", 0))
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:

@@ -19,7 +19,7 @@ term reaches the student through the frozen teacher. An optional distillation te
 guided teacher's x0, as in ADD) steadies the first steps. Sample with ``euler`` / ``ddim`` or ``consistency``.
 
 The trained model is ``DistillModel``: the student plus the discriminator heads (empty for ``consistency``), so the
-generic loop's optimiser, EMA, accumulation and exact resume cover both. ``t2i.train.tasks.unclip.load_trained``
+generic loop's optimiser, EMA, accumulation and exact resume cover both. ``t2i.models.files.load_trained``
 reads the student out of such a checkpoint (its ``student.*`` weights), so export works as for any run.
 """
 
@@ -39,6 +39,7 @@ from t2i.data.transforms import sample_generator
 from t2i.diffusion import Denoiser, classifier_free_guidance
 from t2i.diffusion.paths import append_dims
 
+from ..distributed import unwrap
 from . import Task, build_task
 
 NOISE_STREAM, STEP_STREAM = 1, 4
@@ -151,19 +152,10 @@ class DistillTask(Task):
     def _load_teacher(self) -> nn.Module:
         net = self.base.build_model()
         if self.params.teacher is not None:
-            from pathlib import Path
+            from t2i.io import check_state_dict
+            from t2i.models.files import load_trained
 
-            from t2i.io import check_state_dict, read_metadata
-
-            from .unclip import load_trained
-
-            path = Path(self.params.teacher)
-            if path.suffix == ".safetensors" and "t2i_component" in read_metadata(path):
-                from t2i.pipelines.shipped import load_component
-
-                trained = load_component(path)[0]
-            else:
-                trained = load_trained(str(path), self.cfg.model.name)
+            trained = load_trained(self.params.teacher, self.cfg.model.name)
             sd = trained.state_dict()
             check_state_dict(net.state_dict(), sd, what="teacher (does model.params match the teacher's config?)")
             net.load_state_dict(sd, strict=True)
@@ -216,7 +208,7 @@ class DistillTask(Task):
         return classifier_free_guidance(self._denoiser(self.teacher), self.params.guidance, uncond)
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
-        net = getattr(model, "module", model)
+        net = unwrap(model)
         device = next(net.parameters()).device
         self.teacher.to(device)
         x0, cond, uncond = self.base.distill_inputs(net.student, batch, device)
@@ -293,7 +285,7 @@ class DistillTask(Task):
     def sample(self, model, n, *, seed, device, steps=None):
         """Student samples in its few steps, without guidance, with the base task's grid and sampler (the
         ``consistency`` sampler for consistency students)."""
-        net = getattr(model, "module", model)
+        net = unwrap(model)
         base = self.base
         saved = (base.params.guidance, base.params.sampler, getattr(base, "sampler_name", None))
         base.params.guidance = 1.0

@@ -28,10 +28,11 @@ import torch
 from torch import Tensor, nn
 
 from t2i.data.transforms import sample_generator
-from t2i.diffusion import SAMPLERS, DenoisingObjective, LogitNormalTime, RectifiedFlow
+from t2i.diffusion import DenoisingObjective, LogitNormalTime, RectifiedFlow, check_sampler
+from t2i.models.files import load_trained, stored_model_name
 
+from ..distributed import unwrap
 from . import Task
-from .unclip import load_trained, stored_model_name
 
 NOISE_STREAM, DROPOUT_STREAM, POSTERIOR_STREAM = 1, 2, 3
 
@@ -74,8 +75,7 @@ class SD3Task(Task):
         for name in ("drop_clip_l", "drop_clip_g", "drop_t5"):
             if not 0.0 <= getattr(p, name) < 1.0:
                 raise ValueError(f"task.params.{name} must lie in [0, 1), got {getattr(p, name)}")
-        if p.sampler not in SAMPLERS:
-            raise ValueError(f"task.params.sampler {p.sampler!r} is not registered; choose one of {sorted(SAMPLERS)}")
+        check_sampler(p.sampler, "task.params.sampler")
         self.path = RectifiedFlow(p.shift)
         self.objective = DenoisingObjective(
             self.path, "flow", LogitNormalTime(p.logit_mean, p.logit_std), weighting=p.weighting, shift_times=True
@@ -239,7 +239,7 @@ class SD3Task(Task):
     def sample(self, model: nn.Module, n: int, *, seed: int, device: torch.device, steps: int | None = None):
         if self.vae is None or "shape" not in self._last:
             return None  # latents without a decoder: nothing to put in an image grid
-        net = getattr(model, "module", model)
+        net = unwrap(model)
         p = self.params
         pipe = self._pipeline(net, steps or self.cfg.run.sample_steps, device)
         f = self.vae.downscale
@@ -266,13 +266,13 @@ class SD3Task(Task):
         from t2i.pipelines.sd3 import SD3Pipeline, SD3Preset
 
         p = self.params
-        preset = SD3Preset(steps=steps, cfg=p.guidance, sampler=p.sampler, shift=p.shift)
+        preset = SD3Preset(steps=steps, guidance=p.guidance, sampler=p.sampler, shift=p.shift)
         return SD3Pipeline(net, self.vae, self.text_encoder, preset=preset, device=device)
 
     def caption_sampler(self, model: nn.Module, *, steps: int, device):
         if self.vae is None or self.text_encoder is None:
             return None  # batches carry cached latents / text states: no way from a caption to an image
-        pipe = self._pipeline(getattr(model, "module", model), steps, device)
+        pipe = self._pipeline(unwrap(model), steps, device)
         size = self.cfg.data.image_size
 
         def fn(captions: list[str], seeds: list[int]) -> Tensor:

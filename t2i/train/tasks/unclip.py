@@ -26,11 +26,13 @@ from torch.func import functional_call
 from torch.utils.data import Dataset
 
 from t2i.data.transforms import sample_generator
-from t2i.diffusion import SAMPLERS, DenoisingObjective, Seeds, VPPath, make_time_sampler, x0_from_prediction
+from t2i.diffusion import DenoisingObjective, Seeds, VPPath, check_sampler, make_time_sampler, x0_from_prediction
 from t2i.diffusion.paths import append_dims
 from t2i.io import load_weights, save_weights
 from t2i.models.clip import ClipEncoder
+from t2i.models.files import load_trained
 
+from ..distributed import unwrap
 from . import Task
 
 NOISE_STREAM, AUG_STREAM = 1, 2
@@ -38,72 +40,6 @@ NOISE_STREAM, AUG_STREAM = 1, 2
 
 def _gens(cfg, batch) -> list[torch.Generator]:
     return [sample_generator(cfg.run.seed, int(d), NOISE_STREAM) for d in batch["id"]]
-
-
-def _inner(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)  # DDP / FSDP keep the network in .module
-
-
-def trained_weights_file(path: str):
-    """The weights file ``path`` names: a run folder's newest checkpoint or a checkpoint folder (its EMA weights
-    when present), or the file itself; None when a run has no finished checkpoint."""
-    from pathlib import Path
-
-    from ..checkpoint import latest_checkpoint
-
-    p = Path(path)
-    if not p.is_dir():
-        return p
-    ckpt = latest_checkpoint(p) if (p / "checkpoints").is_dir() else p
-    if ckpt is None:
-        return None
-    return ckpt / "ema.safetensors" if (ckpt / "ema.safetensors").exists() else ckpt / "model.safetensors"
-
-
-def load_trained(path: str, name: str) -> nn.Module:
-    """A model trained by ``t2i train``: ``path`` is a run folder (its newest checkpoint, EMA weights when
-    present), a checkpoint folder, or a weights file; the architecture comes from the config stored with it."""
-    from t2i.io import read_config, read_metadata
-    from t2i.models import MODELS, build_model
-
-    p = trained_weights_file(path)
-    if p is None:
-        raise FileNotFoundError(f"{path} has no finished checkpoint yet")
-    if not p.exists():
-        raise FileNotFoundError(
-            f"no trained {name!r} model at {p}: give a run folder (train it first with `t2i train`), a checkpoint "
-            "folder or a weights file"
-        )
-    meta = read_metadata(p)
-    if meta.get("t2i_model"):  # written by Model.save
-        return MODELS[name][1].load(p)
-    if meta.get("t2i_component") == name:  # a component of a model folder (``models/sd3-shapes/vae.safetensors``)
-        from t2i.pipelines.shipped import load_component
-
-        return load_component(p)[0]
-    cfg = read_config(p)
-    if not cfg or cfg.get("model", {}).get("name") != name:
-        raise ValueError(f"{p} was not written by a {name!r} training run (its stored config names another model)")
-    model = build_model(name, cfg["model"]["params"])
-    weights = load_weights(p)
-    if cfg.get("task", {}).get("name") == "distill":  # a DistillModel: the student, without discriminator heads
-        weights = {k.removeprefix("student."): v for k, v in weights.items() if k.startswith("student.")}
-    model.load_state_dict(weights, strict=True)
-    return model
-
-
-def stored_model_name(path: str) -> str | None:
-    """The model name in the config stored with a ``t2i train`` run folder, checkpoint or weights file (None for
-    anything else: an official file, a diffusers folder, a missing path)."""
-    from t2i.io import read_config, read_metadata
-
-    p = trained_weights_file(path)
-    if p is None or p.suffix != ".safetensors" or not p.is_file():
-        return None
-    cfg = read_config(p)
-    if cfg:
-        return cfg.get("model", {}).get("name")
-    return read_metadata(p).get("t2i_component")
 
 
 def load_clip(clip_path: str | None, preset: str, seed: int) -> ClipEncoder:
@@ -229,7 +165,7 @@ class ClipTask(Task):
     params_cls = ClipTaskConfig
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
-        enc = _inner(model)
+        enc = unwrap(model)
         device = enc.image_mean.device
         captions = list(batch[self.params.caption_key])
         ids, mask = enc.tokenize(captions, device=device)
@@ -293,7 +229,7 @@ class PriorTask(Task):
         return model
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
-        net = _inner(model)
+        net = unwrap(model)
         device = next(model.parameters()).device
         emb = self.embeddings(batch, device)
         gens = _gens(self.cfg, batch)
@@ -350,8 +286,7 @@ class DecoderTask(Task):
         from t2i.pipelines.unclip import LowresAugment
 
         p = self.params
-        if p.sampler not in SAMPLERS:
-            raise ValueError(f"task.params.sampler must be one of {sorted(SAMPLERS)}, got {p.sampler!r}")
+        check_sampler(p.sampler, "task.params.sampler")
         self.path = VPPath(p.vp_schedule, p.num_train_timesteps)
         self.objective = DenoisingObjective(
             self.path, p.prediction, make_time_sampler("uniform"), weighting=p.weighting
@@ -389,7 +324,7 @@ class DecoderTask(Task):
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
         from t2i.models.unet import variance_bound_loss
 
-        net, p = _inner(model), self.params
+        net, p = unwrap(model), self.params
         device = next(model.parameters()).device
         images = batch["image"].to(device=device, dtype=torch.float32)
         emb = self.embeddings(
@@ -497,7 +432,7 @@ class VQGANTask(Task):
         return model
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
-        net = _inner(model)
+        net = unwrap(model)
         device = next(model.parameters()).device
         x = batch["image"].to(device=device, dtype=torch.float32)
         self._last = x[:16].detach()

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from t2i.data.transforms import sample_generator
 from t2i.models.vae import LatentFormat
 
+from ..distributed import unwrap
 from . import Task
 
 POSTERIOR_STREAM = 1
@@ -49,7 +50,7 @@ class VAETask(Task):
         self._last: Tensor | None = None
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
-        net = getattr(model, "module", model)
+        net = unwrap(model)
         device = next(model.parameters()).device
         x = batch["image"].to(device=device, dtype=torch.float32)
         self._last = x[:16].detach()
@@ -67,7 +68,7 @@ class VAETask(Task):
         """Posterior-mean reconstructions of the last training images (top half of the grid: inputs)."""
         if self._last is None:
             return None
-        net = getattr(model, "module", model)
+        net = unwrap(model)
         x = self._last[: max(1, n // 2)].to(device)
         was = net.training
         net.eval()

@@ -1,4 +1,4 @@
-"""Model folders: component round trips, generators of both families, export from training runs."""
+"""``t2i export``: model folders from training runs, their records and cards, shared components."""
 
 from __future__ import annotations
 
@@ -6,127 +6,10 @@ import json
 
 import pytest
 import torch
-from model_folders import TINY_VAE, tiny_clip, tiny_sd3_folder, tiny_unclip_folder, train_default, train_tiny_sd3
+from model_folders import TINY_VAE, train_default, train_tiny_sd3
 
-from t2i.pipelines.shipped import (
-    SD3Generator,
-    Settings,
-    UnCLIPGenerator,
-    export_sd3,
-    export_unclip,
-    load_component,
-    load_generator,
-    save_component,
-)
-
-
-def test_component_round_trip_keeps_config_and_fp16_weights(tmp_path):
-    from t2i.models import build_model
-
-    net = build_model("unclip_prior", dict(embed_dim=16, depth=1, heads=2, head_dim=8))
-    save_component(tmp_path / "p.safetensors", "unclip_prior", net, note={"a": 1})
-    back, extra = load_component(tmp_path / "p.safetensors")
-    assert extra == {"note": {"a": 1}}
-    assert back.cfg == net.cfg and not back.training
-    for (k, a), (_, b) in zip(net.state_dict().items(), back.state_dict().items(), strict=True):
-        assert b.dtype == torch.float32, k
-        torch.testing.assert_close(b, a.half().float(), rtol=0, atol=0)
-
-
-def test_clip_component_keeps_its_tokenizer(tmp_path):
-    clip = tiny_clip()
-    from t2i.pipelines.shipped import _clip_extra
-
-    save_component(tmp_path / "c.safetensors", "clip", clip, **_clip_extra(clip))
-    back, _ = load_component(tmp_path / "c.safetensors")
-    assert back.tokenizer.vocab == clip.tokenizer.vocab
-    ids, _ = back.tokenize(["a red circle"])
-    torch.testing.assert_close(ids, clip.tokenize(["a red circle"])[0])
-    with torch.no_grad():
-        a = clip.embed_text(["a red circle"])[0]
-        b = back.embed_text(["a red circle"])[0]
-    torch.testing.assert_close(a, b, atol=2e-3, rtol=0)  # fp16 storage
-
-
-def test_load_component_refuses_other_files(tmp_path):
-    from t2i.io import save_weights
-
-    save_weights(tmp_path / "x.safetensors", {"w": torch.zeros(2)})
-    with pytest.raises(ValueError, match="not a t2i model component"):
-        load_component(tmp_path / "x.safetensors")
-
-
-@pytest.fixture(scope="module")
-def sd3_gen(tmp_path_factory):
-    return load_generator(str(tiny_sd3_folder(tmp_path_factory.mktemp("sd3"))))
-
-
-@pytest.fixture(scope="module")
-def unclip_gen(tmp_path_factory):
-    return load_generator(str(tiny_unclip_folder(tmp_path_factory.mktemp("unclip"))))
-
-
-def test_sd3_folder_generates_deterministically_per_seed(sd3_gen):
-    assert isinstance(sd3_gen, SD3Generator) and sd3_gen.name == "tiny-sd3"
-    s = sd3_gen.defaults
-    a = sd3_gen.generate(["a red circle", "a blue square"], [3, 4], s)
-    assert a.shape == (2, 3, 32, 32) and a.min() >= 0 and a.max() <= 1
-    b = sd3_gen.generate(["a blue square"], [4], s)  # same seed alone in its batch: same image
-    torch.testing.assert_close(a[1:], b, atol=1e-5, rtol=0)
-    c = sd3_gen.generate(["a blue square"], [5], s)
-    assert (c - b).abs().max() > 1e-3
-
-
-def test_sd3_folder_presets_and_sizes(sd3_gen):
-    assert sd3_gen.presets()["fast"].steps == 1 and sd3_gen.presets()["fast"].cfg == 1.0
-    sd3_gen.check_size(32)
-    sd3_gen.check_size(48)
-    for bad in (30, 4, 1024):
-        with pytest.raises(ValueError, match="makes square images"):
-            sd3_gen.check_size(bad)
-
-
-def test_sd3_negative_prompt_changes_the_image(sd3_gen):
-    s = sd3_gen.defaults
-    a = sd3_gen.generate(["a red circle"], [0], s)
-    b = sd3_gen.generate(["a red circle"], [0], s, negative="a blue square")
-    assert (a - b).abs().max() > 1e-4
-
-
-def test_unclip_folder_generates_each_stage_size(unclip_gen):
-    assert isinstance(unclip_gen, UnCLIPGenerator)
-    s = unclip_gen.defaults
-    full = unclip_gen.generate(["a red circle"], [1], s)
-    assert full.shape == (1, 3, 32, 32)
-    from dataclasses import replace
-
-    base = unclip_gen.generate(["a red circle"], [1], replace(s, size=16))
-    assert base.shape == (1, 3, 16, 16)
-    again = unclip_gen.generate(["a red circle"], [1], s)
-    torch.testing.assert_close(full, again)
-    with pytest.raises(ValueError, match="16 or 32 px"):
-        unclip_gen.check_size(64)
-    with pytest.raises(ValueError, match="negative"):
-        unclip_gen.generate(["a red circle"], [1], s, negative="blue")
-
-
-def test_unknown_models_get_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="shipped name"):
-        load_generator(str(tmp_path / "nope"))
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "model.json").write_text(json.dumps({"format": "other"}))
-    with pytest.raises(ValueError, match="format"):
-        load_generator(str(bad))
-
-
-def test_settings_extra_is_per_instance():
-    a = Settings(1, 1.0, "euler", 32)
-    a.extra["x"] = 1
-    assert Settings(1, 1.0, "euler", 32).extra == {}
-
-
-# -- export from `t2i train` runs -----------------------------------------------------------------------------------
+from t2i.pipelines.folders import load_generator
+from t2i.train.export import export_sd3, export_unclip
 
 
 def test_export_with_glyph_tokens_and_an_existing_folders_components(tmp_path):
@@ -256,19 +139,3 @@ def test_a_second_stage_run_exports_with_both_stages_on_its_card(tmp_path):
     card = card_text(out, None)
     assert "| transformer, stage 2 |" in card and "| transformer, stage 3 |" in card
     assert "`configs/default/sd3_words.yaml`" in card and "input embeddings" in card
-
-
-def test_a_component_with_a_damaged_key_name_is_one_error_naming_it(tmp_path):
-    """Found by the fuzz suite: a flipped byte inside a key name made load_state_dict raise a RuntimeError."""
-    import shutil
-
-    from t2i.io import CheckpointMismatchError
-
-    folder = tmp_path / "m"
-    shutil.copytree(tiny_sd3_folder(tmp_path / "src"), folder)
-    blob = (folder / "clip.safetensors").read_bytes()
-    key = b"model.text_model.encoder.layers.0.self_attn.k_proj.bias"
-    assert key in blob
-    (folder / "clip.safetensors").write_bytes(blob.replace(key, b"l" + key[1:], 1))
-    with pytest.raises(CheckpointMismatchError, match=r"(?s)clip\.safetensors: .*missing key.*k_proj\.bias"):
-        load_generator(str(folder))

@@ -1,0 +1,244 @@
+"""The one generation seam: ``Settings`` and the ``Generator`` that every front end calls.
+
+``t2i generate``, the HTTP server, the quality report and the benchmarks all do the same three things:
+
+    gen = load_generator("sd3-shapes")                   # t2i.pipelines.folders
+    s = gen.settings(steps=8, guidance=4.0, size=64)    # validated here, once, for every front end
+    images = gen.generate(prompts, seeds, s)             # (B, 3, S, S) floats in [0, 1]
+
+``Settings`` is frozen and hashable: the server batches requests whose settings are equal by using them as the
+batch key, and nothing about a request is written into the shared pipeline (the pipelines take their settings
+per call). What differs between families (sizes, the negative prompt, how many sampler steps a call makes) is a
+method of the generator class, so no caller asks which family it holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from t2i.diffusion import check_sampler
+
+# ``progress(done, total)`` after every sampler step of a ``Generator.generate`` call; it may raise to abort the call
+# (the server does, when every client of a batch has gone away).
+Progress = Callable[[int, int], None]
+
+
+class SettingsError(ValueError):
+    """A setting a generator cannot honour; ``field`` names it (``size``, ``sampler``, ...) so that each front end
+    can point at its own spelling of it (a CLI flag, a JSON field)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def _frozen(value: Any) -> Any:
+    """``value`` with lists turned into tuples (recursively), so that settings hash."""
+    if isinstance(value, list | tuple):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to sample one batch: shared fields, the negative prompt, and the family's own options (``extra``)."""
+
+    steps: int
+    guidance: float  # classifier-free guidance scale; 1 turns guidance off
+    sampler: str  # a key of t2i.diffusion.SAMPLERS
+    size: int  # square side in pixels
+    negative: str = ""  # negative prompt (families that support one)
+    extra: tuple[tuple[str, Any], ...] = ()  # family options (shift, slg_scale, prior_steps, ...), sorted by name
+
+    def __post_init__(self):
+        extra = self.extra.items() if isinstance(self.extra, Mapping) else self.extra
+        object.__setattr__(self, "extra", tuple(sorted((str(k), _frozen(v)) for k, v in extra)))
+
+    @property
+    def cfg(self) -> float:
+        """The guidance scale under its old name (``guidance`` is the public one)."""
+        return self.guidance
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The family options as a dict."""
+        return dict(self.extra)
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with ``changes``; ``extra`` given as a mapping is merged into the current options."""
+        if isinstance(changes.get("extra"), Mapping):
+            changes["extra"] = {**self.options, **changes["extra"]}
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON fields: the shared ones, the negative prompt when set, then the family options."""
+        d: dict[str, Any] = {"steps": self.steps, "guidance": self.guidance, "sampler": self.sampler}
+        d["size"] = self.size
+        if self.negative:
+            d["negative"] = self.negative
+        return {**d, **{k: list(v) if isinstance(v, tuple) else v for k, v in self.extra}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Settings:
+        """From ``to_dict`` output or a model folder's ``defaults`` (whose older files call the scale ``cfg``)."""
+        d = dict(d)
+        guidance = d.pop("guidance", None)
+        cfg = d.pop("cfg", None)
+        return cls(int(d.pop("steps")), float(guidance if guidance is not None else cfg), str(d.pop("sampler")),
+                   int(d.pop("size")), str(d.pop("negative", "")), extra=d)  # fmt: skip
+
+    def describe(self, model: str, seed: int) -> dict[str, Any]:
+        """The settings of one image as A1111-style ``parameters`` fields (PNG metadata, server responses)."""
+        from t2i import __version__
+
+        return {"Steps": self.steps, "Sampler": self.sampler, "CFG scale": self.guidance, "Seed": seed,
+                "Size": f"{self.size}x{self.size}", "Model": model,
+                **{k.replace("_", " ").capitalize(): v for k, v in self.extra},
+                "Version": f"t2i {__version__}"}  # fmt: skip
+
+
+class Generator:
+    """Prompts and seeds in, images ``(B, 3, H, W)`` in [0, 1] out. Subclasses: ``SD3Generator``,
+    ``UnCLIPGenerator``; build one with ``t2i.pipelines.folders.load_generator``."""
+
+    kind: str  # the family: "sd3" or "unclip"
+    name: str
+    defaults: Settings
+    supports_negative: bool = True
+    _presets: dict[str, Settings] | None = None
+
+    def presets(self) -> dict[str, Settings]:
+        """Named settings (``t2i generate --preset``): the model folder's ``presets``, or SD3's for SD3 files."""
+        return dict(self._presets or {})
+
+    def describe_sizes(self) -> str:
+        raise NotImplementedError
+
+    def size_ok(self, size: int) -> bool:
+        raise NotImplementedError
+
+    def settings(self, preset: str | None = None, **overrides: Any) -> Settings:
+        """The defaults (or ``preset``) with ``overrides`` applied and checked; ``None`` values are ignored, so a
+        front end passes its optional fields straight through. ``cfg`` is accepted for ``guidance``. Family
+        options (``shift``, ``prior_steps``, ...) go in ``extra`` as a mapping. Raises ``SettingsError``."""
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if "cfg" in overrides:
+            if "guidance" in overrides:
+                raise SettingsError("guidance", "give the guidance scale once (guidance, or its old name cfg)")
+            overrides["guidance"] = overrides.pop("cfg")
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(Settings)}
+        if unknown:
+            raise SettingsError(sorted(unknown)[0], f"unknown setting(s) {sorted(unknown)}; valid: "
+                                f"{[f.name for f in dataclasses.fields(Settings)]}")  # fmt: skip
+        base = self.defaults
+        if preset is not None:
+            presets = self.presets()
+            if preset not in presets:
+                raise SettingsError("preset", f"unknown preset {preset!r} for {self.name}; choose one of "
+                                    f"{sorted(presets) or '(none)'}")  # fmt: skip
+            base = presets[preset]
+        s = base.replace(**overrides)
+        self.check(s)
+        return s
+
+    def check(self, s: Settings) -> None:
+        """Raise ``SettingsError`` naming the first field of ``s`` this generator cannot honour."""
+        if not (isinstance(s.steps, int) and s.steps >= 1):
+            raise SettingsError("steps", f"steps must be a whole number >= 1, got {s.steps!r}")
+        if not (isinstance(s.guidance, int | float) and math.isfinite(s.guidance) and s.guidance >= 0):
+            raise SettingsError("guidance", f"guidance must be a finite number >= 0 (1 disables it), got {s.guidance}")
+        try:
+            check_sampler(s.sampler)
+        except ValueError as err:
+            raise SettingsError("sampler", str(err)) from None
+        if not (isinstance(s.size, int) and self.size_ok(s.size)):
+            raise SettingsError("size", f"{self.name} makes {self.describe_sizes()}; got size {s.size!r}")
+        if s.negative and not self.supports_negative:
+            raise SettingsError("negative", f"{self.name} does not take a negative prompt: {self.negative_reason}")
+
+    negative_reason = ""
+
+    def total_steps(self, s: Settings) -> int:
+        """How many times ``generate(..., s, callback=...)`` calls its callback."""
+        return s.steps
+
+    def generate(self, prompts: list[str], seeds: list[int], settings: Settings, *, progress: bool = False,
+                 callback: Progress | None = None) -> Tensor:  # fmt: skip
+        """Images ``(B, 3, S, S)`` in [0, 1]; image ``k`` depends only on ``prompts[k]``, ``seeds[k]`` and the
+        settings, not on the rest of the batch (up to float rounding)."""
+        raise NotImplementedError
+
+
+class SD3Generator(Generator):
+    kind = "sd3"
+
+    def __init__(self, pipe, name: str, defaults: Settings, sizes: tuple[int, int, int]):
+        self.pipe, self.name, self.defaults = pipe, name, defaults
+        self.min_size, self.max_size, self.multiple = sizes
+
+    def describe_sizes(self) -> str:
+        return (f"square images of {self.min_size}-{self.max_size} px in steps of {self.multiple} (trained at "
+                f"{self.defaults.size})")  # fmt: skip
+
+    def size_ok(self, size: int) -> bool:
+        return self.min_size <= size <= self.max_size and size % self.multiple == 0
+
+    def generate(self, prompts, seeds, settings, *, progress=False, callback=None):
+        s = settings
+        sd3 = {k: v for k, v in s.extra if k in ("shift", "slg_scale", "slg_layers", "slg_window")}
+        step = None if callback is None else lambda d: callback(d["i"] + 1, s.steps)
+        return self.pipe(prompts, negative_prompt=s.negative, seeds=list(seeds), height=s.size, width=s.size,
+                         steps=s.steps, guidance=s.guidance, sampler=s.sampler, output="tensor", progress=progress,
+                         callback=step, **sd3)  # fmt: skip
+
+
+class UnCLIPGenerator(Generator):
+    kind = "unclip"
+    supports_negative = False
+    negative_reason = "unCLIP models guide with a null caption"
+
+    def __init__(self, pipe, name: str, defaults: Settings):
+        self.pipe, self.name, self.defaults = pipe, name, defaults
+        self.sizes = [st.size for st in pipe.stages]
+
+    def describe_sizes(self) -> str:
+        return f"{' or '.join(map(str, self.sizes))} px images (its cascade stages)"
+
+    def size_ok(self, size: int) -> bool:
+        return size in self.sizes
+
+    def _prior_steps(self, s: Settings) -> int:
+        return int(s.options.get("prior_steps", self.pipe.prior.steps))
+
+    def total_steps(self, s: Settings) -> int:
+        """The prior's steps, then each stage's up to ``s.size``."""
+        return self._prior_steps(s) + s.steps * (self.sizes.index(s.size) + 1)
+
+    def generate(self, prompts, seeds, settings, *, progress=False, callback=None):
+        from t2i.diffusion import Seeds
+
+        s = settings
+        self.check(s)
+        total, done = self.total_steps(s), [0]
+
+        def step(_):
+            done[0] += 1
+            callback(done[0], total)
+
+        step = None if callback is None else step
+        seeds = Seeds(list(seeds))
+        # the base stage is guided by s.guidance; the upsamplers are unconditional
+        guidance = [s.guidance] + [1.0] * (len(self.sizes) - 1)
+        embed, tokens, mask = self.pipe.image_embeds_from_text(
+            list(prompts), seeds, steps=self._prior_steps(s), sampler=s.sampler, callback=step
+        )
+        images = self.pipe.decode(embed, seeds=seeds, text_tokens=tokens, text_mask=mask,
+                                  stop_stage=self.sizes.index(s.size), steps=s.steps, sampler=s.sampler,
+                                  guidance=guidance, callback=step)  # fmt: skip
+        return ((images.float() + 1) / 2).clamp(0, 1)

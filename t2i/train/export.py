@@ -1,0 +1,207 @@
+"""``t2i export``: model folders (``t2i.pipelines.folders``) from ``t2i train`` runs.
+
+Each part is the EMA weights of a run's newest checkpoint. The settings the networks were trained with (latent
+format, text layer, schedules, parameterisation, sampler, guidance) are read from the runs' stored configs, so
+sampling always matches training; ``model.json`` records where every part came from (run, checkpoint, step,
+samples seen, CPU time, and the runs an earlier curriculum stage started from), which the model card shows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from t2i.io import read_config, read_metadata
+from t2i.io.runs import checkpoint_step, trained_weights_file
+from t2i.models.files import clip_extra, load_model_file, load_trained, save_model_file
+from t2i.pipelines.folders import component_file, read_model_json, upgrade_settings_keys, write_model_json
+
+from .report import read_metrics
+
+
+def _run_part(run: str | Path, name: str) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """(EMA network, stored run config, training record) of the newest checkpoint of a ``t2i train`` run."""
+    run = Path(run)
+    if run.is_file() and read_metadata(run).get("t2i_component") == name:
+        # a component of an existing model folder (keep its VAE / CLIP, retrain the rest): its training record
+        # comes from that folder's model.json
+        net, _ = load_model_file(run)
+        spec = read_model_json(run.parent) if (run.parent / "model.json").is_file() else {}
+        return net, {}, dict(spec.get("training", {}).get(run.stem) or {"component": str(run)})
+    weights = trained_weights_file(run) if (run / "checkpoints").is_dir() else None
+    if weights is None:
+        raise FileNotFoundError(
+            f"{run} has no checkpoint; train it with `t2i train configs/default/...yaml`, or "
+            "give a component file of a model folder (e.g. models/sd3-shapes/vae.safetensors)"
+        )
+    ckpt = weights.parent
+    cfg = read_config(weights)
+    net = load_trained(weights, name)
+    step = checkpoint_step(ckpt)
+    record = {"run": run.name, "checkpoint": ckpt.name, "weights": weights.name, "step": step,
+              "batch_size": cfg["data"]["batch_size"], "samples": step * cfg["data"]["batch_size"],
+              "precision": cfg["run"]["precision"], "threads": cfg["run"]["threads"],
+              "params": sum(p.numel() for p in net.parameters()),
+              "seed": cfg["run"]["seed"], "train_seconds": _train_seconds(run)}  # fmt: skip
+    cpu = _last_metric(run, "cpu_seconds")
+    if cpu is not None:
+        record["cpu_seconds"] = round(cpu, 1)
+    earlier = _stage_record(cfg.get("model", {}).get("init_from"))
+    if earlier is not None:  # a later stage of a curriculum: the card counts the stage it started from too
+        record["started_from"] = earlier
+    return net, cfg, record
+
+
+def _stage_record(init_from: str | None, depth: int = 0) -> dict[str, Any] | None:
+    """The training record of the run checkpoint a run started from (``model.init_from``), or None when it did not
+    start from a ``t2i train`` checkpoint (``<run>/checkpoints/step_N/<file>``) that is still on disk. A stage that
+    itself continued an earlier one carries that one's record as its ``started_from``, and so on."""
+    if not init_from or depth > 16:  # a curriculum, not a cycle
+        return None
+    p = Path(init_from)
+    if p.parent.parent.name != "checkpoints" or not (p.parents[2] / "metrics.jsonl").is_file():
+        return None
+    run, step = p.parents[2], checkpoint_step(p.parent)
+    cfg = read_config(p) if p.is_file() else None
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if r.get("step", 0) <= step and "cpu_seconds" in r]
+    rec: dict[str, Any] = {"run": run.name, "checkpoint": p.parent.name, "weights": p.name, "step": step}
+    if cfg:
+        rec.update(batch_size=cfg["data"]["batch_size"], samples=step * cfg["data"]["batch_size"],
+                   threads=cfg["run"]["threads"], seed=cfg["run"]["seed"])  # fmt: skip
+    rec["train_seconds"] = _train_seconds(run)
+    if rows:
+        rec["cpu_seconds"] = round(rows[-1]["cpu_seconds"], 1)
+    earlier = _stage_record((cfg or {}).get("model", {}).get("init_from"), depth + 1)
+    if earlier is not None:
+        rec["started_from"] = earlier
+    return rec
+
+
+def _last_metric(run: Path, key: str) -> float | None:
+    """The last logged value of ``key`` in a run's ``metrics.jsonl`` (None when it never logged one)."""
+    return next((r[key] for r in reversed(read_metrics(run / "metrics.jsonl")) if key in r), None)
+
+
+def _train_seconds(run: Path) -> float | None:
+    """Wall-clock training time summed over the run's logged intervals (resumes included)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if len(rows) < 2:
+        return None
+    total, prev = 0.0, rows[0]
+    for row in rows[1:]:
+        if row["step"] > prev["step"] and row["time"] > prev["time"]:
+            dt = row["time"] - prev["time"]
+            total += dt if dt < 600 else 0.0  # a gap of > 10 min between logs is a stopped run, not training
+        prev = row
+    first = rows[0]
+    return round(total + first["step"] * (total / max(rows[-1]["step"] - first["step"], 1)), 1)
+
+
+def export_sd3(out: str | Path, *, transformer: str, vae: str, clip: str, name: str = "sd3-shapes",
+               defaults: dict[str, Any] | None = None, share_from: str | Path | None = None) -> Path:  # fmt: skip
+    """A ``sd3`` model folder from an ``sd3`` task run and the VAE and CLIP runs it was trained with.
+
+    ``share_from``: an existing sd3 model folder whose VAE and text encoder this one uses (a distilled student
+    and its teacher): ``model.json`` points at that folder's files instead of holding copies. They must hold the
+    same weights as the ``vae`` and ``clip`` runs, which is checked."""
+    from t2i.models.vae import LatentFormat
+
+    out = Path(out)
+    net, cfg, rec = _run_part(transformer, "mmdit")
+    task = cfg["task"]["params"]
+    student = {}
+    if cfg["task"]["name"] == "distill":  # a few-step student: its base task's settings, its own step preset
+        from .tasks.sd3 import SD3TaskConfig
+
+        student = {"steps": task["student_steps"], "guidance": 1.0,
+                   "sampler": "consistency" if task["method"] == "consistency" else "euler"}  # fmt: skip
+        rec["distilled"] = {k: task[k] for k in ("method", "teacher", "guidance", "student_steps")}
+        task = {**dataclasses.asdict(SD3TaskConfig()), **task["base_params"]}
+    vae_net, _, vae_rec = _run_part(vae, "sd3_vae")
+    if task.get("latent_scale") is None:
+        raise ValueError(f"{transformer}: pin task.params.latent_scale/latent_shift in its config before export")
+    fmt = LatentFormat(task["latent_scale"], task["latent_shift"])
+    clip_net, _, clip_rec = _run_part(clip, "clip")
+    out.mkdir(parents=True, exist_ok=True)
+    save_model_file(out / "transformer.safetensors", "mmdit", net)
+    curve = Path(transformer) / "eval_curve.png"  # the run's learning curve, when it was scored while training
+    if curve.is_file():
+        shutil.copyfile(curve, out / "learning_curve.png")
+    components = {}
+    if share_from is not None:
+        shared = Path(share_from)
+        shared_spec = read_model_json(shared)
+        for part, module in (("vae", vae_net), ("clip", clip_net)):
+            f = component_file(shared, shared_spec, part)
+            theirs, extra = load_model_file(f)
+            ours = {k: v.half().float() for k, v in module.state_dict().items()}  # as stored: fp16
+            if theirs.state_dict().keys() != ours.keys() or any(
+                not torch.equal(v, ours[k]) for k, v in theirs.state_dict().items()
+            ):
+                raise ValueError(f"{f} does not hold the weights of the {part} run given; export without sharing")
+            if part == "vae" and extra.get("latent_format") != dataclasses.asdict(fmt):
+                raise ValueError(f"{f} has latent format {extra.get('latent_format')}, the run {fmt}")
+            components[part] = os.path.relpath(f, out)
+    else:
+        save_model_file(out / "vae.safetensors", "sd3_vae", vae_net, latent_format=dataclasses.asdict(fmt))
+        save_model_file(out / "clip.safetensors", "clip", clip_net, **clip_extra(clip_net))
+    d = {"steps": cfg["run"]["sample_steps"], "guidance": task["guidance"], "sampler": task["sampler"],
+         "size": cfg["data"]["image_size"], "shift": task["shift"], **student,
+         **upgrade_settings_keys(defaults or {})}  # fmt: skip
+    spec = {"kind": "sd3", "name": name, "text_layer": task["text_layer"], "defaults": d,
+            "training": {"transformer": rec, "vae": vae_rec, "clip": clip_rec}}  # fmt: skip
+    if task.get("text_chars"):
+        spec["text_chars"] = task["text_chars"]
+    if task.get("text_words"):
+        spec["text_words"] = True
+    if components:
+        spec["components"] = components
+    write_model_json(out, spec)
+    return out
+
+
+def export_unclip(
+    out: str | Path,
+    *,
+    clip: str,
+    prior: str,
+    decoder: str,
+    sr: str,
+    name: str = "unclip-shapes",
+    defaults: dict[str, Any] | None = None,
+    prior_settings: dict[str, Any] | None = None,
+) -> Path:
+    """An ``unclip`` model folder from CLIP, prior, base-decoder and super-resolution runs."""
+    out = Path(out)
+    clip_net, _, clip_rec = _run_part(clip, "clip")
+    prior_net, pcfg, prior_rec = _run_part(prior, "unclip_prior")
+    pt = pcfg["task"]["params"]
+    out.mkdir(parents=True, exist_ok=True)
+    save_model_file(out / "clip.safetensors", "clip", clip_net, **clip_extra(clip_net))
+    save_model_file(out / "prior.safetensors", "unclip_prior", prior_net)
+    prior_spec = {"file": "prior.safetensors", "schedule": pt["vp_schedule"], "timesteps": pt["num_train_timesteps"],
+                  "prediction": pt["prediction"], "sampler": "ddim", "steps": 32, "guidance": 2.0, "candidates": 2,
+                  **(prior_settings or {})}  # fmt: skip
+    stages, records = [], {"clip": clip_rec, "prior": prior_rec}
+    for key, run in (("decoder", decoder), ("sr", sr)):
+        net, cfg, rec = _run_part(run, "unclip_unet")
+        t = cfg["task"]["params"]
+        save_model_file(out / f"{key}.safetensors", "unclip_unet", net)
+        records[key] = rec
+        stages.append({"file": f"{key}.safetensors", "size": t.get("stage_size") or cfg["data"]["image_size"],
+                       "schedule": t["vp_schedule"], "timesteps": t["num_train_timesteps"],
+                       "prediction": t["prediction"], "sampler": t["sampler"], "steps": cfg["run"]["sample_steps"],
+                       "guidance": t["guidance"], "lowres_size": t.get("lowres_size"),
+                       "sample_level": t["sample_level"]})  # fmt: skip
+    d = {"steps": stages[0]["steps"], "guidance": stages[0]["guidance"], "sampler": stages[0]["sampler"],
+         "size": stages[-1]["size"], **upgrade_settings_keys(defaults or {})}  # fmt: skip
+    write_model_json(out, {"kind": "unclip", "name": name, "prior": prior_spec, "stages": stages, "defaults": d,
+                       "training": records})  # fmt: skip
+    return out

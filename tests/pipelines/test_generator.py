@@ -1,0 +1,122 @@
+"""The generation seam: frozen Settings, Generator.settings validation, and generators of both families."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from model_folders import tiny_sd3_folder, tiny_unclip_folder
+
+from t2i.pipelines.folders import load_generator
+from t2i.pipelines.generator import SD3Generator, Settings, SettingsError, UnCLIPGenerator
+
+
+def test_settings_are_frozen_hashable_and_round_trip():
+    a = Settings(4, 3.0, "euler", 32, extra={"shift": 3.0, "slg_layers": [7, 8]})
+    b = Settings.from_dict(a.to_dict())
+    assert a == b and hash(a) == hash(b) and len({a, b}) == 1  # a batch key
+    assert a.options == {"shift": 3.0, "slg_layers": (7, 8)} and a.cfg == 3.0
+    assert json.loads(json.dumps(a.to_dict()))["slg_layers"] == [7, 8]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.steps = 5
+    assert a.replace(extra={"shift": 1.0}).options == {"shift": 1.0, "slg_layers": (7, 8)}
+    assert a.replace(negative="blurry") != a
+    old = Settings.from_dict({"steps": 4, "cfg": 3.0, "sampler": "euler", "size": 32, "shift": 3.0})  # older folders
+    assert old.guidance == 3.0 and old.options == {"shift": 3.0}
+
+
+@pytest.fixture(scope="module")
+def sd3_gen(tmp_path_factory):
+    return load_generator(str(tiny_sd3_folder(tmp_path_factory.mktemp("sd3"))))
+
+
+@pytest.fixture(scope="module")
+def unclip_gen(tmp_path_factory):
+    return load_generator(str(tiny_unclip_folder(tmp_path_factory.mktemp("unclip"))))
+
+
+def test_sd3_folder_generates_deterministically_per_seed(sd3_gen):
+    assert isinstance(sd3_gen, SD3Generator) and sd3_gen.name == "tiny-sd3"
+    s = sd3_gen.defaults
+    a = sd3_gen.generate(["a red circle", "a blue square"], [3, 4], s)
+    assert a.shape == (2, 3, 32, 32) and a.min() >= 0 and a.max() <= 1
+    b = sd3_gen.generate(["a blue square"], [4], s)  # same seed alone in its batch: same image
+    torch.testing.assert_close(a[1:], b, atol=1e-5, rtol=0)
+    c = sd3_gen.generate(["a blue square"], [5], s)
+    assert (c - b).abs().max() > 1e-3
+
+
+def test_sd3_folder_presets_and_sizes(sd3_gen):
+    fast = sd3_gen.presets()["fast"]
+    assert fast.steps == 1 and fast.guidance == 1.0 and fast.cfg == 1.0  # the folder's older "cfg" key is read
+    assert sd3_gen.settings("fast") == fast and sd3_gen.settings("fast", steps=2).steps == 2
+    assert sd3_gen.settings(size=32).size == 32 and sd3_gen.settings(size=48).size == 48
+    for bad in (30, 4, 1024):
+        with pytest.raises(SettingsError, match="makes square images") as err:
+            sd3_gen.settings(size=bad)
+        assert err.value.field == "size"
+
+
+def test_sd3_negative_prompt_changes_the_image(sd3_gen):
+    s = sd3_gen.defaults
+    a = sd3_gen.generate(["a red circle"], [0], s)
+    b = sd3_gen.generate(["a red circle"], [0], sd3_gen.settings(negative="a blue square"))
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_unclip_folder_generates_each_stage_size(unclip_gen):
+    assert isinstance(unclip_gen, UnCLIPGenerator)
+    s = unclip_gen.defaults
+    full = unclip_gen.generate(["a red circle"], [1], s)
+    assert full.shape == (1, 3, 32, 32)
+    base = unclip_gen.generate(["a red circle"], [1], unclip_gen.settings(size=16))
+    assert base.shape == (1, 3, 16, 16)
+    again = unclip_gen.generate(["a red circle"], [1], s)
+    torch.testing.assert_close(full, again)
+    with pytest.raises(SettingsError, match="16 or 32 px"):
+        unclip_gen.settings(size=64)
+    with pytest.raises(SettingsError, match="negative prompt") as err:
+        unclip_gen.settings(negative="blue")
+    assert err.value.field == "negative"
+    with pytest.raises(SettingsError, match="negative prompt"):  # a hand-made Settings is checked too
+        unclip_gen.generate(["a red circle"], [1], s.replace(negative="blue"))
+
+
+def test_settings_overrides_are_checked_and_name_their_field(sd3_gen):
+    d = sd3_gen.defaults
+    assert sd3_gen.settings() == d
+    assert sd3_gen.settings(steps=None, guidance=None) == d  # a front end passes its unset fields straight through
+    assert sd3_gen.settings(cfg=2.5).guidance == 2.5  # the old name still works
+    assert sd3_gen.settings(extra={"shift": 2.0}).options["shift"] == 2.0
+    cases = [({"steps": 0}, "steps"), ({"guidance": float("nan")}, "guidance"), ({"guidance": -1}, "guidance"),
+             ({"sampler": "eular"}, "sampler"), ({"size": 31}, "size"), ({"colour": "red"}, "colour"),
+             ({"cfg": 2.0, "guidance": 3.0}, "guidance")]  # fmt: skip
+    for overrides, field in cases:
+        with pytest.raises(SettingsError) as err:
+            sd3_gen.settings(**overrides)
+        assert err.value.field == field, overrides
+    with pytest.raises(SettingsError, match="did you mean 'euler'"):
+        sd3_gen.settings(sampler="eular")
+    with pytest.raises(SettingsError, match="unknown preset 'turbo'") as err:
+        sd3_gen.settings("turbo")
+    assert err.value.field == "preset"
+
+
+def test_callbacks_count_every_sampler_step(sd3_gen, unclip_gen):
+    for gen in (sd3_gen, unclip_gen):
+        s = gen.defaults
+        calls: list[tuple[int, int]] = []
+        gen.generate(["a red circle"], [0], s, callback=lambda done, total, calls=calls: calls.append((done, total)))
+        total = gen.total_steps(s)
+        assert calls == [(k + 1, total) for k in range(total)], gen.kind
+
+
+def test_requests_never_change_the_shared_pipeline(unclip_gen):
+    """Per-call settings: a call with other steps, sampler and guidance leaves the next default call unchanged."""
+    s = unclip_gen.defaults
+    before = unclip_gen.generate(["a red circle"], [2], s)
+    unclip_gen.generate(["a red circle"], [2], s.replace(steps=1, guidance=7.0, sampler="euler", size=16,
+                                                         extra={"prior_steps": 1}))  # fmt: skip
+    torch.testing.assert_close(unclip_gen.generate(["a red circle"], [2], s), before, rtol=0, atol=0)
