@@ -86,7 +86,7 @@ PRESETS: dict[str, MMDiTConfig] = {
     # diffusers' own test transformer (test_models_transformer_sd3.py), SD3 and SD3.5 flavours
     "tiny": _TINY,
     "tiny-x": replace(_TINY, qk_norm="rms", x_block_self_attn_layers=(0,)),
-    # the 4-layer, 9M-parameter benchmark config of the SD3.5 spec (Appendix B)
+    # the 4-layer, 9M-parameter config that benchmarks/vs_diffusers.py times against diffusers
     "bench": MMDiTConfig(
         depth=4,
         num_heads=4,
