@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from t2i.nn.attention import attention
+from t2i.nn.embeddings import timestep_embedding
 
-from .unet import SavableModel, make_config, timestep_embedding
+from .unet import SavableModel, make_config
 
 
 @dataclass(frozen=True)
