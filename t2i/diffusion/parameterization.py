@@ -54,13 +54,6 @@ def x0_from_prediction(prediction: str, pred: Tensor, x: Tensor, alpha: Tensor, 
     return (x - sigma * pred) / (alpha + sigma)
 
 
-def x0_to_prediction(prediction: str, x0: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-    """The network output that would give ``x0`` at ``x_t = x`` (used to express guidance in model space)."""
-    _check_prediction(prediction)
-    eps = (x - alpha * x0) / sigma
-    return prediction_target(prediction, x0, eps, alpha, sigma)
-
-
 class Denoiser(nn.Module):
     """Wrap ``net(x, model_time, **cond)`` predicting ``prediction`` into an x0-denoiser on ``path``.
 
