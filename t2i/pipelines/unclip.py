@@ -7,6 +7,9 @@ Here: ``UnCLIPPipeline``, which encodes the prompts, runs the prior and the deco
 variations (decode an image's CLIP embedding), interpolation (slerp, fixed noise), text-diff edits and RePaint
 inpainting (Lugmayr et al. 2022) whose known region is VQ-encoded, not resized, in latent stages.
 
+Settings per call: ``image_embeds_from_text`` and ``decode`` take ``steps``, ``sampler`` and ``guidance`` for one
+request and never write them into the pipeline's specs, so one pipeline can serve concurrent requests.
+
 Seeds: sample ``k`` of a request keeps its noise whatever the batch (``t2i.diffusion.Seeds``); each stage and the
 prior draw from their own offset of the sample's seed.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +42,12 @@ def slerp(a: Tensor, b: Tensor, frac: Tensor | float) -> Tensor:
     so = torch.sin(omega)
     out = (torch.sin((1 - frac) * omega) / so) * a + (torch.sin(frac * omega) / so) * b
     return torch.where(frac == 0, a, torch.where(frac == 1, b, out))
+
+
+def _with_settings(spec, **settings):
+    """``spec`` with the settings that are not None replaced: a copy for one call, the original left untouched."""
+    settings = {k: v for k, v in settings.items() if v is not None}
+    return replace(spec, **settings) if settings else spec
 
 
 @contextmanager
@@ -117,15 +127,29 @@ class UnCLIPPipeline:
     # -- 2. prior ----------------------------------------------------------------------------------------------
 
     def image_embeds_from_text(
-        self, prompts: Sequence[str], seeds: Seeds, callback: Callable | None = None
+        self,
+        prompts: Sequence[str],
+        seeds: Seeds,
+        callback: Callable | None = None,
+        *,
+        steps: int | None = None,
+        sampler: str | None = None,
+        guidance: float | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
+        """CLIP image embeddings (B, E) sampled by the prior for ``prompts``, with the prompts' tokens and mask.
+
+        Args:
+            prompts, seeds: one seed per prompt.
+            callback: gets the prior sampler's per-step dict.
+            steps, sampler, guidance: this call's prior settings; None keeps the ``PriorSpec``'s. The spec itself
+                is never changed.
+        """
         if self.prior is None:
             raise ValueError("this pipeline has no prior; pass image embeddings or images instead of prompts")
+        spec = _with_settings(self.prior, steps=steps, sampler=sampler, guidance=guidance)
         embed, tokens, mask = self.encode_prompts(prompts)
-        with self._where(self.prior.net):
-            image_embed = sample_prior(
-                self.prior, embed, text_tokens=tokens, text_mask=mask, seeds=seeds, callback=callback
-            )
+        with self._where(spec.net):
+            image_embed = sample_prior(spec, embed, text_tokens=tokens, text_mask=mask, seeds=seeds, callback=callback)
         return image_embed, tokens, mask
 
     # -- 3. decoder cascade ------------------------------------------------------------------------------------
@@ -144,12 +168,23 @@ class UnCLIPPipeline:
         inpaint_mask: Tensor | None = None,
         resample: int = 5,
         callback: Callable | None = None,
+        steps: int | None = None,
+        sampler: str | None = None,
+        guidance: float | Sequence[float] | None = None,
     ) -> Tensor:
         """Run stages ``start_stage .. stop_stage`` (inclusive) from image embeddings; images in [-1, 1].
 
-        ``image`` is the previous stage's output when ``start_stage > 0`` (partial runs), or the image to inpaint
-        with ``inpaint_mask`` (B, 1, H, W), True where the image is kept. ``callback`` gets each stage sampler's
-        per-step dict, with the stage index under ``"stage"``.
+        Args:
+            image_embed, seeds: CLIP image embeddings (B, E) and one seed per sample.
+            text_tokens, text_mask: the prompts' CLIP tokens, for stages whose Unet attends to text.
+            start_stage, stop_stage: a partial run; ``image`` is then the output of stage ``start_stage - 1``.
+            image, inpaint_mask: inpainting: the image and its mask (B, 1, H, W), True where the image is kept.
+            resample: RePaint passes per step when inpainting.
+            callback: gets each stage sampler's per-step dict, with the stage index under ``"stage"``.
+            steps, sampler: this call's settings for every stage it runs; None keeps each stage's own.
+            guidance: this call's guidance scale: one number for every stage, or one per stage of the pipeline
+                (e.g. ``[3.0, 1.0]``: guide the base stage only); None keeps each stage's own. The pipeline's
+                stages are never changed.
         """
         stop = len(self.stages) - 1 if stop_stage is None else stop_stage
         if not 0 <= start_stage <= stop < len(self.stages):
@@ -158,9 +193,14 @@ class UnCLIPPipeline:
             raise ValueError(f"start_stage={start_stage} needs image= (the output of stage {start_stage - 1})")
         if inpaint_mask is not None and image is None:
             raise ValueError("inpainting needs image= (the image whose masked-in region is kept)")
+        per_stage = (
+            [guidance] * len(self.stages) if guidance is None or isinstance(guidance, (int, float)) else guidance
+        )
+        if len(per_stage) != len(self.stages):
+            raise ValueError(f"guidance needs one number or one per stage ({len(self.stages)}), got {len(per_stage)}")
         prev = image if start_stage > 0 else None
         for k in range(start_stage, stop + 1):
-            stage = self.stages[k]
+            stage = _with_settings(self.stages[k], steps=steps, sampler=sampler, guidance=per_stage[k])
             with self._where(stage.net), self._where(stage.latent):
                 prev = run_stage(
                     stage,

@@ -278,6 +278,51 @@ def test_learned_variance_stage_samples_with_guidance():
     assert out.shape == (2, 3, 8, 8) and torch.isfinite(out).all()
 
 
+def test_per_call_settings_match_a_pipeline_built_with_them_and_leave_the_specs_alone(parts):
+    from dataclasses import replace
+
+    pipe = make_pipe(parts)
+    specs = [replace(s) for s in pipe.stages], replace(pipe.prior)
+    embed, seeds = pipe.embed_images(images()), Seeds([3, 4])
+    out = pipe.decode(embed, seeds=seeds, steps=2, sampler="euler_ancestral", guidance=[4.0, 1.0])
+    built = UnCLIPPipeline(
+        pipe.clip,
+        pipe.prior,
+        [
+            replace(s, steps=2, sampler="euler_ancestral", guidance=g)
+            for s, g in zip(pipe.stages, (4.0, 1.0), strict=True)
+        ],
+    )
+    torch.testing.assert_close(out, built.decode(embed, seeds=seeds), rtol=0, atol=0)
+    assert not torch.allclose(out, pipe.decode(embed, seeds=seeds))  # the stages' own settings still apply
+    # one number guides every stage
+    torch.testing.assert_close(
+        pipe.decode(embed, seeds=seeds, guidance=4.0),
+        UnCLIPPipeline(pipe.clip, pipe.prior, [replace(s, guidance=4.0) for s in pipe.stages]).decode(
+            embed, seeds=seeds
+        ),
+        rtol=0,
+        atol=0,
+    )
+    prior_out = pipe.image_embeds_from_text(PROMPTS, Seeds([1, 2]), steps=2, sampler="ddpm", guidance=3.0)[0]
+    prior_built = UnCLIPPipeline(pipe.clip, replace(pipe.prior, steps=2, sampler="ddpm", guidance=3.0), pipe.stages)
+    torch.testing.assert_close(
+        prior_out, prior_built.image_embeds_from_text(PROMPTS, Seeds([1, 2]))[0], rtol=0, atol=0
+    )
+    assert pipe.stages == specs[0] and pipe.prior == specs[1]  # nothing was written into the shared specs
+
+
+def test_per_call_settings_are_validated(parts):
+    pipe = make_pipe(parts)
+    embed = pipe.embed_images(images(1))
+    with pytest.raises(ValueError, match="one per stage"):
+        pipe.decode(embed, seeds=Seeds([0]), guidance=[1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="unknown sampler"):
+        pipe.decode(embed, seeds=Seeds([0]), sampler="magic")
+    with pytest.raises(ValueError, match="unknown sampler"):
+        pipe.image_embeds_from_text(PROMPTS[:1], Seeds([0]), sampler="magic")
+
+
 def test_inpainting_reports_each_step_of_each_stage(parts):
     pipe = make_pipe(parts)
     x, seen = images(1), []
