@@ -1,15 +1,15 @@
 """DDPM's Gaussian transitions between two grid points s < t of any noise path, written once.
 
 - the forward transition ``q(x_t | x_s) = N(a_ts x_s, v_ts)``, with ``a_ts = alpha_t / alpha_s`` and
-  ``v_ts = sigma_t^2 - a_ts^2 sigma_s^2`` (Kingma et al. 2021, Eq. 2 in their notation); RePaint's jump back to a
-  noisier time samples it;
+  ``v_ts = sigma_t^2 - a_ts^2 sigma_s^2`` (as Kingma et al. 2021 write it for Variational Diffusion Models);
+  RePaint's jump back to a noisier time samples it;
 - the posterior ``q(x_s | x_t, x0)`` (Ho et al. 2020, Eqs. 6-7, on any grid): mean
   ``(a_ts sigma_s^2 / sigma_t^2) x_t + (alpha_s v_ts / sigma_t^2) x0`` and variance ``v_ts sigma_s^2 / sigma_t^2``
   ("small", beta tilde), or the forward variance ``v_ts`` ("large", beta), or the network's learned log-linear
   interpolation between the two (Nichol & Dhariwal 2021, Eq. 15). ``sample_ddpm`` takes one such step per grid
-  interval; so does RePaint whenever its stage samples with DDPM.
+  interval; so does RePaint when ``sample_ddpm`` takes its steps.
 
-All coefficients are Python floats (float64 math, as the samplers' grids hold them); the tensors stay float32.
+All coefficients are Python floats (float64 math, as the samplers' grids hold them); tensors keep their dtype.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""RePaint (Lugmayr et al. 2022): inpainting with an unconditional-in-the-mask sampler, no retraining.
+"""RePaint (Lugmayr et al. 2022): inpainting with any sampler of an ordinary diffusion model, no retraining.
 
 After every step of an ordinary sampler the known region is pasted back, noised to the new time with the path's
 own ``add_noise``; then the step is undone by sampling the forward transition ``q(x_t | x_s)`` (``ddpm``'s

@@ -16,8 +16,8 @@ condition: the unconditional branch must still denoise x_t, otherwise it degener
 (the mean embedding) and guidance extrapolates away from that constant instead of from an unconditional score.
 (DALLE2-pytorch drops it as well and never explained why, issue #285; we keep it.)
 
-The network follows ``t2i.diffusion``'s contract ``net(x, t, **cond)``; sampling, guidance and best-of-n
-reranking live in ``t2i.pipelines.unclip`` (models never import the diffusion core).
+The network follows ``t2i.diffusion``'s contract ``net(x, t, **cond)``; sampling with guidance and best-of-n
+reranking is ``sample_prior`` in ``t2i.pipelines.unclip_stages``.
 """
 
 from __future__ import annotations

@@ -42,8 +42,8 @@ def test_known_region_is_exact_at_t0(path_name, sampler, resample):
 
 def test_resampling_moves_the_hole_toward_the_true_conditional():
     """Data: two Gaussians at (-2, -2) and (2, 2), unit std. Given x1 = 0.5, component 2 has posterior weight
-    p = sigmoid(4 x1), so E[x2 | x1] = 2 (2p - 1) = 1.52. Plain pasting (resample=1) ignores most of that
-    dependence (Lugmayr et al. 2022, Sec. 4.2); jumping back and forth harmonises the two coordinates."""
+    p = sigmoid(4 x1), so E[x2 | x1] = 2 (2p - 1) = 1.52. Plain pasting (resample=1) loses most of that
+    dependence; jumping back and forth harmonises the two coordinates, as RePaint's resampling is meant to."""
     mix = GaussianMixture(torch.tensor([[-2.0, -2.0], [2.0, 2.0]]), torch.tensor([1.0, 1.0]))
     path, c, n = VPPath("cosine", 1000), 0.5, 2000
     truth = 2 * (2 / (1 + math.exp(-4 * c)) - 1)
