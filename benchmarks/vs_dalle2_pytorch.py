@@ -121,7 +121,7 @@ def t2i_cases(device, steps):
     stage = DecoderStage(unet, SIZE, path, "eps", sampler="ddim", steps=steps, guidance=3.0)
 
     def unet_sample():
-        run_stage(stage, img_e, tok, msk, None, Seeds(list(range(B_UNET))))
+        run_stage(stage, seeds=Seeds(list(range(B_UNET))), image_embed=img_e, text_tokens=tok, text_mask=msk)
 
     def prior_forward():
         prior.eval()

@@ -1,11 +1,20 @@
-"""The diffusion core: noise paths, parameterisations, objectives, samplers and guidance.
+"""The diffusion core: noise paths, parameterisations, objectives, samplers, guidance and conditioning.
 
 Model-agnostic and rank-generic: it works on images ``[B, C, H, W]`` and on embedding vectors ``[B, D]``.
 """
 
 from t2i.nn.noise import Seeds, randn_like
 
-from .guidance import SkipLayerGuidance, classifier_free_guidance, dynamic_threshold, step_interval_to_time
+from .conditioning import LowresAugment, SelfConditioning, gaussian_blur
+from .ddpm import DDPM_VARIANCES, ddpm_step, forward_transition
+from .guidance import (
+    SkipLayerGuidance,
+    classifier_free_guidance,
+    dynamic_threshold,
+    static_threshold,
+    step_interval_to_time,
+)
+from .inpaint import sample_repaint
 from .objectives import DenoisingObjective, flow_matching_objective, loss_weight
 from .parameterization import (
     PREDICTIONS,
@@ -14,7 +23,9 @@ from .parameterization import (
     FlowDenoiser,
     VDenoiser,
     X0Denoiser,
+    join_variance,
     prediction_target,
+    split_variance,
     x0_from_prediction,
 )
 from .paths import NoisePath, RectifiedFlow, VPPath, append_dims

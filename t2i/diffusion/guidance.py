@@ -4,10 +4,12 @@
   guidance rescale (Lin et al. 2024, Sec. 3.4), a guidance interval (Kynkaanniemi et al. 2024) and skip-layer
   guidance (SD3.5): an extra conditional pass with some layers skipped, ``+ slg_scale (x0_cond - x0_skip)``;
   the network decides what skipping a layer means, it only receives ``skip_layers=...``;
-- dynamic thresholding of x0 (Saharia et al. 2022, Imagen).
+- static and dynamic thresholding of x0 (Saharia et al. 2022, Imagen).
 
 All guidance works on the x0 prediction. On the linear combinations used here that is the same as guiding
 eps, v or the flow velocity, because each is affine in x0 with the same coefficients for both branches.
+A learned variance (``return_variance=True``, see ``parameterization``) passes through every wrapper; guidance
+keeps the conditional branch's, as the guided mean is a correction of the conditional model.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .parameterization import DenoiseFn
+from .parameterization import DenoiseFn, join_variance, split_variance
 from .paths import append_dims
 
 
@@ -109,12 +111,15 @@ def classifier_free_guidance(
     if rescale < 0 or rescale > 1:
         raise ValueError(f"guidance rescale phi must lie in [0, 1], got {rescale}")
 
-    def guided(x: Tensor, t: Tensor, **cond) -> Tensor:
+    def guided(x: Tensor, t: Tensor, **cond) -> Tensor | tuple[Tensor, Tensor]:
         active = _in_interval(t, interval)
         if scale == 1.0 or not bool(active.any()):
-            out = x0_c = denoise(x, t, **cond)
+            out, var = split_variance(denoise(x, t, **cond))
+            x0_c = out
         else:
-            x0_c, x0_u = denoise(torch.cat([x, x]), torch.cat([t, t]), **_cat_cond(cond, uncond)).chunk(2)
+            both, var = split_variance(denoise(torch.cat([x, x]), torch.cat([t, t]), **_cat_cond(cond, uncond)))
+            x0_c, x0_u = both.chunk(2)
+            var = None if var is None else var[: len(x)]  # the conditional branch's learned variance
             out = x0_u + scale * (x0_c - x0_u)
             if rescale > 0:
                 out = rescale_guidance(out, x0_c, rescale)
@@ -122,11 +127,21 @@ def classifier_free_guidance(
         if skip_layers is not None and skip_layers.scale != 0:
             slg_active = _in_interval(t, skip_layers.interval)
             if bool(slg_active.any()):
-                x0_skip = denoise(x, t, skip_layers=tuple(skip_layers.layers), **cond)
+                x0_skip = split_variance(denoise(x, t, skip_layers=tuple(skip_layers.layers), **cond))[0]
                 out = out + append_dims(slg_active, x.ndim) * skip_layers.scale * (x0_c - x0_skip)
-        return out
+        return join_variance(out, var)
 
     return guided
+
+
+def static_threshold(denoise: DenoiseFn, max_value: float = 1.0) -> DenoiseFn:
+    """Imagen's static thresholding: clamp x0 to [-max_value, max_value], the data range of a pixel-space model."""
+
+    def clamped(x: Tensor, t: Tensor, **cond) -> Tensor | tuple[Tensor, Tensor]:
+        x0, var = split_variance(denoise(x, t, **cond))
+        return join_variance(x0.clamp(-max_value, max_value), var)
+
+    return clamped
 
 
 def dynamic_threshold(denoise: DenoiseFn, percentile: float = 0.995, max_value: float = 1.0) -> DenoiseFn:
@@ -135,10 +150,10 @@ def dynamic_threshold(denoise: DenoiseFn, percentile: float = 0.995, max_value: 
     if not 0.0 < percentile <= 1.0:
         raise ValueError(f"percentile must lie in (0, 1], got {percentile}")
 
-    def thresholded(x: Tensor, t: Tensor, **cond) -> Tensor:
-        x0 = denoise(x, t, **cond)
+    def thresholded(x: Tensor, t: Tensor, **cond) -> Tensor | tuple[Tensor, Tensor]:
+        x0, var = split_variance(denoise(x, t, **cond))
         s = torch.quantile(x0.abs().flatten(1).float(), percentile, dim=1).clamp_min(max_value)
         s = append_dims(s, x0.ndim).to(x0)
-        return x0.clamp(-s, s) / s * max_value
+        return join_variance(x0.clamp(-s, s) / s * max_value, var)
 
     return thresholded

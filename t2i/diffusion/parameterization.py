@@ -7,6 +7,11 @@ precision the network itself runs in (as EDM's preconditioner does).
 
 ``prediction_target`` and ``x0_from_prediction`` are the two halves of each parameterisation, shared by the
 wrappers and the training objectives so that the two can never disagree.
+
+A network that also learns its variance (iDDPM: ``net(x, t, return_variance=True) -> (prediction, v)``) is asked
+for it by ``sample_ddpm(variance="learned")``: it calls ``denoise(x, t, return_variance=True, **cond)`` and gets
+``(x0_hat, v)`` back. Every wrapper in the core passes that keyword down and the ``v`` back up unchanged (guidance
+keeps the conditional branch's), transforming only x0_hat; ``split_variance`` is how they tell the two apart.
 """
 
 from __future__ import annotations
@@ -22,6 +27,16 @@ PREDICTIONS = ("eps", "v", "x0", "flow")
 
 #: the contract every sampler consumes: ``denoise(x, t, **cond) -> x0_hat`` with ``t`` of shape ``[B]``
 DenoiseFn = Callable[..., Tensor]
+
+
+def split_variance(out: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
+    """(x0_hat, learned v or None) of a denoiser's output, which is a pair only under ``return_variance=True``."""
+    return (out[0], out[1]) if isinstance(out, tuple) else (out, None)
+
+
+def join_variance(x0: Tensor, v: Tensor | None) -> Tensor | tuple[Tensor, Tensor]:
+    """The inverse of ``split_variance``: what a wrapper returns after transforming x0_hat."""
+    return x0 if v is None else (x0, v)
 
 
 def _check_prediction(prediction: str) -> None:
@@ -54,13 +69,6 @@ def x0_from_prediction(prediction: str, pred: Tensor, x: Tensor, alpha: Tensor, 
     return (x - sigma * pred) / (alpha + sigma)
 
 
-def x0_to_prediction(prediction: str, x0: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-    """The network output that would give ``x0`` at ``x_t = x`` (used to express guidance in model space)."""
-    _check_prediction(prediction)
-    eps = (x - alpha * x0) / sigma
-    return prediction_target(prediction, x0, eps, alpha, sigma)
-
-
 class Denoiser(nn.Module):
     """Wrap ``net(x, model_time, **cond)`` predicting ``prediction`` into an x0-denoiser on ``path``.
 
@@ -86,13 +94,18 @@ class Denoiser(nn.Module):
         s = append_dims(self.path.sigma(t), x.ndim).to(device=x.device, dtype=torch.float32)
         return a, s
 
-    def forward(self, x: Tensor, t: Tensor, **cond) -> Tensor:
+    def forward(
+        self, x: Tensor, t: Tensor, *, return_variance: bool = False, **cond
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """x0_hat; with ``return_variance=True``, ``(x0_hat, v)`` from a network that learns its variance."""
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        pred = self.net(x, self.path.model_time(t).to(device=x.device, dtype=torch.float32), **cond)
+        model_t = self.path.model_time(t).to(device=x.device, dtype=torch.float32)
+        ask = {"return_variance": True} if return_variance else {}
+        pred, v = split_variance(self.net(x, model_t, **ask, **cond))
         a, s = self.coefficients(t, x)
-        return x0_from_prediction(self.prediction, pred.float(), x.float(), a, s)
+        return join_variance(x0_from_prediction(self.prediction, pred.float(), x.float(), a, s), v)
 
 
 class EpsDenoiser(Denoiser):

@@ -29,7 +29,8 @@ from tqdm.auto import trange
 from t2i.errors import check_choice
 from t2i.nn.noise import NoiseSource, randn_like
 
-from .parameterization import DenoiseFn
+from .ddpm import DDPM_VARIANCES, ddpm_step
+from .parameterization import DenoiseFn, split_variance
 from .paths import NoisePath
 
 
@@ -124,25 +125,25 @@ def sample_ddpm(
 ) -> Tensor:
     """DDPM ancestral sampling from the posterior q(x_s | x_t, x0_hat) (Ho et al. 2020, Eqs. 6-7), any grid.
 
-    ``variance="small"`` uses the posterior variance (beta tilde), ``"large"`` the forward-step variance (beta).
+    ``variance="small"`` uses the posterior variance (beta tilde), ``"large"`` the forward-step variance (beta),
+    ``"learned"`` the network's own interpolation between the two (Nichol & Dhariwal 2021, Eq. 15): the denoiser
+    is then called with ``return_variance=True`` and returns ``(x0_hat, v)``. The step is ``ddpm.ddpm_step``.
     """
-    if variance not in ("small", "large"):
-        raise ValueError(f"variance must be 'small' or 'large', got {variance!r}")
+    if variance not in DDPM_VARIANCES:
+        raise ValueError(f"variance must be one of {DDPM_VARIANCES}, got {variance!r}")
     grid, extra_args = _Grid(ts, path), extra_args or {}
+    ask = {"return_variance": True} if variance == "learned" else {}
     x = x.float()
     for i in _steps(grid, progress, "ddpm"):
-        x0 = denoise(x, grid.t(i, x), **extra_args)
+        x0, v = split_variance(denoise(x, grid.t(i, x), **ask, **extra_args))
+        if ask and v is None:
+            raise ValueError(
+                "variance='learned' needs a denoiser of a learned-variance network: called with "
+                "return_variance=True it must return (x0_hat, v); use 'small' or 'large' otherwise"
+            )
         _call(callback, x, i, grid, x0)
         a_t, s_t, a_s, s_s = grid.alphas[i], grid.sigmas[i], grid.alphas[i + 1], grid.sigmas[i + 1]
-        # forward transition x_t = a_ts x_s + sqrt(v_ts) z between the two grid points
-        a_ts = a_t / a_s
-        v_ts = s_t**2 - a_ts**2 * s_s**2
-        mean = (a_ts * s_s**2 / s_t**2) * x + (a_s * v_ts / s_t**2) * x0
-        if s_s > 0:
-            var = v_ts * s_s**2 / s_t**2 if variance == "small" else v_ts
-            x = mean + math.sqrt(max(var, 0.0)) * randn_like(x, noise)
-        else:
-            x = mean
+        x = ddpm_step(x, x0, a_t, s_t, a_s, s_s, variance=variance if v is None else v, noise=noise)
     return x
 
 

@@ -12,7 +12,6 @@ models can use head size 8 and patch 1 as diffusers' own tests do.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from t2i.nn.attention import attention as _attention
+from t2i.nn.embeddings import timestep_embedding
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config and presets
@@ -105,17 +105,6 @@ PRESETS: dict[str, MMDiTConfig] = {
 # ----------------------------------------------------------------------------------------------------------------
 # Embeddings
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding ``[cos(t f), sin(t f)]`` with ``f_i = max_period^(-i/half)``, in float32."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]  # (B, half)
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        emb = F.pad(emb, (0, 1))
-    return emb
 
 
 def sincos_pos_embed_2d(dim: int, grid: int, base_size: int) -> Tensor:

@@ -16,9 +16,9 @@ condition: the unconditional branch must still denoise x_t, otherwise it degener
 (the mean embedding) and guidance extrapolates away from that constant instead of from an unconditional score.
 (DALLE2-pytorch drops it as well and never explained why, issue #285; we keep it.)
 
-The network follows ``t2i.diffusion``'s contract ``net(x, t, **cond)``; sampling, guidance and best-of-n
-reranking live in ``t2i.pipelines.unclip``: models sit below the diffusion core (the import contract in
-pyproject.toml).
+The network follows ``t2i.diffusion``'s contract ``net(x, t, **cond)``; sampling with guidance and best-of-n
+reranking is ``sample_prior`` in ``t2i.pipelines.unclip_stages`` (models sit below the diffusion core: the import
+contract in pyproject.toml).
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from t2i.nn.attention import attention
+from t2i.nn.embeddings import timestep_embedding
 
 from .base import SavableModel, make_config
-from .unet import timestep_embedding
 
 
 @dataclass(frozen=True)

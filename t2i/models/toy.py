@@ -9,7 +9,6 @@ precomputed embeddings). Both follow the network contract of ``t2i.diffusion``: 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -17,14 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps (Vaswani et al. 2017; ADM's variant)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]  # (B, half)
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    return F.pad(emb, (0, dim % 2))  # (B, dim)
+from t2i.nn.embeddings import timestep_embedding
 
 
 class _Conditioning(nn.Module):

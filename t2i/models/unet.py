@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from t2i.nn.attention import attention
+from t2i.nn.embeddings import timestep_embedding
 
 from .base import SavableModel, make_config
 
@@ -42,14 +43,6 @@ C = TypeVar("C")
 
 # ---------------------------------------------------------------------------------------------------------------
 # blocks
-
-
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding of (fractional) timesteps (Vaswani et al. 2017, ADM's cos-then-sin order)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]  # (B, half)
-    return F.pad(torch.cat([torch.cos(args), torch.sin(args)], dim=-1), (0, dim % 2))
 
 
 class ResBlock(nn.Module):

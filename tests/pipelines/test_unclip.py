@@ -139,8 +139,8 @@ def test_guidance_changes_the_result(parts):
     clip, _, base, _ = parts
     embed = clip.embed_image(images(1))
     path = VPPath("cosine", 100)
-    plain = run_stage(DecoderStage(base, 8, path, steps=3, guidance=1.0), embed, None, None, None, Seeds([0]))
-    guided = run_stage(DecoderStage(base, 8, path, steps=3, guidance=4.0), embed, None, None, None, Seeds([0]))
+    plain = run_stage(DecoderStage(base, 8, path, steps=3, guidance=1.0), image_embed=embed, seeds=Seeds([0]))
+    guided = run_stage(DecoderStage(base, 8, path, steps=3, guidance=4.0), image_embed=embed, seeds=Seeds([0]))
     assert not torch.allclose(plain, guided)
 
 
@@ -216,7 +216,7 @@ def test_latent_stage_and_latent_inpainting_encode_the_known_region():
     stage = DecoderStage(unet(channels=4), 16, path, steps=3, latent=vq)
     assert stage.shape == (4, 8, 8)
     embed = torch.nn.functional.normalize(torch.randn(2, 32), dim=-1)
-    out = run_stage(stage, embed, None, None, None, Seeds([0, 1]))
+    out = run_stage(stage, image_embed=embed, seeds=Seeds([0, 1]))
     assert out.shape == (2, 3, 16, 16)
     encoded = []
     orig = vq.encode
@@ -225,11 +225,11 @@ def test_latent_stage_and_latent_inpainting_encode_the_known_region():
         x = images(2)
         mask = torch.zeros(2, 1, 16, 16, dtype=torch.bool)
         mask[..., :, :7] = True  # a boundary inside a latent cell: that cell is not "known"
-        out = run_stage(stage, embed, None, None, None, Seeds([0, 1]), known=x, known_mask=mask, resample=1)
+        out = run_stage(stage, image_embed=embed, seeds=Seeds([0, 1]), known=x, known_mask=mask, resample=1)
     finally:
         vq.encode = orig
     assert encoded == [(2, 3, 16, 16)]  # the known image went through the encoder at full resolution
-    from t2i.pipelines.unclip import _known
+    from t2i.pipelines.unclip_stages import _known
 
     z, m = _known(stage, x, mask)
     torch.testing.assert_close(z, vq.encode(x))
@@ -239,7 +239,7 @@ def test_latent_stage_and_latent_inpainting_encode_the_known_region():
 
 
 def test_random_streams_never_overlap_between_samples_stages_or_uses():
-    from t2i.pipelines.unclip import _stream
+    from t2i.pipelines.unclip_stages import _stream
 
     seeds = [0, 1, 2, 3]
     all_seeds = [s for stage in range(3) for stream in range(4) for s in _stream(seeds, stream, stage).seeds]
@@ -262,12 +262,11 @@ class _FixedVarianceNet(torch.nn.Module):
 @pytest.mark.parametrize(("v", "variance"), [(0.0, "small"), (1.0, "large")])
 def test_learned_variance_ddpm_matches_fixed_variances_at_the_ends(v, variance):
     from t2i.diffusion import Denoiser, sample_ddpm
-    from t2i.pipelines.unclip import sample_ddpm_learned_variance
 
     net, path = _FixedVarianceNet(v), VPPath("cosine", 100)
     ts = path.timesteps(5)
     x = torch.randn(2, 3, 4, 4)
-    ours = sample_ddpm_learned_variance(net, x, ts, path, "x0", cond={}, uncond={}, noise=Seeds([1, 2]), clamp=False)
+    ours = sample_ddpm(Denoiser(net, path, "x0"), x, ts, path, variance="learned", noise=Seeds([1, 2]))
     ref = sample_ddpm(Denoiser(net, path, "x0"), x, ts, path, variance=variance, noise=Seeds([1, 2]))
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
@@ -275,5 +274,60 @@ def test_learned_variance_ddpm_matches_fixed_variances_at_the_ends(v, variance):
 def test_learned_variance_stage_samples_with_guidance():
     stage = DecoderStage(unet(learned_variance=True), 8, VPPath("cosine", 100), sampler="ddpm", steps=3, guidance=2.0)
     embed = torch.nn.functional.normalize(torch.randn(2, 32), dim=-1)
-    out = run_stage(stage, embed, None, None, None, Seeds([0, 1]))
+    out = run_stage(stage, image_embed=embed, seeds=Seeds([0, 1]))
     assert out.shape == (2, 3, 8, 8) and torch.isfinite(out).all()
+
+
+def test_per_call_settings_match_a_pipeline_built_with_them_and_leave_the_specs_alone(parts):
+    from dataclasses import replace
+
+    pipe = make_pipe(parts)
+    specs = [replace(s) for s in pipe.stages], replace(pipe.prior)
+    embed, seeds = pipe.embed_images(images()), Seeds([3, 4])
+    out = pipe.decode(embed, seeds=seeds, steps=2, sampler="euler_ancestral", guidance=[4.0, 1.0])
+    built = UnCLIPPipeline(
+        pipe.clip,
+        pipe.prior,
+        [
+            replace(s, steps=2, sampler="euler_ancestral", guidance=g)
+            for s, g in zip(pipe.stages, (4.0, 1.0), strict=True)
+        ],
+    )
+    torch.testing.assert_close(out, built.decode(embed, seeds=seeds), rtol=0, atol=0)
+    assert not torch.allclose(out, pipe.decode(embed, seeds=seeds))  # the stages' own settings still apply
+    # one number guides every stage
+    torch.testing.assert_close(
+        pipe.decode(embed, seeds=seeds, guidance=4.0),
+        UnCLIPPipeline(pipe.clip, pipe.prior, [replace(s, guidance=4.0) for s in pipe.stages]).decode(
+            embed, seeds=seeds
+        ),
+        rtol=0,
+        atol=0,
+    )
+    prior_out = pipe.image_embeds_from_text(PROMPTS, Seeds([1, 2]), steps=2, sampler="ddpm", guidance=3.0)[0]
+    prior_built = UnCLIPPipeline(pipe.clip, replace(pipe.prior, steps=2, sampler="ddpm", guidance=3.0), pipe.stages)
+    torch.testing.assert_close(
+        prior_out, prior_built.image_embeds_from_text(PROMPTS, Seeds([1, 2]))[0], rtol=0, atol=0
+    )
+    assert pipe.stages == specs[0] and pipe.prior == specs[1]  # nothing was written into the shared specs
+
+
+def test_per_call_settings_are_validated(parts):
+    pipe = make_pipe(parts)
+    embed = pipe.embed_images(images(1))
+    with pytest.raises(ValueError, match="one per stage"):
+        pipe.decode(embed, seeds=Seeds([0]), guidance=[1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="unknown sampler"):
+        pipe.decode(embed, seeds=Seeds([0]), sampler="magic")
+    with pytest.raises(ValueError, match="unknown sampler"):
+        pipe.image_embeds_from_text(PROMPTS[:1], Seeds([0]), sampler="magic")
+
+
+def test_inpainting_reports_each_step_of_each_stage(parts):
+    pipe = make_pipe(parts)
+    x, seen = images(1), []
+    mask = torch.zeros(1, 1, 16, 16, dtype=torch.bool)
+    mask[..., :8] = True
+    embed = pipe.embed_images(x)
+    pipe.decode(embed, seeds=Seeds([0]), image=x, inpaint_mask=mask, resample=2, callback=seen.append)
+    assert [(d["stage"], d["i"]) for d in seen] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]

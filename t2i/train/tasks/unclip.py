@@ -26,7 +26,15 @@ from torch.func import functional_call
 from torch.utils.data import Dataset
 
 from t2i.data.transforms import sample_generator
-from t2i.diffusion import DenoisingObjective, Seeds, VPPath, check_sampler, make_time_sampler, x0_from_prediction
+from t2i.diffusion import (
+    DenoisingObjective,
+    LowresAugment,
+    Seeds,
+    VPPath,
+    check_sampler,
+    make_time_sampler,
+    x0_from_prediction,
+)
 from t2i.diffusion.paths import append_dims
 from t2i.io import load_weights, save_weights
 from t2i.models.clip import ClipEncoder
@@ -283,8 +291,6 @@ class DecoderTask(Task):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        from t2i.pipelines.unclip import LowresAugment
-
         p = self.params
         check_sampler(p.sampler, "task.params.sampler")
         self.path = VPPath(p.vp_schedule, p.num_train_timesteps)
@@ -388,11 +394,11 @@ class DecoderTask(Task):
         prev = self.lowres.downsample(images) if self.lowres is not None else None
         return run_stage(
             stage,
-            last.get("image_embed"),
-            last.get("text_tokens"),
-            last.get("text_mask"),
-            prev,
-            Seeds.from_base(seed, len(images)),
+            seeds=Seeds.from_base(seed, len(images)),
+            image_embed=last.get("image_embed"),
+            text_tokens=last.get("text_tokens"),
+            text_mask=last.get("text_mask"),
+            prev=prev,
         )
 
 
