@@ -150,7 +150,8 @@ def _settings(gen, req: GenerationRequest):
         return gen.settings(steps=req.steps, guidance=req.guidance, sampler=req.sampler, size=side,
                             negative=req.negative_prompt or None)  # fmt: skip
     except SettingsError as err:
-        raise APIError(400, str(err), param=_REQUEST_FIELD.get(err.field, err.field)) from None
+        param = _REQUEST_FIELD.get(err.field, err.field)
+        raise APIError(400, f"{param}: {err}", param=param) from None
 
 
 def create_app(cfg: ServeConfig | None = None, *, generators: dict[str, Any] | None = None) -> FastAPI:
