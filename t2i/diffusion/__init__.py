@@ -5,7 +5,7 @@ Model-agnostic and rank-generic: it works on images ``[B, C, H, W]`` and on embe
 
 from t2i.nn.noise import Seeds, randn_like
 
-from .conditioning import LowresAugment, SelfConditioning, gaussian_blur
+from .conditioning import LowresAugment, SelfConditioning, gaussian_blur, self_conditioned_for_training
 from .ddpm import DDPM_VARIANCES, ddpm_step, forward_transition
 from .guidance import (
     SkipLayerGuidance,

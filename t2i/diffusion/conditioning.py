@@ -2,6 +2,7 @@
 
 - ``SelfConditioning`` (Chen et al. 2023, "Analog Bits", sampling side): each call's x0 estimate is fed back as
   ``self_cond`` on the next call, as the unCLIP prior and the super-resolution Unets were trained to expect;
+  ``self_conditioned_for_training`` is the training side (a gradient-free first pass on a random half);
 - ``LowresAugment``: the low-res conditioning of a super-resolution stage (Ramesh et al. 2022, App. C): downsample,
   optionally blur, upsample, then noise to a level on its own noise path (Ho et al. 2022, "Cascaded Diffusion";
   Imagen's noise augmentation). One object serves training and sampling so the two cannot drift apart.
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from t2i.nn.noise import Seeds
 
-from .parameterization import DenoiseFn, split_variance
+from .parameterization import DenoiseFn, split_variance, x0_from_prediction
 from .paths import NoisePath, VPPath, append_dims
 
 
@@ -38,6 +39,27 @@ class SelfConditioning:
         out = self.denoise(x, t, self_cond=prev, **cond)
         self.last = split_variance(out)[0].detach()
         return out
+
+
+def self_conditioned_for_training(net, prediction: str, path: NoisePath, t: Tensor, use: Tensor):
+    """The training side of ``SelfConditioning``: ``net`` with self-conditioning on the samples where ``use`` (B,)
+    is True (Chen et al. 2023, usually half of them): a first, gradient-free pass gives an x0 estimate that the
+    second pass receives as ``self_cond``; the others get zeros, as the first sampling step does."""
+
+    def wrapped(x_t: Tensor, model_t: Tensor, *, return_variance: bool = False, **cond):
+        sc = torch.zeros_like(x_t)
+        if bool(use.any()):
+            with torch.no_grad():
+                pred = net(x_t, model_t, **cond)
+                a = append_dims(path.alpha(t), x_t.ndim).to(x_t)
+                s = append_dims(path.sigma(t), x_t.ndim).to(x_t)
+                sc = torch.where(
+                    append_dims(use, x_t.ndim), x0_from_prediction(prediction, pred.float(), x_t, a, s), sc
+                )
+        extra = {"return_variance": True} if return_variance else {}
+        return net(x_t, model_t, self_cond=sc.to(x_t.dtype), **extra, **cond)
+
+    return wrapped
 
 
 def gaussian_blur(x: Tensor, sigma: float, kernel_size: int = 3) -> Tensor:

@@ -33,6 +33,7 @@ from t2i.diffusion import (
     VPPath,
     check_sampler,
     make_time_sampler,
+    self_conditioned_for_training,
     x0_from_prediction,
 )
 from t2i.diffusion.paths import append_dims
@@ -134,26 +135,6 @@ class _EmbeddingSource:
         return out
 
 
-def _self_conditioned(net, prediction: str, path, t: Tensor, use: Tensor):
-    """``net`` with self-conditioning on the samples where ``use`` (B,) is True (Chen et al. 2023): a first,
-    gradient-free pass gives an x0 estimate that the second pass receives as ``self_cond``."""
-
-    def wrapped(x_t: Tensor, model_t: Tensor, *, return_variance: bool = False, **cond):
-        sc = torch.zeros_like(x_t)
-        if bool(use.any()):
-            with torch.no_grad():
-                pred = net(x_t, model_t, **cond)
-                a = append_dims(path.alpha(t), x_t.ndim).to(x_t)
-                s = append_dims(path.sigma(t), x_t.ndim).to(x_t)
-                sc = torch.where(
-                    append_dims(use, x_t.ndim), x0_from_prediction(prediction, pred.float(), x_t, a, s), sc
-                )
-        extra = {"return_variance": True} if return_variance else {}
-        return net(x_t, model_t, self_cond=sc.to(x_t.dtype), **extra, **cond)
-
-    return wrapped
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # CLIP
 
@@ -250,7 +231,9 @@ class PriorTask(Task):
             cond.update(text_tokens=emb["text_tokens"], text_mask=emb["text_mask"])
         fn = model
         if net.cfg.self_cond:
-            fn = _self_conditioned(model, self.params.prediction, self.path, t, u[:, 1] < self.params.self_cond_prob)
+            fn = self_conditioned_for_training(
+                model, self.params.prediction, self.path, t, u[:, 1] < self.params.self_cond_prob
+            )
         return self.objective(fn, x0, t=t, eps=eps, **cond)
 
     def sample(self, model, n, *, seed, device, steps=None):
@@ -358,7 +341,7 @@ class DecoderTask(Task):
         eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(device)
         fn = model
         if net.cfg.self_cond:
-            fn = _self_conditioned(model, p.prediction, self.path, t, u[:, 2] < p.self_cond_prob)
+            fn = self_conditioned_for_training(model, p.prediction, self.path, t, u[:, 2] < p.self_cond_prob)
         if not net.cfg.learned_variance:
             return self.objective(fn, x0, t=t, eps=eps, **cond)
         # hybrid loss (iDDPM): the simple loss on the mean plus the variance bound on the learned variance
