@@ -137,32 +137,13 @@ class ClipConfig:
     patch_size: int = 32
 
 
+# a table: one configuration per row
 CLIP_PRESETS: dict[str, ClipConfig] = {
-    "tiny": ClipConfig(
-        embed_dim=32,
-        text_width=32,
-        text_layers=2,
-        text_heads=2,
-        context_length=24,
-        vision_width=32,
-        vision_layers=2,
-        vision_heads=2,
-        image_size=32,
-        patch_size=8,
-    ),
-    "small": ClipConfig(
-        embed_dim=128,
-        text_width=128,
-        text_layers=4,
-        text_heads=4,
-        context_length=32,
-        vision_width=128,
-        vision_layers=4,
-        vision_heads=4,
-        image_size=64,
-        patch_size=8,
-    ),
-}
+    "tiny": ClipConfig(embed_dim=32, text_width=32, text_layers=2, text_heads=2, context_length=24, vision_width=32,
+                       vision_layers=2, vision_heads=2, image_size=32, patch_size=8),
+    "small": ClipConfig(embed_dim=128, text_width=128, text_layers=4, text_heads=4, context_length=32,
+                        vision_width=128, vision_layers=4, vision_heads=4, image_size=64, patch_size=8),
+}  # fmt: skip
 
 
 def hf_clip_config(cfg: ClipConfig, tokenizer: WordTokenizer):

@@ -87,19 +87,9 @@ PRESETS: dict[str, MMDiTConfig] = {
     "tiny": _TINY,
     "tiny-x": replace(_TINY, qk_norm="rms", x_block_self_attn_layers=(0,)),
     # the 4-layer, 9M-parameter config that benchmarks/vs_diffusers.py times against diffusers
-    "bench": MMDiTConfig(
-        depth=4,
-        num_heads=4,
-        head_dim=64,
-        patch_size=2,
-        in_channels=16,
-        context_dim=256,
-        pooled_dim=128,
-        pos_embed_max_size=96,
-        pos_embed_base_size=16,
-        qk_norm="rms",
-    ),
-}
+    "bench": MMDiTConfig(depth=4, num_heads=4, head_dim=64, patch_size=2, in_channels=16, context_dim=256,
+                         pooled_dim=128, pos_embed_max_size=96, pos_embed_base_size=16, qk_norm="rms"),
+}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -152,24 +152,21 @@ class SD3TextEncoder(nn.Module):
 # -- standard configurations of the released encoders (for the official single files, which carry no config) -----
 
 
-def clip_l_config():
+def _clip_text_config(width: int, layers: int, heads: int, act: str):
+    """The released CLIP text towers share their vocabulary, context and special tokens; they differ in size."""
     from transformers import CLIPTextConfig
 
-    return CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, bos_token_id=49406,
-        eos_token_id=49407, pad_token_id=1,
-    )  # fmt: skip
+    return CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                          num_attention_heads=heads, max_position_embeddings=77, hidden_act=act,
+                          projection_dim=width, bos_token_id=49406, eos_token_id=49407, pad_token_id=1)  # fmt: skip
+
+
+def clip_l_config():
+    return _clip_text_config(768, 12, 12, "quick_gelu")  # OpenAI CLIP ViT-L/14's text tower
 
 
 def clip_g_config():
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-        max_position_embeddings=77, hidden_act="gelu", projection_dim=1280, bos_token_id=49406,
-        eos_token_id=49407, pad_token_id=1,
-    )  # fmt: skip
+    return _clip_text_config(1280, 32, 20, "gelu")  # OpenCLIP ViT-bigG/14's text tower
 
 
 def t5_xxl_config():

@@ -185,40 +185,17 @@ class UnetConfig:
             raise ValueError("num_res_blocks and num_image_tokens must be at least 1")
 
 
+# a table: one configuration per row
 PRESETS: dict[str, UnetConfig] = {
-    "tiny": UnetConfig(
-        dim=16,
-        dim_mults=(1, 2),
-        num_res_blocks=1,
-        attn_levels=(False, True),
-        self_attn=(False, True),
-        heads=2,
-        head_dim=16,
-        image_embed_dim=32,
-        text_embed_dim=32,
-    ),
-    "base64": UnetConfig(
-        dim=128,
-        dim_mults=(1, 2, 3, 4),
-        num_res_blocks=3,
-        attn_levels=(False, True, True, True),
-        self_attn=(False, False, True, True),
-        heads=8,
-        head_dim=64,
-        image_embed_dim=768,
-        text_embed_dim=768,
-    ),
-    "sr256": UnetConfig(
-        dim=64,
-        dim_mults=(1, 2, 4, 8),
-        num_res_blocks=2,
-        attn_levels=(False, False, False, True),
-        self_attn=(False, False, False, True),
-        image_embed_dim=768,
-        lowres_cond=True,
-        lowres_noise_cond=True,
-    ),
-}
+    "tiny": UnetConfig(dim=16, dim_mults=(1, 2), num_res_blocks=1, attn_levels=(False, True),
+                       self_attn=(False, True), heads=2, head_dim=16, image_embed_dim=32, text_embed_dim=32),
+    "base64": UnetConfig(dim=128, dim_mults=(1, 2, 3, 4), num_res_blocks=3, attn_levels=(False, True, True, True),
+                         self_attn=(False, False, True, True), heads=8, head_dim=64, image_embed_dim=768,
+                         text_embed_dim=768),
+    "sr256": UnetConfig(dim=64, dim_mults=(1, 2, 4, 8), num_res_blocks=2, attn_levels=(False, False, False, True),
+                        self_attn=(False, False, False, True), image_embed_dim=768, lowres_cond=True,
+                        lowres_noise_cond=True),
+}  # fmt: skip
 
 
 class Unet(SavableModel):
