@@ -104,7 +104,7 @@ def read_parameters(path: str | Path) -> str | None:
 def contact_sheet(images: Sequence[Image.Image], labels: Sequence[str] | None = None, *, cell: int = 128,
                   columns: int | None = None) -> Image.Image:  # fmt: skip
     """A grid of ``images`` scaled to ``cell`` px (nearest neighbour: small images stay crisp), each captioned."""
-    from t2i.data.shapes import font
+    from t2i.shapes.text import font
 
     n = len(images)
     if n == 0:

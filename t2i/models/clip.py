@@ -370,21 +370,14 @@ class ClipEncoder(nn.Module):
         return enc.to(device) if device is not None else enc
 
 
-def shapes_tokenizer(context_length: int = 24, n: int = 4000) -> WordTokenizer:
-    """A WordTokenizer over the shapes caption grammar: the first ``n`` train captions plus the eval/heldout lists."""
-    from t2i.data.captions import split_prompts, train_prompt
-
-    texts = [train_prompt(0, i).caption for i in range(n)]
-    texts += [p.caption for split in ("eval", "heldout") for p in split_prompts(split)]
-    return WordTokenizer.build(texts, context_length=context_length)
-
-
 class ScratchClip(ClipEncoder):
     """A from-scratch CLIP over the shapes caption vocabulary, built from a ``ClipConfig`` alone (the ``clip`` entry
     of ``t2i.models.MODELS``): the tokenizer is rebuilt deterministically from the caption grammar."""
 
     def __init__(self, cfg: ClipConfig | None = None):
         from transformers import CLIPModel
+
+        from t2i.shapes.captions import shapes_tokenizer
 
         cfg = cfg or ClipConfig()
         self.cfg = cfg

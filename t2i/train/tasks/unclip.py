@@ -217,7 +217,7 @@ def _self_conditioned(net, prediction: str, path, t: Tensor, use: Tensor):
 @dataclass
 class ClipTaskConfig:
     caption_key: str = "caption"
-    # one hard-negative caption per sample (t2i.data.captions.counterfactual_captions: relation reversed, colours
+    # one hard-negative caption per sample (t2i.shapes.captions.counterfactual_captions: relation reversed, colours
     # or shapes swapped, count changed), so the text tower must encode order and binding, not a bag of words
     hard_negatives: bool = False
 
@@ -235,7 +235,7 @@ class ClipTask(Task):
         ids, mask = enc.tokenize(captions, device=device)
         negatives = None
         if self.params.hard_negatives:
-            from t2i.data.captions import counterfactual_captions
+            from t2i.shapes.captions import counterfactual_captions
 
             # which rewrite a sample gets cycles with its draw id, so every kind is seen and runs stay reproducible
             options = [counterfactual_captions(c) for c in captions]
