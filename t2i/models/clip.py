@@ -8,8 +8,9 @@ The tokenizer belongs to the encoder: ``ClipEncoder`` owns it and every caller t
 tokens (DALLE2-pytorch's bundled tokenizer adds no start/end tokens while OpenAI CLIP pools at the end token, so
 its text embeddings were wrong). Two tokenizers:
 
-- ``WordTokenizer``: a small word-level vocabulary built locally from a caption corpus (the shapes grammar), with
-  a character fallback for unseen words, saved next to the model as JSON. No download needed.
+- ``WordTokenizer``: a small word-level vocabulary built locally from a caption corpus the caller passes (the
+  shapes models use ``t2i.shapes.captions.shapes_tokenizer``), with a character fallback for unseen words, saved
+  next to the model as JSON. No download needed.
 - ``HFTokenizer``: the tokenizer files of a local Hugging Face folder (``CLIPTokenizer``'s BPE).
 
 Both put ``<start>`` first and ``<end>`` right after the last kept token (truncation keeps ``<end>``), pad with
@@ -371,17 +372,18 @@ class ClipEncoder(nn.Module):
 
 
 class ScratchClip(ClipEncoder):
-    """A from-scratch CLIP over the shapes caption vocabulary, built from a ``ClipConfig`` alone (the ``clip`` entry
-    of ``t2i.models.MODELS``): the tokenizer is rebuilt deterministically from the caption grammar."""
+    """A from-scratch CLIP built from a ``ClipConfig`` and the ``WordTokenizer`` of its captions (the ``clip`` entry
+    of ``t2i.models.MODELS``: ``build_model("clip", params, tokenizer=...)``).
 
-    def __init__(self, cfg: ClipConfig | None = None):
+    The model never builds its own vocabulary: the caller owns the caption corpus. The shapes models use
+    ``t2i.shapes.captions.shapes_tokenizer``, which the caption grammar rebuilds identically every time, so a run
+    that stored only its ``ClipConfig`` loads again.
+    """
+
+    def __init__(self, cfg: ClipConfig, tokenizer: WordTokenizer):
         from transformers import CLIPModel
 
-        from t2i.shapes.captions import shapes_tokenizer
-
-        cfg = cfg or ClipConfig()
         self.cfg = cfg
-        tokenizer = shapes_tokenizer(context_length=cfg.context_length)
         super().__init__(
             CLIPModel(hf_clip_config(cfg, tokenizer)), tokenizer, image_mean=(0.5,) * 3, image_std=(0.5,) * 3
         )

@@ -7,14 +7,15 @@ def test_clip_counterfactual_probe_and_cli(tmp_path, capsys):
     import dataclasses
 
     import torch
+    from model_folders import shapes_clip
 
     from t2i.cli.main import main
     from t2i.eval.clip_probe import counterfactual_probe, probe_table
-    from t2i.models.clip import CLIP_PRESETS, ScratchClip
+    from t2i.models.clip import CLIP_PRESETS
     from t2i.pipelines.shipped import _clip_extra, save_component
 
     torch.manual_seed(0)
-    clip = ScratchClip(dataclasses.replace(CLIP_PRESETS["tiny"], context_length=24))
+    clip = shapes_clip(dataclasses.replace(CLIP_PRESETS["tiny"], context_length=24))
     rows = counterfactual_probe(clip, "eval", per_category=3)
     assert [r.category for r in rows] == ["counting", "position", "color_attribution", "all"]
     by = {r.category: r for r in rows}

@@ -29,7 +29,7 @@ from t2i.data.transforms import sample_generator
 from t2i.diffusion import SAMPLERS, DenoisingObjective, Seeds, VPPath, make_time_sampler, x0_from_prediction
 from t2i.diffusion.paths import append_dims
 from t2i.io import load_weights, save_weights
-from t2i.models.clip import ClipEncoder
+from t2i.models.clip import ClipEncoder, WordTokenizer
 
 from . import Task
 
@@ -84,7 +84,8 @@ def load_trained(path: str, name: str) -> nn.Module:
     cfg = read_config(p)
     if not cfg or cfg.get("model", {}).get("name") != name:
         raise ValueError(f"{p} was not written by a {name!r} training run (its stored config names another model)")
-    model = build_model(name, cfg["model"]["params"])
+    inputs = {"tokenizer": clip_tokenizer(cfg["model"]["params"])} if name == "clip" else {}
+    model = build_model(name, cfg["model"]["params"], **inputs)
     weights = load_weights(p)
     if cfg.get("task", {}).get("name") == "distill":  # a DistillModel: the student, without discriminator heads
         weights = {k.removeprefix("student."): v for k, v in weights.items() if k.startswith("student.")}
@@ -106,11 +107,22 @@ def stored_model_name(path: str) -> str | None:
     return read_metadata(p).get("t2i_component")
 
 
+def clip_tokenizer(params: dict[str, Any] | None) -> WordTokenizer:
+    """The tokenizer of a ``clip`` model trained here: the shapes caption vocabulary at the config's context
+    length. A run stores only its model config; the caption grammar rebuilds the same vocabulary every time, so
+    the run's weights load."""
+    from t2i.models import model_config
+    from t2i.shapes.captions import shapes_tokenizer
+
+    return shapes_tokenizer(context_length=model_config("clip", params).context_length)
+
+
 def load_clip(clip_path: str | None, preset: str, seed: int) -> ClipEncoder:
     """The frozen CLIP of the prior/decoder tasks (see module docstring)."""
     from pathlib import Path
 
     from t2i.models.clip import CLIP_PRESETS, ClipEncoder, ScratchClip
+    from t2i.shapes.captions import shapes_tokenizer
 
     if preset not in CLIP_PRESETS:
         raise ValueError(f"unknown clip_preset {preset!r}; choose one of {sorted(CLIP_PRESETS)}")
@@ -121,7 +133,8 @@ def load_clip(clip_path: str | None, preset: str, seed: int) -> ClipEncoder:
     else:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            enc = ScratchClip(CLIP_PRESETS[preset])
+            cfg = CLIP_PRESETS[preset]
+            enc = ScratchClip(cfg, shapes_tokenizer(context_length=cfg.context_length))
     enc.eval().requires_grad_(False)
     return enc
 
@@ -227,6 +240,9 @@ class ClipTask(Task):
     hard-negative caption per sample (``task.params.hard_negatives``)."""
 
     params_cls = ClipTaskConfig
+
+    def model_inputs(self) -> dict[str, Any]:
+        return {"tokenizer": clip_tokenizer(self.cfg.model.params)}
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
         enc = _inner(model)
