@@ -47,7 +47,7 @@ def _fn(gen, settings, batch_size: int):
         out = []
         for i in range(0, len(prompts), batch_size):
             out.append(gen.generate(prompts[i : i + batch_size], seeds[i : i + batch_size], settings))
-        return torch.cat(out).mul(2).sub(1)  # the evaluator takes [-1, 1] floats
+        return torch.cat(out)  # [0, 1] floats, as the evaluator reads them
 
     return fn
 

@@ -4,7 +4,8 @@ A procedural, captioned world modelled on GenEval (Ghosh et al. 2023), simple en
 on a CPU, with an evaluator that checks every image exactly and needs no downloaded weights (docs/shapes.md).
 The modules, each importing only those above it:
 
-- ``world``: palette, shapes, scenes, object placement, and ``as_uint8`` (the one pixel format judged);
+- ``world``: palette, shapes, scenes, object placement, and ``as_uint8`` (the one pixel format judged: floats are
+  read in [0, 1], the public API's convention);
 - ``text``: the text track, words drawn with Pillow's bundled font and read back;
 - ``specs``: what a caption claims (``Spec``, ``Prompt``), the held-out pairs and relations, GenEval's relation rule;
 - ``scenes``: random specs, ground-truth scenes and images, the failure scenes that calibrate the evaluator;

@@ -4,7 +4,7 @@ a folder or a generator.
 GenEval's rules (Ghosh et al. 2023, with exact rules) run on the detector's (shape, colour, box) list: every
 include clause must hold ("at least count", relations by box centres with a 0.1 margin) and no exclude clause may
 fire. The text track is judged by the word read back (``t2i.shapes.text``) and reported apart from the score.
-Images come as PIL images, uint8 arrays or float arrays / tensors in [-1, 1] (``t2i.shapes.world.as_uint8``).
+Images come as PIL images, uint8 arrays or float arrays / tensors in [0, 1] (``t2i.shapes.world.as_uint8``).
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def evaluate_images(
     captions: Sequence[str] | None = None,
     files: Sequence[str] | None = None,
 ) -> Report:
-    """Score images (PIL, uint8 arrays or [-1, 1] tensors) against their specs."""
+    """Score images (PIL, uint8 arrays or [0, 1] floats) against their specs."""
     if len(images) != len(specs):
         raise ValueError(f"got {len(images)} images for {len(specs)} specs; pass one spec per image")
     captions = captions or [""] * len(specs)
@@ -238,6 +238,8 @@ def evaluate_generator(
     grid: str | Path | None = None,
 ) -> Report:
     """Score a generator ``fn(prompts, seeds) -> list of PIL images | uint8 (B, H, W, 3) | float (B, 3, H, W)``.
+
+    Float images are read in [0, 1], what ``Generator.generate`` returns, so its output scores as it is.
     Each prompt of the split is sampled ``per_prompt`` times with seeds ``prompt.seed + k``; ``per_category``
     keeps only the first prompts of each category (a fixed subset, for quick sweeps); ``where(prompt)`` filters.
     """

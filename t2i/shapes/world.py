@@ -193,11 +193,11 @@ def place(
 # Images in, uint8 arrays out
 ################################################################################################################
 
-ImageLike = Any  # a PIL image, or an (H, W, 3) / (3, H, W) uint8 or [-1, 1] float array or tensor
+ImageLike = Any  # a PIL image, or an (H, W, 3) / (3, H, W) uint8 array, or a float array or tensor in [0, 1]
 
 
 def as_uint8(image: ImageLike) -> np.ndarray:
-    """A PIL image, or an array / tensor (H, W, 3) or (3, H, W), uint8 or float in [-1, 1] -> uint8 (H, W, 3)."""
+    """A PIL image, or an array / tensor (H, W, 3) or (3, H, W), uint8 or float in [0, 1] -> uint8 (H, W, 3)."""
     if hasattr(image, "convert"):  # PIL
         return np.asarray(image.convert("RGB"))
     if hasattr(image, "detach"):  # torch
@@ -210,8 +210,9 @@ def as_uint8(image: ImageLike) -> np.ndarray:
     if a.shape[-1] != 3:
         raise ValueError(f"expected 3 colour channels, got shape {a.shape}")
     if a.dtype != np.uint8:
-        # Float images follow the diffusion convention: [-1, 1].
-        a = np.clip(np.rint((a.astype(np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+        # Float images follow the public API's convention, [0, 1] (what generators return), and are rounded as
+        # t2i.io.png.to_pil rounds them: a tensor scores exactly as the PNG written from it.
+        a = np.clip(np.rint(a.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
     return a
 
 

@@ -98,7 +98,7 @@ def test_generator_api_accepts_tensors_and_pil():
     def gt_tensor(prompts, seeds):
         images = [torch.from_numpy(ground_truth(by_seed[s], 32).image) for s in seeds]
         assert [by_seed[s].caption for s in seeds] == prompts
-        return torch.stack(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
+        return torch.stack(images).permute(0, 3, 1, 2).float() / 255  # (B, 3, H, W) in [0, 1], as generators return
 
     def gt_pil(prompts, seeds):
         return [Image.fromarray(ground_truth(by_seed[s], 32).image) for s in seeds]
@@ -114,6 +114,18 @@ def test_generator_api_accepts_tensors_and_pil():
         evaluate_generator(lambda ps, ss: gt_pil(ps[:1], ss[:1]), categories=("colors",))
     with pytest.raises(ValueError, match="64x64"):
         evaluate_generator(gt_pil, categories=("colors",), size=64)
+
+
+def test_float_images_are_read_in_zero_one_as_generators_return_them():
+    """A [0, 1] float batch, what ``Generator.generate`` returns, scores as the uint8 images it came from: ground
+    truth scores 1.0 with no conversion by the caller, in every category including the text track."""
+    prompts = split_prompts("eval")[::12]  # 70 prompts, ten of each category
+    images = np.stack([ground_truth(p, 32).image for p in prompts])
+    batch = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255  # (B, 3, H, W) in [0, 1]
+    report = evaluate_images(batch, [p.spec for p in prompts])
+    assert set(report.accuracy()) == set(ALL_CATEGORIES)
+    assert report.overall == 1.0 and all(v == 1.0 for v in report.accuracy().values()), report.accuracy()
+    assert evaluate_images(images, [p.spec for p in prompts]).overall == 1.0  # uint8 stays uint8
 
 
 def test_folder_cli_json_and_grid(tmp_path, capsys):

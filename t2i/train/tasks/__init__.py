@@ -84,7 +84,7 @@ class Task(ABC):
     def caption_sampler(
         self, model: nn.Module, *, steps: int, device: torch.device
     ) -> Callable[[list[str], list[int]], Tensor] | None:
-        """``fn(captions, seeds) -> (B, 3, H, W)`` images in [-1, 1] drawn by ``model`` from captions alone, for
+        """``fn(captions, seeds) -> (B, 3, H, W)`` images in [0, 1] drawn by ``model`` from captions alone, for
         scoring a run on the shapes benchmark while it trains (``run.eval_every``); None when this task cannot
         draw an image from a caption."""
         return None

@@ -276,7 +276,6 @@ class SD3Task(Task):
         size = self.cfg.data.image_size
 
         def fn(captions: list[str], seeds: list[int]) -> Tensor:
-            images = pipe(list(captions), seeds=list(seeds), height=size, width=size, output="tensor")
-            return images * 2 - 1
+            return pipe(list(captions), seeds=list(seeds), height=size, width=size, output="tensor")  # [0, 1]
 
         return fn
