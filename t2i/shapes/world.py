@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -56,12 +55,6 @@ def shape_inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     if shape == "cross":  # plus sign, arm width 1/3 of the box
         return (du <= 1 / 6) | (dv <= 1 / 6)
     raise ValueError(f"unknown shape {shape!r}; use one of {', '.join(SHAPES)}")
-
-
-@lru_cache(maxsize=4096)
-def shape_template(shape: str, h: int, w: int) -> np.ndarray:
-    """Binary mask (h, w) of ``shape`` stretched to fill an h x w box, thresholded at half coverage."""
-    return shape_coverage(shape, 0.0, 0.0, float(w), float(h), w, h) >= 0.5
 
 
 def shape_coverage(shape: str, x0: float, y0: float, bw: float, bh: float, w: int, h: int) -> np.ndarray:
