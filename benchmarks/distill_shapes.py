@@ -16,8 +16,8 @@ import time
 import torch
 
 from t2i.eval.quality import _fn
-from t2i.eval.shapes import evaluate_generator
 from t2i.pipelines.folders import load_generator
+from t2i.shapes.scoring import evaluate_generator
 
 
 def measure(gen, settings, per_category: int) -> dict:
@@ -37,8 +37,8 @@ def measure(gen, settings, per_category: int) -> dict:
 
 def write_grid(path: str, teacher, students) -> None:
     """Rows: the teacher at 28 and 4 steps with CFG, then each student at its preset; the same prompts and seeds."""
-    from t2i.data.captions import split_prompts
     from t2i.io.png import contact_sheet, to_pil
+    from t2i.shapes.captions import split_prompts
 
     cats = ("single_object", "two_objects", "counting", "colors", "position", "color_attribution")
     prompts = [next(p for p in split_prompts("eval") if p.spec.category == c) for c in cats]

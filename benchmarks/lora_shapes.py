@@ -20,12 +20,13 @@ import time
 
 import torch
 
-from t2i.data.captions import HELDOUT_PAIRS, split_prompts, uses_pair
 from t2i.eval.quality import _fn
-from t2i.eval.shapes import evaluate_generator
 from t2i.io import load_weights
 from t2i.nn.lora import load_lora_state_dict
 from t2i.pipelines.folders import load_generator
+from t2i.shapes.captions import split_prompts
+from t2i.shapes.scoring import evaluate_generator
+from t2i.shapes.specs import HELDOUT_PAIRS, uses_pair
 
 CATS = ("counting", "colors", "position", "color_attribution")
 

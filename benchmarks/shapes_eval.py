@@ -21,11 +21,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from t2i.data.captions import ALL_CATEGORIES, CATEGORIES, Prompt, split_prompts  # noqa: E402
-from t2i.data.dataset import ground_truth  # noqa: E402
-from t2i.data.shapes import BACKGROUND, render  # noqa: E402
-from t2i.eval.features import frechet_distance, kid, probe_features  # noqa: E402
-from t2i.eval.shapes import REFERENCE_SEED_OFFSET, evaluate_images, failure_scene  # noqa: E402
+from t2i.shapes.captions import split_prompts  # noqa: E402
+from t2i.shapes.probe import frechet_distance, kid, probe_features  # noqa: E402
+from t2i.shapes.scenes import failure_scene, ground_truth, render  # noqa: E402
+from t2i.shapes.scoring import REFERENCE_SEED_OFFSET, evaluate_images  # noqa: E402
+from t2i.shapes.specs import ALL_CATEGORIES, CATEGORIES, Prompt  # noqa: E402
+from t2i.shapes.world import BACKGROUND  # noqa: E402
 
 COLS = (*CATEGORIES, "overall", "text")
 HEAD = {"single_object": "single", "two_objects": "two", "color_attribution": "attr"}

@@ -40,8 +40,8 @@ class Case:
     tokens: int = 77
 
 
+CASES = {
     # the small benchmark MMDiT (PRESETS['bench']): 4 layers, 9.08M parameters, batch 4, 32x32x16 latents, 77 tokens
-    # the SD3.5 spec's Appendix B config: 4 layers, 9.08M parameters, batch 4, 32x32x16 latents, 77 tokens
     "bench": Case("bench", PRESETS["bench"], batch=4, latent=32),
     # a larger MMDiT-X: 6 blocks of width 384, QK-norm, dual attention in blocks 0-1
     "larger": Case(

@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 
 from t2i.models import build_model
-from t2i.models.clip import CLIP_PRESETS, ScratchClip
+from t2i.models.clip import CLIP_PRESETS, ClipConfig, ScratchClip
 from t2i.models.files import clip_extra, save_model_file
 from t2i.pipelines.folders import write_model_json
+from t2i.shapes.captions import shapes_tokenizer
 
 
 def _randomize(module: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
@@ -25,10 +26,15 @@ def _randomize(module: torch.nn.Module, seed: int, scale: float = 0.05) -> torch
     return module
 
 
+def shapes_clip(cfg: ClipConfig) -> ScratchClip:
+    """A from-scratch CLIP of ``cfg`` over the shapes caption vocabulary (random weights: seed torch first)."""
+    return ScratchClip(cfg, shapes_tokenizer(context_length=cfg.context_length))
+
+
 def tiny_clip(seed: int = 0) -> ScratchClip:
     torch.manual_seed(seed)
     cfg = dataclasses.replace(CLIP_PRESETS["tiny"], image_size=32)
-    return ScratchClip(cfg).eval()
+    return shapes_clip(cfg).eval()
 
 
 def tiny_sd3_folder(root: str | Path, seed: int = 0, **defaults) -> Path:

@@ -6,7 +6,7 @@
     t2i eval quality [--models sd3-shapes unclip-shapes] [--per-category N]  # docs/quality.md
     t2i eval clip [--clip models/unclip-shapes/clip.safetensors] [--split eval]  # order and binding probe
 
-The folder format (``metadata.jsonl`` + images) is documented in ``t2i/data/dataset.py`` and docs/shapes.md.
+The folder format (``metadata.jsonl`` + images) is documented in ``t2i/shapes/folders.py`` and docs/shapes.md.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def run_clip_probe(args: argparse.Namespace) -> int:
     path = Path(args.clip)
     if not path.exists():
         raise FileNotFoundError(f"--clip {path} does not exist; pass a clip.safetensors or a clip training run")
-    from t2i.models.files import load_trained
+    from t2i.train.trained import load_trained
 
     clip = load_trained(path, "clip").eval().requires_grad_(False)
     print(f"counterfactual probe of {path} on the {args.split} split")
@@ -88,19 +88,19 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     if args.write_prompts:
-        from t2i.data.dataset import write_prompts
+        from t2i.shapes.folders import write_prompts
 
         path = write_prompts(args.write_prompts, args.split, per_prompt=args.per_prompt)
         print(f"wrote {path}: render each listed file into {path.parent}, then run t2i eval shapes --images")
         return 0
     if args.write_ground_truth:
-        from t2i.data.dataset import write_folder
+        from t2i.shapes.folders import write_folder
 
         out = write_folder(args.write_ground_truth, args.split, args.size)
         print(f"wrote the {args.split} split's ground truth at {args.size} px to {out}")
         return 0
 
-    from t2i.eval.shapes import evaluate_folder
+    from t2i.shapes.scoring import evaluate_folder
 
     if not Path(args.images).is_dir():
         raise FileNotFoundError(f"--images {args.images} is not a folder; pass the folder holding metadata.jsonl")

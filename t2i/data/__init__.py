@@ -1,6 +1,6 @@
-"""Data: the procedural shapes world (``shapes``), its captions and splits (``captions``), the shapes torch
-Dataset and writers (``dataset``), and the training system's loaders.
+"""Data: the training system's loaders (folders, tar shards, cached embeddings, toy data) and the shapes world as
+a torch Dataset (``dataset``). The world itself lives in ``t2i.shapes``.
 
 Import the submodules directly (``from t2i.data.dataset import ShapesDataset``); this file stays import-free so
-``import t2i.data.shapes`` does not pull in torch.
+importing one loader does not pull in the others.
 """

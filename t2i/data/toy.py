@@ -2,7 +2,7 @@
 
 Class k is a soft disc of colour k on a dark background, at a random position and radius; sample i is drawn from
 its own generator seeded by (seed, i), so the dataset needs no files and item i is the same in every process.
-It exists for smoke configs, tests and benchmarks of the training stack; ``t2i.data.shapes`` is the real
+It exists for smoke configs, tests and benchmarks of the training stack; ``t2i.shapes`` is the real
 procedural world.
 """
 

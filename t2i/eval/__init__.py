@@ -1,2 +1,3 @@
-"""Evaluation: the weight-free shapes benchmark (``shapes``) and its feature-space distribution metric
-(``features``, weights trained by ``train_features``). Import the submodules directly."""
+"""Evaluation that runs models: the quality report of shipped models (``quality``) and the CLIP counterfactual
+probe (``clip_probe``). The benchmark they score on, with its detector, rules and feature metric, is
+``t2i.shapes``. Import the submodules directly."""

@@ -1,6 +1,6 @@
 """Does a CLIP read order and binding, or a bag of words? ``t2i eval clip``.
 
-For each prompt of a shapes split that has counterfactual rewrites (``t2i.data.captions.counterfactual_captions``:
+For each prompt of a shapes split that has counterfactual rewrites (``t2i.shapes.captions.counterfactual_captions``:
 the relation reversed, the colours or shapes swapped, the count changed), the probe renders the prompt's
 ground-truth scene and asks the CLIP which caption fits it. A bag-of-words encoder scores about 1 / (1 + rewrites)
 (a coin flip for one rewrite); an encoder that reads which way a relation points and which colour goes with which
@@ -18,8 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from t2i.data.captions import Prompt, counterfactual_captions, split_prompts
-from t2i.data.dataset import ground_truth, to_tensor
+from t2i.data.dataset import to_tensor
+from t2i.shapes.captions import counterfactual_captions, split_prompts
+from t2i.shapes.scenes import ground_truth
+from t2i.shapes.specs import Prompt
 
 
 @dataclass

@@ -27,7 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from t2i.data.captions import ALL_CATEGORIES, CATEGORIES, TEXT_CATEGORY
+from t2i.shapes.captions import split_prompts
+from t2i.shapes.scenes import ground_truth
+from t2i.shapes.scoring import evaluate_generator
+from t2i.shapes.specs import ALL_CATEGORIES, CATEGORIES, TEXT_CATEGORY
 
 STEPS = (4, 8, 16, 28, 50)
 SAMPLERS = {"sd3": ("euler", "heun", "dpmpp_2m"), "unclip": ("ddpm", "euler_ancestral", "ddim")}
@@ -38,16 +41,12 @@ def _fn(gen, settings, batch_size: int):
         out = []
         for i in range(0, len(prompts), batch_size):
             out.append(gen.generate(prompts[i : i + batch_size], seeds[i : i + batch_size], settings))
-        return torch.cat(out).mul(2).sub(1)  # the evaluator takes [-1, 1] floats
+        return torch.cat(out)  # [0, 1] floats, as the evaluator reads them
 
     return fn
 
 
 def _ground_truth(split: str, size: int, per_category: int | None = None) -> dict[str, Any]:
-    from t2i.data.captions import split_prompts
-    from t2i.data.dataset import ground_truth
-    from t2i.eval.shapes import evaluate_generator
-
     by_caption = {(p.caption, p.seed): p for p in split_prompts(split)}
 
     def fn(prompts, seeds):
@@ -70,7 +69,6 @@ def evaluate_model(model: str, *, per_category: int | None = None, sweep_per_cat
                    grid_dir: str | Path | None = None, splits: Sequence[str] = ("eval", "heldout"),
                    sweep: bool = True, log=print) -> dict[str, Any]:  # fmt: skip
     """All measurements of one model (see the module docstring) as a JSON-able dict."""
-    from t2i.eval.shapes import evaluate_generator
     from t2i.pipelines.folders import load_generator
 
     t0 = time.perf_counter()

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, PngImagePlugin
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 from torch import Tensor
 
 _PAIR = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^"\\])*"|[^,]*)(?:,|$)')
@@ -107,8 +107,6 @@ def read_parameters(path: str | Path) -> str | None:
 def contact_sheet(images: Sequence[Image.Image], labels: Sequence[str] | None = None, *, cell: int = 128,
                   columns: int | None = None) -> Image.Image:  # fmt: skip
     """A grid of ``images`` scaled to ``cell`` px (nearest neighbour: small images stay crisp), each captioned."""
-    from t2i.data.shapes import font
-
     n = len(images)
     if n == 0:
         raise ValueError("a contact sheet needs at least one image")
@@ -118,7 +116,7 @@ def contact_sheet(images: Sequence[Image.Image], labels: Sequence[str] | None = 
     pad = 4
     sheet = Image.new("RGB", (cols * (cell + pad) + pad, rows * (cell + label_h + pad) + pad), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-    f = font(10)
+    f = ImageFont.load_default(size=10)  # Pillow's bundled FreeType font: no font file to find
     for i, im in enumerate(images):
         r, c = divmod(i, cols)
         x, y = pad + c * (cell + pad), pad + r * (cell + label_h + pad)

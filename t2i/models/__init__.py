@@ -28,7 +28,7 @@ MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "unclip_unet": (UnetConfig, Unet),  # unCLIP decoder / super-resolution stages
     "unclip_prior": (PriorConfig, PriorNetwork),
     "vqgan": (VQGANConfig, VQGAN),
-    "clip": (ClipConfig, ScratchClip),  # from-scratch CLIP over the shapes caption vocabulary
+    "clip": (ClipConfig, ScratchClip),  # from-scratch CLIP; build_model("clip", params, tokenizer=...)
     "mmdit": (MMDiTConfig, MMDiT),  # SD3 / SD3.5 MMDiT(-X); PRESETS in t2i.models.mmdit
     "sd3_vae": (VAEConfig, AutoencoderKL),  # the SD3 KL autoencoder at any width; PRESETS in t2i.models.vae
 }
@@ -45,6 +45,7 @@ def model_config(name: str, params: dict[str, Any] | None = None):
     return cfg_cls(**(params or {}))
 
 
-def build_model(name: str, params: dict[str, Any] | None = None) -> nn.Module:
-    """Build model ``name`` from its config params."""
-    return MODELS[name][1](model_config(name, params))
+def build_model(name: str, params: dict[str, Any] | None = None, **inputs: Any) -> nn.Module:
+    """Build model ``name`` from its config params; ``inputs`` are what a model needs beside its config (the
+    ``clip`` model takes the ``tokenizer`` of its captions)."""
+    return MODELS[name][1](model_config(name, params), **inputs)

@@ -8,8 +8,9 @@ The tokenizer belongs to the encoder: ``ClipEncoder`` owns it and every caller t
 tokens (DALLE2-pytorch's bundled tokenizer adds no start/end tokens while OpenAI CLIP pools at the end token, so
 its text embeddings were wrong). Two tokenizers:
 
-- ``WordTokenizer``: a small word-level vocabulary built locally from a caption corpus (the shapes grammar), with
-  a character fallback for unseen words, saved next to the model as JSON. No download needed.
+- ``WordTokenizer``: a small word-level vocabulary built locally from a caption corpus the caller passes (the
+  shapes models use ``t2i.shapes.captions.shapes_tokenizer``), with a character fallback for unseen words, saved
+  next to the model as JSON. No download needed.
 - ``HFTokenizer``: the tokenizer files of a local Hugging Face folder (``CLIPTokenizer``'s BPE).
 
 Both put ``<start>`` first and ``<end>`` right after the last kept token (truncation keeps ``<end>``), pad with
@@ -351,25 +352,19 @@ class ClipEncoder(nn.Module):
         return enc.to(device) if device is not None else enc
 
 
-def shapes_tokenizer(context_length: int = 24, n: int = 4000) -> WordTokenizer:
-    """A WordTokenizer over the shapes caption grammar: the first ``n`` train captions plus the eval/heldout lists."""
-    from t2i.data.captions import split_prompts, train_prompt
-
-    texts = [train_prompt(0, i).caption for i in range(n)]
-    texts += [p.caption for split in ("eval", "heldout") for p in split_prompts(split)]
-    return WordTokenizer.build(texts, context_length=context_length)
-
-
 class ScratchClip(ClipEncoder):
-    """A from-scratch CLIP over the shapes caption vocabulary, built from a ``ClipConfig`` alone (the ``clip`` entry
-    of ``t2i.models.MODELS``): the tokenizer is rebuilt deterministically from the caption grammar."""
+    """A from-scratch CLIP built from a ``ClipConfig`` and the ``WordTokenizer`` of its captions (the ``clip`` entry
+    of ``t2i.models.MODELS``: ``build_model("clip", params, tokenizer=...)``).
 
-    def __init__(self, cfg: ClipConfig | None = None):
+    The model never builds its own vocabulary: the caller owns the caption corpus. The shapes models use
+    ``t2i.shapes.captions.shapes_tokenizer``, which the caption grammar rebuilds identically every time, so a run
+    that stored only its ``ClipConfig`` loads again.
+    """
+
+    def __init__(self, cfg: ClipConfig, tokenizer: WordTokenizer):
         from transformers import CLIPModel
 
-        cfg = cfg or ClipConfig()
         self.cfg = cfg
-        tokenizer = shapes_tokenizer(context_length=cfg.context_length)
         super().__init__(
             CLIPModel(hf_clip_config(cfg, tokenizer)), tokenizer, image_mean=(0.5,) * 3, image_std=(0.5,) * 3
         )

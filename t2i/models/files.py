@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,10 +95,14 @@ def load_model_file(path: str | Path, *, dtype: torch.dtype = torch.float32,
     return module.to(dtype).eval().requires_grad_(False), extra
 
 
-def load_trained(path: str | Path, name: str) -> nn.Module:
+def load_trained(path: str | Path, name: str, *,
+                 inputs_for: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> nn.Module:  # fmt: skip
     """A model trained by ``t2i train``: ``path`` is a run folder (its newest checkpoint, EMA weights when
     present), a checkpoint folder, a weights file, or a model file; the architecture comes from the config stored
-    with it. Returned in training mode with gradients on (callers freeze what they do not train)."""
+    with it. Returned in training mode with gradients on (callers freeze what they do not train).
+
+    ``inputs_for(model_params)`` gives what a network takes besides its config when it is rebuilt from a run (a
+    CLIP's tokenizer, which a model file carries but a run config does not); ``t2i.train.trained`` passes it."""
     from t2i.models import build_model
 
     p = trained_weights_file(path)
@@ -114,7 +119,8 @@ def load_trained(path: str | Path, name: str) -> nn.Module:
     cfg = read_config(p)
     if not cfg or cfg.get("model", {}).get("name") != name:
         raise ValueError(f"{p} was not written by a {name!r} training run (its stored config names another model)")
-    model = build_model(name, cfg["model"]["params"])
+    params = cfg["model"]["params"]
+    model = build_model(name, params, **(inputs_for(params) if inputs_for else {}))
     weights = load_weights(p)
     if cfg.get("task", {}).get("name") == "distill":  # a DistillModel: the student, without discriminator heads
         weights = {k.removeprefix("student."): v for k, v in weights.items() if k.startswith("student.")}

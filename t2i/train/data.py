@@ -82,7 +82,7 @@ def _shapes_weights(weights: dict[str, float] | None, focus) -> dict[str, float]
     """``data.shapes_weights`` completed to all seven categories (unnamed ones weigh 1), checked up front."""
     if not weights:
         return None
-    from t2i.data.captions import ALL_CATEGORIES
+    from t2i.shapes.specs import ALL_CATEGORIES
 
     if focus is not None:
         raise ValueError("data.shapes_focus and data.shapes_weights exclude each other: a focus set has one pair")

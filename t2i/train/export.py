@@ -20,10 +20,11 @@ from torch import nn
 
 from t2i.io import read_config, read_metadata
 from t2i.io.runs import checkpoint_step, trained_weights_file
-from t2i.models.files import clip_extra, load_model_file, load_trained, save_model_file
+from t2i.models.files import clip_extra, load_model_file, save_model_file
 from t2i.pipelines.folders import component_file, read_model_json, upgrade_settings_keys, write_model_json
 
 from .report import read_metrics
+from .trained import load_trained
 
 
 def _run_part(run: str | Path, name: str) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:

@@ -390,7 +390,7 @@ class Trainer:
         cpu = self._cpu_total()  # the training compute these scores belong to (a collective: before the rank check)
         if not self.dist.is_main:
             return None
-        from t2i.eval.shapes import evaluate_generator
+        from t2i.shapes.scoring import evaluate_generator
 
         cfg = self.cfg.run
         net = self._eval_net()

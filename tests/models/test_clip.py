@@ -7,8 +7,9 @@ import json
 
 import pytest
 import torch
+from model_folders import shapes_clip
 
-from t2i.models.clip import CLIP_PRESETS, ClipConfig, ClipEncoder, HFTokenizer, ScratchClip, WordTokenizer
+from t2i.models.clip import CLIP_PRESETS, ClipConfig, ClipEncoder, HFTokenizer, WordTokenizer
 
 CAPTIONS = ["a red circle above a blue square", "exactly three green triangles", 'the word "QUIZ"', "one cross"]
 
@@ -157,7 +158,7 @@ def test_mismatched_tokenizer_is_refused(encoder):
 
 def test_scratch_clip_registry_entry_and_contrastive_training():
     torch.manual_seed(0)
-    enc = ScratchClip(ClipConfig(**{**CLIP_PRESETS["tiny"].__dict__, "context_length": 24}))
+    enc = shapes_clip(ClipConfig(**{**CLIP_PRESETS["tiny"].__dict__, "context_length": 24}))
     assert enc.tokenizer.vocab_size > 50  # built from the shapes caption grammar
     g = torch.Generator().manual_seed(0)
     images = torch.rand(4, 3, 32, 32, generator=g) * 2 - 1
@@ -179,7 +180,7 @@ def test_contrastive_loss_with_hard_negatives():
     import torch.nn.functional as F
 
     torch.manual_seed(0)
-    enc = ScratchClip(ClipConfig(**{**CLIP_PRESETS["tiny"].__dict__, "context_length": 24})).eval()
+    enc = shapes_clip(ClipConfig(**{**CLIP_PRESETS["tiny"].__dict__, "context_length": 24})).eval()
     images = torch.rand(4, 3, 32, 32) * 2 - 1
     ids, mask = enc.tokenize(CAPTIONS[:4])
     neg_ids, neg_mask = enc.tokenize(["a red circle below a blue square", "four green triangles", "", "two crosses"])

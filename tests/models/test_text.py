@@ -114,11 +114,13 @@ def test_build_from_bare_state_dicts_on_meta(stack):
 
 
 def test_clip_text_conditioner_layout_padding_and_empty_prompt():
-    from t2i.models.clip import CLIP_PRESETS, ScratchClip
+    from model_folders import shapes_clip
+
+    from t2i.models.clip import CLIP_PRESETS
     from t2i.models.text import ClipTextConditioner
 
     torch.manual_seed(0)
-    clip = ScratchClip(CLIP_PRESETS["tiny"]).eval()
+    clip = shapes_clip(CLIP_PRESETS["tiny"]).eval()
     enc = ClipTextConditioner(clip)
     assert enc.widths == (32, 0) and enc.tokens == 24
     ctx, pooled = enc(["a red circle", ""])
@@ -152,11 +154,13 @@ def test_glyph_tokens_spell_the_quoted_text():
 def test_clip_text_conditioner_with_glyph_tokens():
     import dataclasses
 
-    from t2i.models.clip import CLIP_PRESETS, ScratchClip
+    from model_folders import shapes_clip
+
+    from t2i.models.clip import CLIP_PRESETS
     from t2i.models.text import ClipTextConditioner, glyph_tokens
 
     torch.manual_seed(0)
-    clip = ScratchClip(dataclasses.replace(CLIP_PRESETS["tiny"], text_width=64)).eval()
+    clip = shapes_clip(dataclasses.replace(CLIP_PRESETS["tiny"], text_width=64)).eval()
     plain, enc = ClipTextConditioner(clip), ClipTextConditioner(clip, chars=6)
     assert enc.tokens == plain.tokens == 24  # the CLIP part keeps its layout; glyphs sit after it (T5's slot)
     prompts = ['the word "CAT"', "a red circle", ""]
@@ -168,18 +172,20 @@ def test_clip_text_conditioner_with_glyph_tokens():
     torch.testing.assert_close(ctx[:2, 24:], glyph_tokens(prompts[:2], 6, 64))
     assert ctx[2].abs().max() == 0  # the empty prompt stays the all-zero unconditional input
     with pytest.raises(ValueError, match="width"):
-        ClipTextConditioner(ScratchClip(CLIP_PRESETS["tiny"]), chars=6)
+        ClipTextConditioner(shapes_clip(CLIP_PRESETS["tiny"]), chars=6)
 
 
 def test_clip_text_conditioner_with_word_tokens():
     """``words=True`` appends the CLIP's input embeddings (unit RMS, padding zeroed) before the glyph tokens."""
     import dataclasses
 
-    from t2i.models.clip import CLIP_PRESETS, ScratchClip
+    from model_folders import shapes_clip
+
+    from t2i.models.clip import CLIP_PRESETS
     from t2i.models.text import ClipTextConditioner, glyph_tokens
 
     torch.manual_seed(0)
-    clip = ScratchClip(dataclasses.replace(CLIP_PRESETS["tiny"], text_width=64)).eval()
+    clip = shapes_clip(dataclasses.replace(CLIP_PRESETS["tiny"], text_width=64)).eval()
     plain, enc = ClipTextConditioner(clip, chars=6), ClipTextConditioner(clip, chars=6, words=True)
     prompts = ['the word "CAT" left of a circle', "a circle right of the word", ""]
     ctx, pooled = enc(prompts)

@@ -91,7 +91,7 @@ def test_shapes_source_trains_when_available(tiny_cfg, quiet):
 
 def test_shapes_category_weights_shape_the_train_stream():
     pytest.importorskip("t2i.data.dataset")
-    from t2i.data.captions import ALL_CATEGORIES
+    from t2i.shapes.specs import ALL_CATEGORIES
 
     data = load_config(None, ["data.source=shapes", "data.image_size=32", "data.num_samples=400",
                               "data.shapes_weights={position: 3, colors: 0, text: 0}"]).data  # fmt: skip

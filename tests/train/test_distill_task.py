@@ -136,8 +136,8 @@ def test_bad_params_are_refused():
 
 def test_end_to_end_from_a_teacher_run(tmp_path):
     """`t2i train` a teacher, distil it through the loop, and read the student back as a plain network."""
-    from t2i.models.files import load_trained
     from t2i.train.loop import train
+    from t2i.train.trained import load_trained
 
     common = [f"run.out_dir={tmp_path}", "run.steps=2", "run.sample_every=0", "run.ckpt_every=0", "run.log_every=1"]
     train(load_config("configs/tiny/flow_rf.yaml", common))

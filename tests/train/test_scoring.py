@@ -8,7 +8,7 @@ import io
 import pytest
 from model_folders import tiny_sd3_folder
 
-from t2i.data.captions import ALL_CATEGORIES
+from t2i.shapes.specs import ALL_CATEGORIES
 from t2i.train.config import load_config
 from t2i.train.loop import Trainer
 from t2i.train.report import plot_eval_curves, read_metrics
@@ -69,9 +69,9 @@ def test_scoring_time_is_not_training_time(tmp_path, folder, monkeypatch):
     """CPU time spent scoring is excluded: a slow scorer does not move the training CPU-seconds."""
     import time
 
-    from t2i.eval import shapes
+    from t2i.shapes import scoring
 
-    real = shapes.evaluate_generator
+    real = scoring.evaluate_generator
     calls = []
 
     def slow_scorer(*args, **kwargs):
@@ -81,7 +81,7 @@ def test_scoring_time_is_not_training_time(tmp_path, folder, monkeypatch):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(shapes, "evaluate_generator", slow_scorer)
+    monkeypatch.setattr(scoring, "evaluate_generator", slow_scorer)
     cfg = load_config(None, sd3_overrides(tmp_path, folder, **{"run.eval_every": 1, "run.steps": 2}))
     trainer, summary, _ = _fit(cfg)
     assert len(calls) == 2

@@ -2,7 +2,8 @@
 
 A task supplies what differs between models and nothing else:
 
-- ``build_model()``: the network (by default the registered model named in ``cfg.model``);
+- ``build_model()``: the network (by default the registered model named in ``cfg.model``, given what
+  ``model_inputs()`` returns beside its config);
 - ``loss(model, batch) -> [B]``: per-sample losses (the loop reduces them, so accumulation and multi-process
   averaging are the loop's business, never the task's);
 - ``sample(model, n, seed=..., device=...)``: images in [-1, 1] for the periodic sample grids, or None when the
@@ -38,7 +39,7 @@ class Task(ABC):
         self.params = from_dict(self.params_cls, cfg.task.params, "task.params.")
 
     def build_model(self) -> nn.Module:
-        model = build_model(self.cfg.model.name, self.cfg.model.params)
+        model = build_model(self.cfg.model.name, self.cfg.model.params, **self.model_inputs())
         if self.cfg.model.grad_checkpointing:
             if not hasattr(model, "set_grad_checkpointing"):
                 raise ValueError(
@@ -47,6 +48,10 @@ class Task(ABC):
                 )
             model.set_grad_checkpointing(True)
         return model
+
+    def model_inputs(self) -> dict[str, Any]:
+        """What the model's constructor needs beside its config (the CLIP task passes its tokenizer); none here."""
+        return {}
 
     def setup_model(self, model: nn.Module) -> None:  # noqa: B027 - an optional hook, a no-op by default
         """Called once ``model.init_from`` is loaded, before the optimiser exists (LoRA injects adapters here)."""
@@ -79,7 +84,7 @@ class Task(ABC):
     def caption_sampler(
         self, model: nn.Module, *, steps: int, device: torch.device
     ) -> Callable[[list[str], list[int]], Tensor] | None:
-        """``fn(captions, seeds) -> (B, 3, H, W)`` images in [-1, 1] drawn by ``model`` from captions alone, for
+        """``fn(captions, seeds) -> (B, 3, H, W)`` images in [0, 1] drawn by ``model`` from captions alone, for
         scoring a run on the shapes benchmark while it trains (``run.eval_every``); None when this task cannot
         draw an image from a caption."""
         return None

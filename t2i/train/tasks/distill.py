@@ -19,7 +19,7 @@ term reaches the student through the frozen teacher. An optional distillation te
 guided teacher's x0, as in ADD) steadies the first steps. Sample with ``euler`` / ``ddim`` or ``consistency``.
 
 The trained model is ``DistillModel``: the student plus the discriminator heads (empty for ``consistency``), so the
-generic loop's optimiser, EMA, accumulation and exact resume cover both. ``t2i.models.files.load_trained``
+generic loop's optimiser, EMA, accumulation and exact resume cover both. ``t2i.train.trained.load_trained``
 reads the student out of such a checkpoint (its ``student.*`` weights), so export works as for any run.
 """
 
@@ -153,7 +153,8 @@ class DistillTask(Task):
         net = self.base.build_model()
         if self.params.teacher is not None:
             from t2i.io import check_state_dict
-            from t2i.models.files import load_trained
+
+            from ..trained import load_trained
 
             trained = load_trained(self.params.teacher, self.cfg.model.name)
             sd = trained.state_dict()

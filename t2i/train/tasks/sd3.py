@@ -29,9 +29,10 @@ from torch import Tensor, nn
 
 from t2i.data.transforms import sample_generator
 from t2i.diffusion import DenoisingObjective, LogitNormalTime, RectifiedFlow, check_sampler
-from t2i.models.files import load_trained, stored_model_name
+from t2i.models.files import stored_model_name
 
 from ..distributed import unwrap
+from ..trained import load_trained
 from . import Task
 
 NOISE_STREAM, DROPOUT_STREAM, POSTERIOR_STREAM = 1, 2, 3
@@ -276,7 +277,6 @@ class SD3Task(Task):
         size = self.cfg.data.image_size
 
         def fn(captions: list[str], seeds: list[int]) -> Tensor:
-            images = pipe(list(captions), seeds=list(seeds), height=size, width=size, output="tensor")
-            return images * 2 - 1
+            return pipe(list(captions), seeds=list(seeds), height=size, width=size, output="tensor")  # [0, 1]
 
         return fn

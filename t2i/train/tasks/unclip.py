@@ -39,9 +39,9 @@ from t2i.diffusion import (
 from t2i.diffusion.paths import append_dims
 from t2i.io import load_weights, save_weights
 from t2i.models.clip import ClipEncoder
-from t2i.models.files import load_trained
 
 from ..distributed import unwrap
+from ..trained import load_trained, model_inputs
 from . import Task
 
 NOISE_STREAM, AUG_STREAM = 1, 2
@@ -56,6 +56,7 @@ def load_clip(clip_path: str | None, preset: str, seed: int) -> ClipEncoder:
     from pathlib import Path
 
     from t2i.models.clip import CLIP_PRESETS, ClipEncoder, ScratchClip
+    from t2i.shapes.captions import shapes_tokenizer
 
     if preset not in CLIP_PRESETS:
         raise ValueError(f"unknown clip_preset {preset!r}; choose one of {sorted(CLIP_PRESETS)}")
@@ -66,7 +67,8 @@ def load_clip(clip_path: str | None, preset: str, seed: int) -> ClipEncoder:
     else:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            enc = ScratchClip(CLIP_PRESETS[preset])
+            cfg = CLIP_PRESETS[preset]
+            enc = ScratchClip(cfg, shapes_tokenizer(context_length=cfg.context_length))
     enc.eval().requires_grad_(False)
     return enc
 
@@ -142,7 +144,7 @@ class _EmbeddingSource:
 @dataclass
 class ClipTaskConfig:
     caption_key: str = "caption"
-    # one hard-negative caption per sample (t2i.data.captions.counterfactual_captions: relation reversed, colours
+    # one hard-negative caption per sample (t2i.shapes.captions.counterfactual_captions: relation reversed, colours
     # or shapes swapped, count changed), so the text tower must encode order and binding, not a bag of words
     hard_negatives: bool = False
 
@@ -153,6 +155,9 @@ class ClipTask(Task):
 
     params_cls = ClipTaskConfig
 
+    def model_inputs(self) -> dict[str, Any]:
+        return model_inputs("clip", self.cfg.model.params)
+
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
         enc = unwrap(model)
         device = enc.image_mean.device
@@ -160,7 +165,7 @@ class ClipTask(Task):
         ids, mask = enc.tokenize(captions, device=device)
         negatives = None
         if self.params.hard_negatives:
-            from t2i.data.captions import counterfactual_captions
+            from t2i.shapes.captions import counterfactual_captions
 
             # which rewrite a sample gets cycles with its draw id, so every kind is seen and runs stay reproducible
             options = [counterfactual_captions(c) for c in captions]

@@ -10,11 +10,12 @@ import pytest
 from safetensors import safe_open
 from scipy import ndimage
 
-import t2i.eval.features as features
-from t2i.data.captions import Prompt, split_prompts
-from t2i.data.dataset import ground_truth
-from t2i.eval.features import WEIGHTS, frechet_distance, kid, load_probe, probe_features
-from t2i.eval.shapes import REFERENCE_SEED_OFFSET
+import t2i.shapes.probe as features
+from t2i.shapes.captions import split_prompts
+from t2i.shapes.probe import WEIGHTS, frechet_distance, kid, load_probe, probe_features
+from t2i.shapes.scenes import ground_truth
+from t2i.shapes.scoring import REFERENCE_SEED_OFFSET
+from t2i.shapes.specs import Prompt
 
 
 def test_weights_ship_as_small_fp16_safetensors():

@@ -1,20 +1,19 @@
-"""The shapes world: palette, shapes, scenes and an anti-aliased renderer.
+"""What the shapes world holds: palette, shapes, scenes, where objects may go, and the pixel format of its images.
 
 A world simple enough that a tiny model learns it on a CPU and a program can check every image exactly, modelled
 on GenEval (Ghosh et al. 2023). Scenes are resolution independent (centres and sizes are fractions of the canvas),
-so one scene renders at 32, 64 or any size >= 32 px. Captions and the structured claims they make live in
-``t2i.data.captions``; the torch Dataset and the folder / tar writers in ``t2i.data.dataset``.
+so one scene renders at 32, 64 or any size >= 32 px (``t2i.shapes.scenes.render``). Every image the benchmark
+judges, rendered or generated, is first brought to one pixel format by ``as_uint8``: uint8 (H, W, 3) RGB.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from typing import Any
 
 import numpy as np
-from PIL import ImageFont
 
 ################################################################################################################
 # The palette and the shapes
@@ -56,12 +55,6 @@ def shape_inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     if shape == "cross":  # plus sign, arm width 1/3 of the box
         return (du <= 1 / 6) | (dv <= 1 / 6)
     raise ValueError(f"unknown shape {shape!r}; use one of {', '.join(SHAPES)}")
-
-
-@lru_cache(maxsize=4096)
-def shape_template(shape: str, h: int, w: int) -> np.ndarray:
-    """Binary mask (h, w) of ``shape`` stretched to fill an h x w box, thresholded at half coverage."""
-    return shape_coverage(shape, 0.0, 0.0, float(w), float(h), w, h) >= 0.5
 
 
 def shape_coverage(shape: str, x0: float, y0: float, bw: float, bh: float, w: int, h: int) -> np.ndarray:
@@ -139,107 +132,6 @@ def check_size(size: int) -> int:
 
 
 ################################################################################################################
-# Rendering
-################################################################################################################
-
-
-def render(scene: Scene, size: int = 32) -> np.ndarray:
-    """Render ``scene`` to a uint8 (size, size, 3) RGB array with anti-aliased edges."""
-    size = check_size(size)
-    canvas = np.empty((size, size, 3), dtype=np.float32)
-    canvas[:] = BACKGROUND
-    for o in scene.objects:
-        x0, y0, x1, y1 = (c * size for c in o.box())
-        # Only the pixels under the object's box are supersampled: rendering costs O(object area), not O(canvas).
-        c0, r0 = max(int(np.floor(x0)), 0), max(int(np.floor(y0)), 0)
-        c1, r1 = min(int(np.ceil(x1)), size), min(int(np.ceil(y1)), size)
-        if c1 <= c0 or r1 <= r0:
-            continue
-        cov = shape_coverage(o.shape, x0 - c0, y0 - r0, x1 - x0, y1 - y0, c1 - c0, r1 - r0)[..., None]
-        patch = canvas[r0:r1, c0:c1]
-        patch += cov * (np.asarray(COLORS[o.color], np.float32) - patch)
-    if scene.text is not None:
-        _draw_text(canvas, scene.text, size)
-    return np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
-
-
-@lru_cache(maxsize=64)
-def font(px: int) -> ImageFont.FreeTypeFont:
-    """Pillow's bundled FreeType font at ``px`` pixels: present on every machine with Pillow >= 10.1."""
-    f = ImageFont.load_default(size=px)
-    if not isinstance(f, ImageFont.FreeTypeFont):
-        raise RuntimeError("the text track needs Pillow >= 10.1 built with FreeType (ImageFont.load_default(size=))")
-    return f
-
-
-GLYPH_GAP = 0.06  # em; keeps glyphs apart so the reader can split a word on empty columns
-STROKE = 0.04  # em
-
-
-@lru_cache(maxsize=4096)
-def glyph_coverage(letter: str, px: int) -> np.ndarray:
-    """Tight anti-aliased coverage (h, w) in [0, 1] of one glyph rendered at a ``px``-pixel em."""
-    from PIL import Image, ImageDraw
-
-    s = SUPERSAMPLE
-    f = font(px * s)
-    left, top, right, bottom = f.getbbox(letter)
-    # A stroke of 4% of the em turns Pillow's regular-weight font into a bold one that survives 32 px.
-    stroke = max(round(STROKE * px * s), 1)
-    pad = s + stroke
-    img = Image.new("L", (right - left + 2 * pad, bottom - top + 2 * pad), 0)
-    ImageDraw.Draw(img).text((pad - left, pad - top), letter, font=f, fill=255, stroke_width=stroke, stroke_fill=255)
-    a = np.asarray(img, dtype=np.float32) / 255.0
-    h, w = -(-a.shape[0] // s), -(-a.shape[1] // s)  # ceil, then pad to a multiple of s and box-downsample
-    a = np.pad(a, ((0, h * s - a.shape[0]), (0, w * s - a.shape[1])))
-    cov = a.reshape(h, s, w, s).mean(axis=(1, 3))
-    rows, cols = np.nonzero(cov > 0.02)
-    return cov[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
-
-
-def text_layout(text: Text, size: int) -> list[tuple[str, int, int]]:
-    """(letter, left, top) in px for each glyph: baseline-aligned, separated by GLYPH_GAP em."""
-    px = max(round(text.height * size), 6)
-    f = font(px)
-    boxes = [f.getbbox(ch) for ch in text.word]
-    gap = max(round(GLYPH_GAP * px), 1) + 1
-    widths = [glyph_coverage(ch, px).shape[1] for ch in text.word]
-    total = sum(widths) + gap * (len(widths) - 1)
-    ascent = min(b[1] for b in boxes)
-    descent = max(b[3] for b in boxes)
-    x = round(text.cx * size - total / 2)
-    y_base = round(text.cy * size - (descent - ascent) / 2) - ascent
-    out = []
-    for ch, w, b in zip(text.word, widths, boxes, strict=True):
-        out.append((ch, x, y_base + b[1]))
-        x += w + gap
-    return out
-
-
-def _draw_text(canvas: np.ndarray, text: Text, size: int) -> None:
-    px = max(round(text.height * size), 6)
-    color = np.asarray(COLORS[text.color], np.float32)
-    for ch, x, y in text_layout(text, size):
-        cov = glyph_coverage(ch, px)
-        h, w = cov.shape
-        r0, c0 = max(y, 0), max(x, 0)
-        r1, c1 = min(y + h, size), min(x + w, size)
-        if r1 <= r0 or c1 <= c0:
-            continue
-        c = cov[r0 - y : r1 - y, c0 - x : c1 - x, None]
-        patch = canvas[r0:r1, c0:c1]
-        patch += c * (color - patch)
-
-
-def text_width(word: str, height: float, size: int) -> float:
-    """Width of ``word`` as a canvas fraction when rendered with em ``height`` on a ``size`` canvas."""
-    layout = text_layout(Text(word, 0.5, 0.5, height), size)
-    px = max(round(height * size), 6)
-    last, x_last, _ = layout[-1]
-    return (x_last + glyph_coverage(last, px).shape[1] - layout[0][1]) / size
-
-
-################################################################################################################
 # Placement
 ################################################################################################################
 
@@ -290,15 +182,35 @@ def place(
     raise RuntimeError(f"could not place {items} in {max_tries} tries; this is a bug in the size ranges")
 
 
-def place_text(word: str, rng: np.random.Generator, size: int = 64) -> Text:
-    """A word at a random height and position that fits the canvas with a small margin."""
-    # Glyph widths round differently at each size: fit at 32 and 64 px (and at ``size``), so one scene fits both.
-    sizes = sorted({32, 64, max(size, 32)})
-    hi = 0.42 if len(word) <= 2 else 0.34
-    h = float(rng.uniform(0.28, hi))
-    while max(text_width(word, h, z) for z in sizes) > 0.88 and h > 0.2:
-        h *= 0.95
-    w = max(text_width(word, h, z) for z in sizes)
-    cx = float(rng.uniform(0.5 - (0.94 - w) / 2, 0.5 + (0.94 - w) / 2)) if w < 0.94 else 0.5
-    cy = float(rng.uniform(0.5 - (0.9 - h) / 2, 0.5 + (0.9 - h) / 2))
-    return Text(word, round(cx, 4), round(cy, 4), round(h, 4))
+################################################################################################################
+# Images in, uint8 arrays out
+################################################################################################################
+
+ImageLike = Any  # a PIL image, or an (H, W, 3) / (3, H, W) uint8 array, or a float array or tensor in [0, 1]
+
+
+def as_uint8(image: ImageLike) -> np.ndarray:
+    """A PIL image, or an array / tensor (H, W, 3) or (3, H, W), uint8 or float in [0, 1] -> uint8 (H, W, 3)."""
+    if hasattr(image, "convert"):  # PIL
+        return np.asarray(image.convert("RGB"))
+    if hasattr(image, "detach"):  # torch
+        image = image.detach().cpu().float().numpy() if image.is_floating_point() else image.cpu().numpy()
+    a = np.asarray(image)
+    if a.ndim != 3:
+        raise ValueError(f"expected one image (H, W, 3) or (3, H, W), got shape {a.shape}")
+    if a.shape[0] == 3 and a.shape[-1] != 3:
+        a = a.transpose(1, 2, 0)
+    if a.shape[-1] != 3:
+        raise ValueError(f"expected 3 colour channels, got shape {a.shape}")
+    if a.dtype != np.uint8:
+        # Float images follow the public API's convention, [0, 1] (what generators return), and are rounded as
+        # t2i.io.png.to_pil rounds them: a tensor scores exactly as the PNG written from it.
+        a = np.clip(np.rint(a.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
+    return a
+
+
+def as_uint8_batch(images: Sequence[ImageLike] | Any) -> list[np.ndarray]:
+    """A list of images, or a batched array / tensor (B, H, W, 3) or (B, 3, H, W) -> list of uint8 (H, W, 3)."""
+    if hasattr(images, "ndim") and images.ndim != 4:
+        raise ValueError(f"expected a batch (B, H, W, 3) or (B, 3, H, W), got shape {tuple(images.shape)}")
+    return [as_uint8(x) for x in images]  # iterating a batch or a list both yield single images
