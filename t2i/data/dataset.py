@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from t2i.errors import unknown_choice
 from t2i.shapes.captions import focus_prompt, split_prompts, train_prompt
 from t2i.shapes.scenes import Sample, ground_truth
 from t2i.shapes.specs import SPLITS, Prompt
@@ -52,7 +53,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         focus: tuple[str, str] | None = None,
     ) -> None:
         if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+            raise unknown_choice("split", split, SPLITS)
         self.split, self.size, self.seed, self.weights = split, check_size(size), int(seed), weights
         self.focus = tuple(focus) if focus is not None else None
         if self.focus is not None and (split != "train" or weights is not None):

@@ -1,7 +1,7 @@
 """Checkpoint files: safetensors weights with metadata, pickle-free nested state, atomic writes.
 
-The lowest layer of t2i (the import contract in pyproject.toml): it imports torch and safetensors, never another
-t2i layer.
+The lowest layer of t2i (the import contract in pyproject.toml): it imports torch, safetensors and t2i.errors,
+never another t2i package.
 """
 
 from .safetensors_io import (

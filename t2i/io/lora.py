@@ -33,6 +33,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
+from t2i.errors import check_choice
+
 from .safetensors_io import load_weights, read_metadata, save_weights
 
 FORMATS = ("t2i", "kohya", "diffusers")
@@ -271,8 +273,7 @@ def convert_lora(
     ``module_names`` (the target model's module names) is needed to read kohya files; ``metadata`` (the file's
     safetensors metadata) to read a diffusers file's lora_alpha and its per-module patterns.
     """
-    if to not in FORMATS:
-        raise ValueError(f"unknown LoRA format {to!r}; choose one of {FORMATS}")
+    check_choice("LoRA format", to, FORMATS)
     src = detect_format(state)
     if src == "kohya":
         if module_names is None:

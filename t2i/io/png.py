@@ -104,22 +104,39 @@ def read_parameters(path: str | Path) -> str | None:
         return im.text.get("parameters") if hasattr(im, "text") else None
 
 
-def contact_sheet(images: Sequence[Image.Image], labels: Sequence[str] | None = None, *, cell: int = 128,
-                  columns: int | None = None) -> Image.Image:  # fmt: skip
-    """A grid of ``images`` scaled to ``cell`` px (nearest neighbour: small images stay crisp), each captioned."""
+Color = tuple[int, int, int]
+
+
+def contact_sheet(images: Sequence[Image.Image | None], labels: Sequence[str] | None = None, *, cell: int = 128,
+                  columns: int | None = None, pad: int = 4, frames: Sequence[Color | None] | None = None,
+                  row_labels: Sequence[str] | None = None, label_width: int = 120) -> Image.Image:  # fmt: skip
+    """The one image grid of t2i (``t2i generate``'s contact sheet, training sample grids, the shapes evaluator's
+    pass/fail grid): ``images`` scaled to ``cell`` px (nearest neighbour when enlarging: small images stay crisp),
+    ``columns`` per row (default square-ish), ``pad`` px apart on white.
+
+    ``labels`` captions each image (cut to the cell's width); ``frames`` colours the padding around each image (the
+    evaluator's green pass / red fail); ``row_labels`` writes one label per row in a left margin of
+    ``label_width`` px. A ``None`` image leaves its cell empty (rows of unequal length)."""
     n = len(images)
     if n == 0:
         raise ValueError("a contact sheet needs at least one image")
     cols = columns or min(n, max(1, math.ceil(math.sqrt(n))))
     rows = math.ceil(n / cols)
     label_h = 14 if labels else 0
-    pad = 4
-    sheet = Image.new("RGB", (cols * (cell + pad) + pad, rows * (cell + label_h + pad) + pad), (255, 255, 255))
+    left = label_width if row_labels else 0
+    sheet = Image.new("RGB", (left + cols * (cell + pad) + pad, rows * (cell + label_h + pad) + pad), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     f = ImageFont.load_default(size=10)  # Pillow's bundled FreeType font: no font file to find
+    for r, text in enumerate(row_labels or ()):
+        draw.text((4, pad + r * (cell + label_h + pad) + cell // 2 - 6), text, fill=(0, 0, 0), font=f)
     for i, im in enumerate(images):
+        if im is None:
+            continue
         r, c = divmod(i, cols)
-        x, y = pad + c * (cell + pad), pad + r * (cell + label_h + pad)
+        x, y = left + pad + c * (cell + pad), pad + r * (cell + label_h + pad)
+        if frames is not None and frames[i] is not None:
+            half = pad // 2
+            draw.rectangle((x - half, y - half, x + cell + half - 1, y + cell + half - 1), fill=frames[i])
         resample = Image.NEAREST if im.width < cell else Image.LANCZOS
         sheet.paste(im.convert("RGB").resize((cell, cell), resample), (x, y))
         if labels:

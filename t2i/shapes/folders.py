@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from t2i.errors import check_choice
 from t2i.shapes.captions import split_prompts, train_prompt
 from t2i.shapes.scenes import Sample, ground_truth
 from t2i.shapes.specs import ALL_CATEGORIES, SPLITS
@@ -33,8 +34,7 @@ METADATA = "metadata.jsonl"
 
 def _samples(split: str, size: int, n: int | None, seed: int) -> Iterator[Sample]:
     """Ground truth of the first ``n`` prompts of ``split`` (all of a fixed split when ``n`` is None)."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    check_choice("split", split, SPLITS)
     size = check_size(size)
     if split == "train":
         if n is None:

@@ -22,7 +22,7 @@ from t2i.shapes.detect import Detection, detect
 from t2i.shapes.folders import read_metadata
 from t2i.shapes.scenes import ground_truth
 from t2i.shapes.specs import CATEGORIES, TEXT_CATEGORY, Prompt, Spec, relation_holds_boxes
-from t2i.shapes.text import font, letter_accuracy, read_word
+from t2i.shapes.text import letter_accuracy, read_word
 from t2i.shapes.world import ImageLike, as_uint8, as_uint8_batch
 
 ################################################################################################################
@@ -159,26 +159,23 @@ def save_grid(
     path: str | Path, images: Sequence[ImageLike], results: Sequence[Result], *, per_category: int = 8
 ) -> None:
     """A PNG grid: one row per category, up to ``per_category`` samples, framed green (pass) or red (fail)."""
-    from PIL import Image, ImageDraw
+    from PIL import Image
+
+    from t2i.io.png import contact_sheet
 
     rows: dict[str, list[int]] = {}
     for i, r in enumerate(results):
         if len(rows.setdefault(r.category, [])) < per_category:
             rows[r.category].append(i)
+    cells: list[Image.Image | None] = []
+    frames: list[tuple[int, int, int] | None] = []
+    for idx in rows.values():
+        for k in range(per_category):
+            i = idx[k] if k < len(idx) else None
+            cells.append(None if i is None else Image.fromarray(as_uint8(images[i])))
+            frames.append(None if i is None else (20, 160, 40) if results[i].passed else (220, 20, 20))
     side = max(as_uint8(images[0]).shape[0], 64)
-    cell, label_w = side + 6, 120
-    grid = Image.new("RGB", (label_w + per_category * cell, max(len(rows), 1) * cell), (255, 255, 255))
-    draw = ImageDraw.Draw(grid)
-    f = font(12)
-    for y, (cat, idx) in enumerate(rows.items()):
-        draw.text((4, y * cell + cell // 2 - 6), cat, fill=(0, 0, 0), font=f)
-        for x, i in enumerate(idx):
-            im = Image.fromarray(as_uint8(images[i])).resize((side, side), Image.NEAREST)
-            x0, y0 = label_w + x * cell, y * cell
-            color = (20, 160, 40) if results[i].passed else (220, 20, 20)
-            draw.rectangle((x0, y0, x0 + cell - 1, y0 + cell - 1), fill=color)
-            grid.paste(im, (x0 + 3, y0 + 3))
-    grid.save(path)
+    contact_sheet(cells, cell=side, columns=per_category, pad=6, frames=frames, row_labels=list(rows)).save(path)
 
 
 def evaluate_folder(

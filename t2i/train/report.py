@@ -13,11 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from t2i.io.png import to_pil
+from t2i.io.png import contact_sheet, to_pil
 
 
 class MetricsLog:
@@ -62,22 +61,11 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [by_step[k] for k in sorted(by_step)]
 
 
-def make_grid(images: Tensor, nrow: int | None = None, pad: int = 2) -> Tensor:
-    """``(N, C, H, W)`` in [-1, 1] -> one ``(C, H', W')`` image, ``nrow`` images per row (default: square-ish)."""
-    n, c, h, w = images.shape
-    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
-    rows = math.ceil(n / nrow)
-    grid = torch.full((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), 1.0)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        y, x = pad + r * (h + pad), pad + col * (w + pad)
-        grid[:, y : y + h, x : x + w] = images[i].float().cpu()
-    return grid
-
-
 def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
-    """Write a PNG grid of images in [-1, 1]; ``scale`` enlarges tiny images with nearest-neighbour."""
-    img = to_pil(make_grid(images, nrow), value_range=(-1.0, 1.0))
+    """Write a PNG grid of ``(N, C, H, W)`` images in [-1, 1], ``nrow`` per row, 2 px apart; ``scale`` enlarges
+    tiny images with nearest-neighbour."""
+    pils = [to_pil(im, value_range=(-1.0, 1.0)) for im in images]
+    img = contact_sheet(pils, cell=images.shape[-1], columns=nrow, pad=2)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     path = Path(path)
