@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset
 
+from t2i.errors import check_choice
 from t2i.io import load_weights, read_metadata, save_weights
 
 
@@ -71,8 +72,7 @@ def cache_embeddings(
 ) -> int:
     """Encode every image of ``dataset`` (or the first ``limit``) and write the embedding file; returns the count."""
     if isinstance(encoder, str):
-        if encoder not in ENCODERS:
-            raise ValueError(f"unknown encoder {encoder!r}; choose one of {', '.join(sorted(ENCODERS))}")
+        check_choice("encoder", encoder, ENCODERS)
         name, fn = encoder, ENCODERS[encoder]
     else:
         name, fn = getattr(encoder, "__name__", type(encoder).__name__), encoder

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from t2i.errors import check_choice, unknown_choice
+
 from .parameterization import PREDICTIONS, prediction_target
 from .paths import NoisePath, append_dims
 from .timesteps import LogitNormalTime, UniformTime
@@ -57,7 +59,7 @@ def loss_weight(
         return sigma**-2.0
     if weighting == "cosmap":
         return 2.0 / (math.pi * (1 - 2 * sigma + 2 * sigma**2))
-    raise ValueError(f"unknown weighting {weighting!r}; choose one of {WEIGHTINGS}")
+    raise unknown_choice("weighting", weighting, WEIGHTINGS)
 
 
 @dataclass
@@ -86,12 +88,9 @@ class DenoisingObjective:
     shift_times: bool = False
 
     def __post_init__(self):
-        if self.prediction not in PREDICTIONS:
-            raise ValueError(f"unknown prediction {self.prediction!r}; choose one of {PREDICTIONS}")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"unknown weighting {self.weighting!r}; choose one of {WEIGHTINGS}")
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"unknown loss_type {self.loss_type!r}; choose one of {LOSS_TYPES}")
+        check_choice("prediction", self.prediction, PREDICTIONS)
+        check_choice("weighting", self.weighting, WEIGHTINGS)
+        check_choice("loss_type", self.loss_type, LOSS_TYPES)
 
     def sample_time(self, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
         t = self.time_sampler(n, generator=generator)

@@ -21,6 +21,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from t2i.errors import check_choice
+
 from .paths import NoisePath, append_dims
 
 PREDICTIONS = ("eps", "v", "x0", "flow")
@@ -40,8 +42,7 @@ def join_variance(x0: Tensor, v: Tensor | None) -> Tensor | tuple[Tensor, Tensor
 
 
 def _check_prediction(prediction: str) -> None:
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
+    check_choice("prediction", prediction, PREDICTIONS)
 
 
 def prediction_target(prediction: str, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:

@@ -17,6 +17,8 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
+from t2i.errors import check_choice, unknown_choice
+
 VP_SCHEDULES = ("linear", "cosine", "sigmoid")
 VP_SPACINGS = ("trailing", "leading", "linspace")
 
@@ -102,8 +104,7 @@ class VPPath(NoisePath):
         max_beta: float = 0.999,
         min_log_snr: float = -20.0,
     ):
-        if schedule not in VP_SCHEDULES:
-            raise ValueError(f"unknown VP schedule {schedule!r}; choose one of {VP_SCHEDULES}")
+        check_choice("VP schedule", schedule, VP_SCHEDULES)
         if num_train_timesteps is not None and num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be >= 1 or None, got {num_train_timesteps}")
         if not 0.0 < max_beta < 1.0:
@@ -209,7 +210,7 @@ class VPPath(NoisePath):
         elif spacing == "linspace":
             k = torch.round(torch.linspace(0, T - 1, steps, dtype=torch.float64)).flip(0) + 1
         else:
-            raise ValueError(f"unknown spacing {spacing!r}; choose one of {VP_SPACINGS}")
+            raise unknown_choice("spacing", spacing, VP_SPACINGS)
         return torch.cat([k / T, torch.zeros(1, dtype=torch.float64)])
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from t2i.errors import check_choice
+
 
 def _uniform(n: int, generator: torch.Generator | None) -> Tensor:
     return torch.rand(n, generator=generator, dtype=torch.float64)
@@ -65,6 +67,5 @@ TIME_SAMPLERS = {"uniform": UniformTime, "logit_normal": LogitNormalTime, "mode"
 
 def make_time_sampler(name: str, **kwargs):
     """Build a time density by name, e.g. ``make_time_sampler("logit_normal", mean=0.0, std=1.0)``."""
-    if name not in TIME_SAMPLERS:
-        raise ValueError(f"unknown time sampler {name!r}; choose one of {sorted(TIME_SAMPLERS)}")
+    check_choice("time sampler", name, TIME_SAMPLERS)
     return TIME_SAMPLERS[name](**kwargs)

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from t2i.errors import check_choice
+
 from .base import SavableModel, make_config
 from .unet import Downsample, PixelShuffleUpsample, ResBlock
 
@@ -53,8 +55,7 @@ class VQGANConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "dim_mults", tuple(self.dim_mults))  # YAML gives lists
-        if self.quantizer not in QUANTIZERS:
-            raise ValueError(f"unknown quantizer {self.quantizer!r}; choose one of {QUANTIZERS}")
+        check_choice("quantizer", self.quantizer, QUANTIZERS)
         if not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in (0, 1), got {self.ema_decay}")
         if any((self.dim * m) % self.groups for m in self.dim_mults):

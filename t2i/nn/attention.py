@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from t2i.errors import check_choice
+
 KERNELS = ("auto", "sdpa", "math")
 _kernel = "auto"
 
@@ -27,8 +29,7 @@ _kernel = "auto"
 def attention_kernel(name: str) -> Iterator[None]:
     """Use ``name`` ("auto", "sdpa" or "math") for every ``attention`` call inside the block."""
     global _kernel
-    if name not in KERNELS:
-        raise ValueError(f"unknown attention kernel {name!r}; choose one of {', '.join(KERNELS)}")
+    check_choice("attention kernel", name, KERNELS)
     old, _kernel = _kernel, name
     try:
         yield

@@ -36,6 +36,7 @@ from t2i.diffusion import (
     sample,
     step_interval_to_time,
 )
+from t2i.errors import check_choice
 from t2i.io.png import to_pil
 from t2i.nn.offload import placed
 
@@ -116,8 +117,7 @@ class SD3Pipeline:
     ):
         self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
         if isinstance(preset, str):
-            if preset not in PRESETS:
-                raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+            check_choice("preset", preset, PRESETS)
             preset = PRESETS[preset]
         self.preset = preset
         self.device = torch.device(device) if device is not None else next(transformer.parameters()).device

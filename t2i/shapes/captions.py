@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from t2i.errors import unknown_choice
 from t2i.shapes.scenes import random_spec
 from t2i.shapes.specs import ALL_CATEGORIES, HELDOUT_CATEGORIES, HELDOUT_PAIRS, TEXT_CATEGORY, Prompt, Spec, uses_pair
 from t2i.shapes.world import COLORS, PLURALS, SHAPES
@@ -90,7 +91,7 @@ def caption_for(spec: Spec, rng: np.random.Generator) -> str:
                 f"{_a(a.shape)} that is {a.color} and {_a(b.shape)} that is {b.color}",
             )
         )
-    raise ValueError(f"unknown category {spec.category!r}; use one of {', '.join(ALL_CATEGORIES)}")
+    raise unknown_choice("category", spec.category, ALL_CATEGORIES)
 
 
 # Hard negatives for contrastive training: the same words, a different meaning. A CLIP trained on in-batch negatives

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from t2i.errors import unknown_choice
 from t2i.shapes.specs import (
     ALL_CATEGORIES,
     HELDOUT_CATEGORIES,
@@ -112,7 +113,7 @@ def random_spec(category: str, rng: np.random.Generator, *, heldout: bool = Fals
             if uses_held == heldout:
                 return Spec(category, (Clause(sa, 1, ca), Clause(sb, 1, cb)))
         raise RuntimeError("could not draw a color attribution spec")
-    raise ValueError(f"unknown category {category!r}; use one of {', '.join(ALL_CATEGORIES)}")
+    raise unknown_choice("category", category, ALL_CATEGORIES)
 
 
 def _free_color(shape: str, rng: np.random.Generator) -> str:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from t2i.errors import unknown_choice
 from t2i.shapes.world import Obj, Scene
 
 CATEGORIES: tuple[str, ...] = ("single_object", "two_objects", "counting", "colors", "position", "color_attribution")
@@ -150,7 +151,7 @@ def relation_holds_boxes(a: tuple, b: tuple, relation: str, margin: float = 0.1)
         return dy < -0.5
     if relation == "below":
         return dy > 0.5
-    raise ValueError(f"unknown relation {relation!r}; use one of {', '.join(RELATIONS)}")
+    raise unknown_choice("relation", relation, RELATIONS)
 
 
 ################################################################################################################

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from t2i.errors import unknown_choice
+
 ################################################################################################################
 # The palette and the shapes
 ################################################################################################################
@@ -54,7 +56,7 @@ def shape_inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         return du + dv <= 0.5
     if shape == "cross":  # plus sign, arm width 1/3 of the box
         return (du <= 1 / 6) | (dv <= 1 / 6)
-    raise ValueError(f"unknown shape {shape!r}; use one of {', '.join(SHAPES)}")
+    raise unknown_choice("shape", shape, SHAPES)
 
 
 def shape_coverage(shape: str, x0: float, y0: float, bw: float, bh: float, w: int, h: int) -> np.ndarray:

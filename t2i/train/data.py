@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from t2i.data.transforms import sample_generator
+from t2i.errors import unknown_choice
 
 from .config import DataConfig
 
@@ -75,7 +76,7 @@ def build_dataset(cfg: DataConfig, seed: int = 0) -> Dataset | IterableDataset:
         if cfg.random_flip or cfg.random_crop:
             raise ValueError("embedding datasets hold vectors; set data.random_flip and data.random_crop to false")
         return EmbeddingDataset(cfg.path)
-    raise ValueError(f"unknown data.source {cfg.source!r}; choose one of {', '.join(SOURCES)}")
+    raise unknown_choice("data.source", cfg.source, SOURCES)
 
 
 def _shapes_weights(weights: dict[str, float] | None, focus) -> dict[str, float] | None:

@@ -37,6 +37,7 @@ from t2i.diffusion import (
     x0_from_prediction,
 )
 from t2i.diffusion.paths import append_dims
+from t2i.errors import check_choice
 from t2i.io import load_weights, save_weights
 from t2i.models.clip import ClipEncoder
 
@@ -58,8 +59,7 @@ def load_clip(clip_path: str | None, preset: str, seed: int) -> ClipEncoder:
     from t2i.models.clip import CLIP_PRESETS, ClipEncoder, ScratchClip
     from t2i.shapes.captions import shapes_tokenizer
 
-    if preset not in CLIP_PRESETS:
-        raise ValueError(f"unknown clip_preset {preset!r}; choose one of {sorted(CLIP_PRESETS)}")
+    check_choice("clip_preset", preset, CLIP_PRESETS)
     if clip_path and (Path(clip_path) / "config.json").exists():
         enc = ClipEncoder.load(clip_path)  # ClipEncoder.save folder or a local Hugging Face CLIP
     elif clip_path:
