@@ -92,40 +92,49 @@ def _depth(keys, pattern: str) -> int:
     return max(idx) + 1
 
 
+def _transformer_plan(last: int) -> list[tuple[str, tuple[str, ...], bool]]:
+    """Every transformer tensor as ``(official key, its diffusers key(s), swap adaLN halves)``: the one table both
+    directions read. An official fused qkv maps to three diffusers tensors (split / concatenated along dim 0)."""
+    plan = [("pos_embed", ("pos_embed.pos_embed",), False)]
+    for src, dst in _TOP_RULES:
+        for suffix in ("weight", "bias"):
+            plan.append((f"{src}.{suffix}", (f"{dst}.{suffix}",), src == "final_layer.adaLN_modulation.1"))
+    for n in range(last + 1):
+        for src, dst in _BLOCK_RULES:
+            names = dst if isinstance(dst, tuple) else (dst,)
+            # the pre-only last block's 2-chunk adaLN is AdaLayerNormContinuous in diffusers: halves swapped
+            swap = n == last and src == "context_block.adaLN_modulation.1"
+            for suffix in ("weight", "bias"):
+                ours = tuple(f"transformer_blocks.{n}.{name}.{suffix}" for name in names)
+                plan.append((f"joint_blocks.{n}.{src}.{suffix}", ours, swap))
+    return plan
+
+
+def _convert_transformer(sd: dict[str, Tensor], *, to_diffusers: bool) -> tuple[dict[str, Tensor], list[str]]:
+    """(converted state dict, source keys no rule used) along ``_transformer_plan``."""
+    pattern = r"joint_blocks\.(\d+)\." if to_diffusers else r"transformer_blocks\.(\d+)\."
+    out: dict[str, Tensor] = {}
+    used: set[str] = set()
+    for official, diffusers, swap in _transformer_plan(_depth(sd, pattern) - 1):
+        keys = (official,) if to_diffusers else diffusers
+        if not all(k in sd for k in keys):
+            continue
+        used.update(keys)
+        if to_diffusers:
+            t = _swap_halves(sd[official]) if swap else sd[official]
+            out.update(zip(diffusers, t.chunk(len(diffusers), dim=0) if len(diffusers) > 1 else (t,), strict=True))
+        else:
+            t = torch.cat([sd[k] for k in diffusers], dim=0)
+            out[official] = _swap_halves(t) if swap else t
+    return out, sorted(set(sd) - used)
+
+
 def transformer_official_to_diffusers(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Official MMDiT keys (prefix already stripped) -> ``SD3Transformer2DModel`` keys."""
     sd = dict(sd)
     if any(k.startswith(TRANSFORMER_PREFIX) for k in sd):
         sd = strip_prefix(sd, TRANSFORMER_PREFIX)
-    last = _depth(sd, r"joint_blocks\.(\d+)\.") - 1
-    out: dict[str, Tensor] = {}
-    used: set[str] = set()
-    if "pos_embed" in sd:
-        out["pos_embed.pos_embed"] = sd["pos_embed"]
-        used.add("pos_embed")
-    for src, dst in _TOP_RULES:
-        for suffix in ("weight", "bias"):
-            key = f"{src}.{suffix}"
-            if key in sd:
-                t = sd[key]
-                out[f"{dst}.{suffix}"] = _swap_halves(t) if src == "final_layer.adaLN_modulation.1" else t
-                used.add(key)
-    for n in range(last + 1):
-        for src, dst in _BLOCK_RULES:
-            for suffix in ("weight", "bias"):
-                key = f"joint_blocks.{n}.{src}.{suffix}"
-                if key not in sd:
-                    continue
-                t, used_key = sd[key], key
-                used.add(used_key)
-                if isinstance(dst, tuple):
-                    for name, piece in zip(dst, t.chunk(3, dim=0), strict=True):
-                        out[f"transformer_blocks.{n}.{name}.{suffix}"] = piece
-                    continue
-                if n == last and src == "context_block.adaLN_modulation.1":
-                    t = _swap_halves(t)  # the pre-only block's 2-chunk adaLN is AdaLayerNormContinuous there
-                out[f"transformer_blocks.{n}.{dst}.{suffix}"] = t
-    unknown = sorted(set(sd) - used)
+    out, unknown = _convert_transformer(sd, to_diffusers=True)
     if unknown:
         raise ValueError(f"unrecognised official MMDiT keys (first few): {unknown[:5]}; not an SD3 transformer?")
     return out
@@ -133,33 +142,7 @@ def transformer_official_to_diffusers(sd: Mapping[str, Tensor]) -> dict[str, Ten
 
 def transformer_diffusers_to_official(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """``SD3Transformer2DModel`` keys -> official MMDiT keys (q/k/v concatenated, adaLN halves swapped back)."""
-    sd = dict(sd)
-    last = _depth(sd, r"transformer_blocks\.(\d+)\.") - 1
-    out: dict[str, Tensor] = {}
-    used: set[str] = set()
-    if "pos_embed.pos_embed" in sd:
-        out["pos_embed"] = sd["pos_embed.pos_embed"]
-        used.add("pos_embed.pos_embed")
-    for dst, src in _TOP_RULES:
-        for suffix in ("weight", "bias"):
-            key = f"{src}.{suffix}"
-            if key in sd:
-                t = sd[key]
-                out[f"{dst}.{suffix}"] = _swap_halves(t) if dst == "final_layer.adaLN_modulation.1" else t
-                used.add(key)
-    for n in range(last + 1):
-        for dst, src in _BLOCK_RULES:
-            for suffix in ("weight", "bias"):
-                names = src if isinstance(src, tuple) else (src,)
-                keys = [f"transformer_blocks.{n}.{name}.{suffix}" for name in names]
-                if not all(k in sd for k in keys):
-                    continue
-                used.update(keys)
-                t = torch.cat([sd[k] for k in keys], dim=0)
-                if n == last and dst == "context_block.adaLN_modulation.1":
-                    t = _swap_halves(t)
-                out[f"joint_blocks.{n}.{dst}.{suffix}"] = t
-    unknown = sorted(set(sd) - used)
+    out, unknown = _convert_transformer(dict(sd), to_diffusers=False)
     if unknown:
         raise ValueError(f"unrecognised diffusers SD3 transformer keys (first few): {unknown[:5]}")
     return out
