@@ -244,7 +244,6 @@ def diffusers_transformer_config_to_params(config: Mapping) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 _VAE_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-_VAE_RES = {"nin_shortcut": "conv_shortcut"}
 
 
 def _vae_levels(keys, pattern: str) -> int:
@@ -254,62 +253,74 @@ def _vae_levels(keys, pattern: str) -> int:
     return max(idx) + 1
 
 
+# Official (ldm) -> diffusers renames, read in both directions: ``{p}`` is encoder or decoder, ``{i}`` / ``{j}`` an
+# index; the decoder's level order (reversed in diffusers) and the attention layers are handled in ``_vae_convert``.
+_VAE_RENAMES = [
+    ("^{p}.norm_out.", "{p}.conv_norm_out."),
+    ("^encoder.down.{i}.block.{j}.", "encoder.down_blocks.{i}.resnets.{j}."),
+    ("^encoder.down.{i}.downsample.", "encoder.down_blocks.{i}.downsamplers.0."),
+    (".mid.block_1.", ".mid_block.resnets.0."),
+    (".mid.block_2.", ".mid_block.resnets.1."),
+    (".nin_shortcut.", ".conv_shortcut."),
+]
+_FIELDS = {"p": "(?P<p>encoder|decoder)", "i": r"(?P<i>\d+)", "j": r"(?P<j>\d+)"}
+
+
+def _rename_rule(src: str, dst: str) -> tuple[re.Pattern, str]:
+    """A template pair as (regex over ``src`` keys, replacement producing ``dst``)."""
+    anchored = src.startswith("^")
+    parts = re.split(r"\{(\w)\}", src.removeprefix("^"))  # literal, field, literal, field, ...
+    regex = "".join(_FIELDS[x] if k % 2 else re.escape(x) for k, x in enumerate(parts))
+    return re.compile(("^" if anchored else "") + regex), re.sub(r"\{(\w)\}", r"\\g<\1>", dst.removeprefix("^"))
+
+
+def _vae_convert(sd: dict[str, Tensor], *, to_diffusers: bool) -> dict[str, Tensor]:
+    rules = [_rename_rule(*(pair if to_diffusers else pair[::-1])) for pair in _VAE_RENAMES]
+    up = (
+        r"^decoder\.up\.(\d+)\.(block|upsample)\.(.*)$"
+        if to_diffusers
+        else r"^decoder\.up_blocks\.(\d+)\.(resnets|upsamplers\.0)\.(.*)$"
+    )
+    levels = _vae_levels(sd, up)
+    attn = _VAE_ATTN if to_diffusers else {v: k for k, v in _VAE_ATTN.items()}
+    attn_key = r"^(encoder|decoder)\.mid\.attn_1\.(norm|q|k|v|proj_out)\.(weight|bias)$" if to_diffusers else (
+        r"^(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)$")  # fmt: skip
+    out = {}
+    for key, t in sd.items():
+        new = key
+        for regex, repl in rules:
+            new = regex.sub(repl, new)
+        if m := re.match(up, new):
+            b = levels - 1 - int(m.group(1))  # diffusers counts decoder levels from the bottleneck up
+            if to_diffusers:
+                new = f"decoder.up_blocks.{b}.{'resnets' if m.group(2) == 'block' else 'upsamplers.0'}.{m.group(3)}"
+            else:
+                new = f"decoder.up.{b}.{'block' if m.group(2) == 'resnets' else 'upsample'}.{m.group(3)}"
+        if m := re.match(attn_key, new):
+            middle = "mid_block.attentions.0" if to_diffusers else "mid.attn_1"
+            new = f"{m.group(1)}.{middle}.{attn[m.group(2)]}.{m.group(3)}"
+            if to_diffusers and t.ndim == 4:
+                t = t[:, :, 0, 0]  # the official 1x1 attention convs are Linear layers in diffusers
+            elif not to_diffusers and t.ndim == 2:
+                t = t[:, :, None, None]
+        out[new] = t
+    return out
+
+
 def vae_official_to_diffusers(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Official (ldm) VAE keys -> diffusers ``AutoencoderKL`` keys; 1x1 attention convs become Linear weights."""
     sd = dict(sd)
     if any(k.startswith(VAE_PREFIX) for k in sd):
         sd = strip_prefix(sd, VAE_PREFIX)
-    levels = _vae_levels(sd, r"decoder\.up\.(\d+)\.")
-    out = {}
-    for key, t in sd.items():
-        new = key
-        new = re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", new)
-        new = re.sub(r"^encoder\.down\.(\d+)\.block\.(\d+)\.", r"encoder.down_blocks.\1.resnets.\2.", new)
-        new = re.sub(r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0.", new)
-        new = re.sub(r"\.mid\.block_1\.", ".mid_block.resnets.0.", new)
-        new = re.sub(r"\.mid\.block_2\.", ".mid_block.resnets.1.", new)
-        m = re.match(r"^decoder\.up\.(\d+)\.(block|upsample)\.(.*)$", new)
-        if m:
-            b = levels - 1 - int(m.group(1))  # diffusers counts decoder levels from the bottleneck up
-            rest = f"resnets.{m.group(3)}" if m.group(2) == "block" else f"upsamplers.0.{m.group(3)}"
-            new = f"decoder.up_blocks.{b}.{rest}"
-        m = re.match(r"^(encoder|decoder)\.mid\.attn_1\.(norm|q|k|v|proj_out)\.(weight|bias)$", new)
-        if m:
-            new = f"{m.group(1)}.mid_block.attentions.0.{_VAE_ATTN[m.group(2)]}.{m.group(3)}"
-            if t.ndim == 4:
-                t = t[:, :, 0, 0]
-        new = new.replace(".nin_shortcut.", ".conv_shortcut.")
-        out[new] = t
-    return out
+    return _vae_convert(sd, to_diffusers=True)
 
 
 def vae_diffusers_to_official(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Diffusers ``AutoencoderKL`` keys -> official (ldm) VAE keys; the inverse of ``vae_official_to_diffusers``."""
-    levels = _vae_levels(sd, r"decoder\.up_blocks\.(\d+)\.")
-    inv_attn = {v: k for k, v in _VAE_ATTN.items()}
-    out = {}
-    for key, t in sd.items():
-        if key.startswith(("quant_conv.", "post_quant_conv.")):
-            raise ValueError(f"{key}: SD3 VAEs have no quant convs; this is a different autoencoder")
-        new = key
-        new = re.sub(r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out.", new)
-        new = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2.", new)
-        new = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", new)
-        new = re.sub(r"\.mid_block\.resnets\.0\.", ".mid.block_1.", new)
-        new = re.sub(r"\.mid_block\.resnets\.1\.", ".mid.block_2.", new)
-        m = re.match(r"^decoder\.up_blocks\.(\d+)\.(resnets|upsamplers\.0)\.(.*)$", new)
-        if m:
-            b = levels - 1 - int(m.group(1))
-            kind = "block." if m.group(2) == "resnets" else "upsample."
-            new = f"decoder.up.{b}.{kind}{m.group(3)}"
-        m = re.match(r"^(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)$", new)
-        if m:
-            new = f"{m.group(1)}.mid.attn_1.{inv_attn[m.group(2)]}.{m.group(3)}"
-            if t.ndim == 2:
-                t = t[:, :, None, None]
-        new = new.replace(".conv_shortcut.", ".nin_shortcut.")
-        out[new] = t
-    return out
+    bad = [k for k in sd if k.startswith(("quant_conv.", "post_quant_conv."))]
+    if bad:
+        raise ValueError(f"{bad[0]}: SD3 VAEs have no quant convs; this is a different autoencoder")
+    return _vae_convert(dict(sd), to_diffusers=False)
 
 
 def detect_vae(sd: Mapping[str, Tensor]) -> dict:
