@@ -24,7 +24,7 @@ import yaml
 from t2i.errors import unknown_choice
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-OPTIMIZERS = ("adamw", "adam", "lion")
+OPTIMIZERS = ("adamw", "adam", "lion", "lamb")
 SCHEDULES = ("constant", "cosine", "linear", "exponential")
 DISTRIBUTED = ("ddp", "fsdp")
 
@@ -92,7 +92,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | adam | lion
+    name: str = "adamw"  # adamw | adam | lion | lamb
     lr: float = 1e-3  # peak learning rate
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8

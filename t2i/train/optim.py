@@ -2,8 +2,10 @@
 
 - Parameter groups follow nanoGPT's ``configure_optimizers``: weight decay only on weight matrices and conv
   kernels; never on biases, normalisation parameters or embedding tables (decaying those just shrinks them).
-- ``Lion`` (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms", Alg. 2) is implemented here because
-  torch has none; AdamW and Adam are torch's.
+- ``Lion`` (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms", Alg. 2) and ``Lamb`` (You et al.
+  2020, "Large Batch Optimization for Deep Learning", Alg. 2) are implemented here because torch has neither and
+  the packages that do are unmaintained (torch-optimizer) or pull in torchvision (timm); AdamW and Adam are
+  torch's.
 - ``LRSchedule`` is linear warmup followed by constant, cosine, linear or exponential decay. It is a pure function
   of the number of optimiser steps actually taken, so a step skipped by the fp16 grad scaler does not advance it,
   and its state is one integer (exact resume).
@@ -17,7 +19,9 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from .config import OptimConfig, ScheduleConfig
+from t2i.errors import unknown_choice
+
+from .config import OPTIMIZERS, OptimConfig, ScheduleConfig
 
 #: module types whose parameters never get weight decay
 NO_DECAY_MODULES: tuple[type[nn.Module], ...] = (
@@ -90,6 +94,51 @@ class Lion(torch.optim.Optimizer):
         return loss
 
 
+class Lamb(torch.optim.Optimizer):
+    """LAMB: Adam's bias-corrected update plus decoupled weight decay, rescaled per tensor by the trust ratio
+    ``||w|| / ||update||`` (You et al. 2020, Alg. 2, with phi the identity), so every layer moves by about ``lr``
+    times its own norm whatever its gradient scale. Made for large batches: the unCLIP paper trains its decoders with
+    it. A tensor whose weights or update are all zero (a fresh bias) takes a trust ratio of 1.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.0):  # fmt: skip
+        if lr <= 0:
+            raise ValueError(f"Lamb lr must be positive, got {lr}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"Lamb betas must lie in [0, 1), got {betas}")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                state["step"] += 1
+                t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+                g = p.grad.float()
+                m.mul_(beta1).add_(g, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                update = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt_().add_(group["eps"]))
+                if group["weight_decay"]:
+                    update.add_(p.float(), alpha=group["weight_decay"])
+                w_norm, u_norm = torch.linalg.vector_norm(p.float()), torch.linalg.vector_norm(update)
+                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+                p.add_((update * trust).to(p.dtype), alpha=-group["lr"])
+        return loss
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """The optimiser named by ``cfg.name`` over ``param_groups(model, cfg.weight_decay)``."""
     groups = param_groups(model, cfg.weight_decay)
@@ -103,7 +152,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=False)
     if cfg.name == "lion":
         return Lion(groups, lr=cfg.lr, betas=cfg.betas)
-    raise ValueError(f"unknown optimiser {cfg.name!r}; choose adamw, adam or lion")
+    if cfg.name == "lamb":
+        return Lamb(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    raise unknown_choice("optimiser", cfg.name, OPTIMIZERS)
 
 
 def lr_factor(cfg: ScheduleConfig, step: int, total_steps: int) -> float:

@@ -10,7 +10,7 @@ from torch import nn
 
 from t2i.train.config import OptimConfig, ScheduleConfig
 from t2i.train.ema import EMA, ema_decay
-from t2i.train.optim import Lion, LRSchedule, build_optimizer, lr_factor, param_groups
+from t2i.train.optim import Lamb, Lion, LRSchedule, build_optimizer, lr_factor, param_groups
 
 
 class _Net(nn.Module):
@@ -66,6 +66,46 @@ def test_lion_matches_its_definition():
     expected = torch.tensor([1.0, -2.0, 0.5]) * (1 - 0.02) - 0.1 * torch.sign(g)
     assert torch.allclose(p.detach(), expected)
     assert torch.allclose(opt.state[p]["exp_avg"], 0.01 * g)
+
+
+def _lamb_reference(w, grads, lr, b1, b2, eps, wd):
+    """You et al. 2020, Alg. 2 written out step by step in float64 (phi = identity)."""
+    w, m, v = w.double().clone(), torch.zeros_like(w, dtype=torch.float64), torch.zeros_like(w, dtype=torch.float64)
+    for t, g in enumerate(grads, start=1):
+        g = g.double()
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        r = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+        u = r + wd * w
+        w = w - lr * (w.norm() / u.norm()) * u
+    return w
+
+
+def test_lamb_matches_the_papers_update():
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(4, 3, generator=g)
+    grads = [torch.randn(4, 3, generator=g) * 10 ** (k - 1) for k in range(4)]  # gradient scales 0.1 .. 100
+    p = nn.Parameter(w0.clone())
+    opt = Lamb([p], lr=0.05, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1)
+    for grad in grads:
+        p.grad = grad.clone()
+        opt.step()
+    expected = _lamb_reference(w0, grads, 0.05, 0.9, 0.99, 1e-6, 0.1)
+    torch.testing.assert_close(p.detach().double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_lamb_steps_are_relative_to_each_tensors_norm():
+    """The trust ratio: a tensor 100x larger moves 100x further for the same gradient direction, whatever the
+    gradient's scale; a tensor of zeros (a fresh bias) still moves (trust ratio 1)."""
+    small, big, zero = nn.Parameter(torch.ones(5)), nn.Parameter(100 * torch.ones(5)), nn.Parameter(torch.zeros(5))
+    opt = Lamb([small, big, zero], lr=0.01)
+    for p, scale in ((small, 1e-3), (big, 1e3), (zero, 1.0)):
+        p.grad = scale * torch.arange(1.0, 6.0)
+    opt.step()
+    moved = [(1 - small.detach()).norm(), (100 - big.detach()).norm()]
+    torch.testing.assert_close(moved[1] / moved[0], torch.tensor(100.0), rtol=1e-4, atol=0)
+    torch.testing.assert_close(moved[0], torch.tensor(0.01 * 5**0.5), rtol=1e-4, atol=0)  # lr x ||w||
+    assert zero.detach().abs().max() > 0
 
 
 @pytest.mark.parametrize(
@@ -134,7 +174,9 @@ def test_ema_rejects_bad_settings():
         EMA(nn.Linear(1, 1), half_life=0)
 
 
-@pytest.mark.parametrize(("name", "cls"), [("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam), ("lion", Lion)])
+@pytest.mark.parametrize(
+    ("name", "cls"), [("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam), ("lion", Lion), ("lamb", Lamb)]
+)
 def test_every_optimizer_name_builds_and_steps(name, cls):
     net = _Net()
     opt = build_optimizer(net, OptimConfig(name=name, lr=1e-2, weight_decay=0.1))
