@@ -59,18 +59,21 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-class Lion(torch.optim.Optimizer):
-    """Lion: sign of an interpolated momentum, decoupled weight decay (Chen et al. 2023, Alg. 2).
+class _PerTensorOptimizer(torch.optim.Optimizer):
+    """An optimiser whose update is a function of one tensor, its gradient and its state: ``step`` runs the closure
+    and the loops, subclasses write ``_update``."""
 
-    Use a learning rate 3-10x smaller and weight decay 3-10x larger than for AdamW.
-    """
+    name = ""
 
-    def __init__(self, params: Iterable, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0):
+    def __init__(self, params: Iterable, lr: float, betas, **defaults):
         if lr <= 0:
-            raise ValueError(f"Lion lr must be positive, got {lr}")
+            raise ValueError(f"{self.name} lr must be positive, got {lr}")
         if not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"Lion betas must lie in [0, 1), got {betas}")
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay})
+            raise ValueError(f"{self.name} betas must lie in [0, 1), got {betas}")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), **defaults})
+
+    def _update(self, p: Tensor, group: dict, state: dict) -> None:
+        raise NotImplementedError
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -79,64 +82,64 @@ class Lion(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(p)
-                m = state["exp_avg"]
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                update = m.mul(beta1).add_(p.grad, alpha=1 - beta1).sign_()
-                p.add_(update, alpha=-group["lr"])
-                m.mul_(beta2).add_(p.grad, alpha=1 - beta2)
+                if p.grad is not None:
+                    self._update(p, group, self.state[p])
         return loss
 
 
-class Lamb(torch.optim.Optimizer):
+class Lion(_PerTensorOptimizer):
+    """Lion: sign of an interpolated momentum, decoupled weight decay (Chen et al. 2023, Alg. 2).
+
+    Use a learning rate 3-10x smaller and weight decay 3-10x larger than for AdamW.
+    """
+
+    name = "Lion"
+
+    def __init__(self, params: Iterable, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0):
+        super().__init__(params, lr, betas, weight_decay=weight_decay)
+
+    def _update(self, p: Tensor, group: dict, state: dict) -> None:
+        beta1, beta2 = group["betas"]
+        if not state:
+            state["exp_avg"] = torch.zeros_like(p)
+        m = state["exp_avg"]
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        update = m.mul(beta1).add_(p.grad, alpha=1 - beta1).sign_()
+        p.add_(update, alpha=-group["lr"])
+        m.mul_(beta2).add_(p.grad, alpha=1 - beta2)
+
+
+class Lamb(_PerTensorOptimizer):
     """LAMB: Adam's bias-corrected update plus decoupled weight decay, rescaled per tensor by the trust ratio
     ``||w|| / ||update||`` (You et al. 2020, Alg. 2, with phi the identity), so every layer moves by about ``lr``
     times its own norm whatever its gradient scale. Made for large batches: the unCLIP paper trains its decoders with
     it. A tensor whose weights or update are all zero (a fresh bias) takes a trust ratio of 1.
     """
 
+    name = "Lamb"
+
     def __init__(self, params: Iterable, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0):  # fmt: skip
-        if lr <= 0:
-            raise ValueError(f"Lamb lr must be positive, got {lr}")
-        if not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"Lamb betas must lie in [0, 1), got {betas}")
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+        super().__init__(params, lr, betas, eps=eps, weight_decay=weight_decay)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                state["step"] += 1
-                t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
-                g = p.grad.float()
-                m.mul_(beta1).add_(g, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                update = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt_().add_(group["eps"]))
-                if group["weight_decay"]:
-                    update.add_(p.float(), alpha=group["weight_decay"])
-                w_norm, u_norm = torch.linalg.vector_norm(p.float()), torch.linalg.vector_norm(update)
-                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
-                p.add_((update * trust).to(p.dtype), alpha=-group["lr"])
-        return loss
+    def _update(self, p: Tensor, group: dict, state: dict) -> None:
+        beta1, beta2 = group["betas"]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+        state["step"] += 1
+        t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+        g = p.grad.float()
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        update = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt_().add_(group["eps"]))
+        if group["weight_decay"]:
+            update.add_(p.float(), alpha=group["weight_decay"])
+        w_norm, u_norm = torch.linalg.vector_norm(p.float()), torch.linalg.vector_norm(update)
+        trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+        p.add_((update * trust).to(p.dtype), alpha=-group["lr"])
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
