@@ -42,7 +42,7 @@ def sample_repaint(
     extra_args: dict | None = None,
     callback: Callable | None = None,
     noise: NoiseSource = None,
-    paste_noise: NoiseSource = None,
+    paste_noise: NoiseSource | Tensor = None,
     progress: bool = False,
 ) -> Tensor:
     """RePaint (Lugmayr et al. 2022, Alg. 1): sample ``x`` from ``ts[0]`` to ``ts[-1]`` keeping ``known`` where
@@ -56,10 +56,15 @@ def sample_repaint(
         step: the sampler that takes each single step (a ``sample_*`` function); ``step_args`` its options.
         callback: called once per step with the step sampler's dict, ``"i"`` the step's index on ``ts``.
         noise: the step sampler's noise; ``paste_noise``: the noise that re-noises the known region and the
-            jumps back. Per-sample ``Seeds``, a Generator, or None for the global RNG.
+            jumps back. Per-sample ``Seeds``, a Generator, or None for the global RNG; or a tensor shaped like
+            ``x``: the same noise at every step (the starting noise, as diffusers' and A1111's latent inpainting
+            use it), which allows no resampling.
     """
     if resample < 1:
         raise ValueError(f"resample must be at least 1, got {resample}")
+    fixed = paste_noise if isinstance(paste_noise, Tensor) else None
+    if fixed is not None and resample > 1:
+        raise ValueError("a fixed paste_noise tensor cannot drive RePaint's jumps back; use resample=1 or Seeds")
     ts = torch.as_tensor(ts, dtype=torch.float64).cpu()
     extra_args, step_args = extra_args or {}, step_args or {}
     known, mask = known.to(x.device).float(), mask.to(x.device).float()
@@ -72,7 +77,8 @@ def sample_repaint(
             )
             if t_next > 0:
                 t_vec = ts[i + 1].expand(len(x)).to(x.device)
-                known_next = path.add_noise(known, randn_like(known, paste_noise), t_vec)
+                eps = fixed.to(known) if fixed is not None else randn_like(known, paste_noise)
+                known_next = path.add_noise(known, eps, t_vec)
             else:
                 known_next = known
             x_next = mask * known_next + (1 - mask) * x_next

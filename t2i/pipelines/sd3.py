@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from t2i.diffusion import (
@@ -33,7 +34,9 @@ from t2i.diffusion import (
     SkipLayerGuidance,
     check_sampler,
     classifier_free_guidance,
+    get_sampler,
     sample,
+    sample_repaint,
     step_interval_to_time,
 )
 from t2i.errors import check_choice
@@ -88,6 +91,40 @@ def _image_tensor(image, height: int, width: int) -> Tensor:
     if x.shape[-2:] != (height, width):
         raise ValueError(f"init_image is {tuple(x.shape[-2:])} but height x width is {(height, width)}; resize it")
     return x * 2 - 1
+
+
+def _batch(x: Tensor, batch: int, what: str) -> Tensor:
+    """``x`` with one entry per image: a single one is shared by the batch."""
+    if x.shape[0] == 1 and batch > 1:
+        return x.expand(batch, *x.shape[1:])
+    if x.shape[0] != batch:
+        raise ValueError(f"{what} has {x.shape[0]} entries for {batch} images; pass one, or one per image")
+    return x
+
+
+def _mask_tensor(mask, height: int, width: int, blur: float) -> Tensor:
+    """A PIL mask (white = repaint) or a ``(B, 1, H, W)`` / ``(1, H, W)`` / ``(H, W)`` tensor in [0, 1] -> ``(B, 1,
+    H, W)`` in [0, 1]. Without ``blur`` it is binarised at 0.5 (diffusers' rule); with ``blur`` (a Gaussian sigma in
+    pixels) it stays soft, so the generated region fades into the kept one."""
+    if isinstance(mask, Tensor):
+        m = mask.float()
+        m = m.reshape(1, 1, *m.shape) if m.ndim == 2 else m[None] if m.ndim == 3 else m
+    else:
+        from PIL import Image
+
+        masks = mask if isinstance(mask, list | tuple) else [mask]
+        arrs = [np.asarray(im.convert("L").resize((width, height), Image.NEAREST), dtype=np.float32) / 255
+                for im in masks]  # fmt: skip
+        m = torch.from_numpy(np.stack(arrs))[:, None]
+    if m.ndim != 4 or m.shape[1] != 1:
+        raise ValueError(f"mask_image must be one channel (B, 1, H, W), got shape {tuple(m.shape)}")
+    if m.shape[-2:] != (height, width):
+        raise ValueError(f"mask_image is {tuple(m.shape[-2:])} but height x width is {(height, width)}; resize it")
+    if blur > 0:
+        from t2i.diffusion import gaussian_blur
+
+        return gaussian_blur(m.clamp(0, 1), blur, kernel_size=2 * int(3 * blur) + 1).clamp(0, 1)
+    return (m >= 0.5).float()
 
 
 class SD3Pipeline:
@@ -179,7 +216,10 @@ class SD3Pipeline:
         return ((img + 1) / 2).clamp(0, 1)
 
     def _sample(self, x: Tensor, ts: Tensor, path, p: SD3Preset, cond: dict, uncond: dict, noise, callback,
-                progress: bool) -> Tensor:  # fmt: skip
+                progress: bool, inpaint: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:  # fmt: skip
+        """Sample from ``x`` along ``ts``; ``inpaint`` = (clean latents, latent keep-mask, starting noise) pastes the
+        kept region back after every step, re-noised with the starting noise (``t2i.diffusion.sample_repaint``
+        with one pass per step)."""
         denoise = FlowDenoiser(self.transformer, path)
         slg = None
         if p.slg_scale != 0:
@@ -188,8 +228,28 @@ class SD3Pipeline:
         guided = classifier_free_guidance(denoise, p.guidance, uncond, skip_layers=slg)
         amp = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast is not None else nullcontext()
         with self._on_device(self.transformer), amp:
+            if inpaint is not None:
+                known, keep, eps = inpaint
+                return sample_repaint(guided, x, ts, path, known=known, mask=keep, resample=1,
+                                      step=get_sampler(p.sampler), extra_args=cond, callback=callback, noise=noise,
+                                      paste_noise=eps, progress=progress)  # fmt: skip
             return sample(p.sampler, guided, x, ts, path, extra_args=cond, noise=noise, callback=callback,
                           progress=progress)  # fmt: skip
+
+    def _start_latents(self, init_image, init_latents: Tensor | None, shape: tuple, noise: Seeds) -> Tensor:
+        """The clean MMDiT-space latents of img2img and inpainting: ``init_latents``, or ``init_image`` encoded."""
+        B, lat_h, lat_w = shape[0], shape[2], shape[3]
+        if init_latents is not None:
+            z0 = _batch(init_latents.float().to(self.device), B, "init_latents")
+            if tuple(z0.shape[1:]) != tuple(shape[1:]):
+                raise ValueError(f"init_latents must be (B, {', '.join(map(str, shape[1:]))}), got {tuple(z0.shape)}")
+            return z0
+        if self.vae is None:
+            raise ValueError("img2img needs a VAE to encode init_image (or pass init_latents)")
+        factor = self.vae.downscale
+        img = _batch(_image_tensor(init_image, lat_h * factor, lat_w * factor).to(self.device), B, "init_image")
+        with self._on_device(self.vae):
+            return self.vae.latent_format.process_in(self.vae.encode(img, noise=noise))
 
     # -- the call -------------------------------------------------------------------------------------------------
 
@@ -208,6 +268,9 @@ class SD3Pipeline:
         width: int = 1024,
         init_image=None,
         strength: float = 0.8,
+        mask_image=None,
+        mask_blur: float = 0.0,
+        init_latents: Tensor | None = None,
         latents: Tensor | None = None,
         output: str = "pil",
         vae_tile: int | None = None,
@@ -223,6 +286,10 @@ class SD3Pipeline:
             seeds: one seed per image (an int n gives one image with seed n); a single prompt is repeated.
             height, width: image size in pixels, multiples of 8 * patch size (16 for the released models).
             init_image: PIL image(s) or a ``(B, 3, H, W)`` tensor in [0, 1] for img2img, with ``strength``.
+            mask_image: inpainting: a PIL mask or ``(B, 1, H, W)`` tensor in [0, 1], white / 1 where the image is
+                repainted; the rest of ``init_image`` is kept, its latents pasted back (re-noised) after every step.
+            mask_blur: a Gaussian sigma in pixels that softens the mask's edge (0: a hard, binarised mask).
+            init_latents: MMDiT-space latents ``(B, C, H/8, W/8)`` to start from instead of encoding ``init_image``.
             latents: explicit starting noise ``(B, C, H/8, W/8)`` instead of drawing it from ``seeds``.
             output: "pil", "tensor" (``(B, 3, H, W)`` in [0, 1]) or "latent" (MMDiT-space latents).
             vae_tile: decode in tiles of this many latent pixels (bounds VAE memory for large images).
@@ -264,20 +331,23 @@ class SD3Pipeline:
             raise ValueError(f"height and width must be multiples of {factor * arch.patch_size}, got {height}x{width}")
         shape = (B, arch.in_channels, height // factor, width // factor)
         noise = Seeds(seeds)
-        path, ts = self.schedule(p.steps, p.shift, strength if init_image is not None else 1.0)
+        start = init_image is not None or init_latents is not None
+        if mask_image is not None and not start:
+            raise ValueError("inpainting needs the image to keep: pass init_image (or init_latents) with mask_image")
+        path, ts = self.schedule(p.steps, p.shift, strength if start else 1.0)
         eps = latents.float().to(self.device) if latents is not None else noise.randn(shape, device=self.device)
-        x = eps
-        if init_image is not None:
-            if self.vae is None:
-                raise ValueError("img2img needs a VAE to encode init_image")
-            img = _image_tensor(init_image, height, width).to(self.device)
-            if img.shape[0] == 1 and B > 1:
-                img = img.expand(B, -1, -1, -1)
-            with self._on_device(self.vae):
-                z0 = self.vae.latent_format.process_in(self.vae.encode(img, noise=noise))
+        x, inpaint = eps, None
+        if start:
+            z0 = self._start_latents(init_image, init_latents, shape, noise)
             x = path.add_noise(z0, eps, ts[0].expand(B))  # (1 - t0) z0 + t0 eps
+            if mask_image is not None:
+                m = _mask_tensor(mask_image, height, width, mask_blur).to(self.device)
+                m = _batch(m, B, "mask_image")
+                # nearest, as diffusers does, for a hard mask; a blurred one is averaged so it stays soft
+                m = F.interpolate(m, size=shape[-2:], mode="area" if mask_blur > 0 else "nearest")
+                inpaint = (z0, 1 - m, eps)
         # 3. sample with the guided denoiser
-        x = self._sample(x, ts, path, p, cond, uncond, noise, callback, progress)
+        x = self._sample(x, ts, path, p, cond, uncond, noise, callback, progress, inpaint=inpaint)
         # 4. decode
         if output == "latent":
             return x
