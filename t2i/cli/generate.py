@@ -40,6 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, help="image side in pixels")
     p.add_argument("--negative", default="", help="negative prompt (SD3-family models)")
     p.add_argument("--preset", help="a named settings preset of the model (e.g. sd3.5-large-turbo, fast)")
+    p.add_argument("--init-image", metavar="PNG", help="img2img: start from this image (SD3-family models)")
+    p.add_argument("--mask", metavar="PNG", help="inpainting: repaint where this mask is white (needs --init-image)")
+    p.add_argument("--strength", type=float, help="img2img / inpainting: how much to repaint, in (0, 1] (0.8)")
+    p.add_argument("--mask-blur", type=float, help="inpainting: soften the mask's edge by this many pixels (0)")
     p.add_argument("--from-file", help="a text file with one prompt per line (blank lines and # comments skipped)")
     p.add_argument("--batch-size", type=int, default=16, help="images per model call (default 16)")
     p.add_argument("--no-sheet", action="store_true", help="do not write contact_sheet.png")
@@ -81,6 +85,27 @@ def _check_args(args) -> None:
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--output {out} exists and is not a folder")
+    if args.mask and not args.init_image:
+        raise CLIError("--mask needs --init-image: inpainting repaints part of an existing image")
+
+
+def _edit_images(args):
+    """(init image, mask) as PIL images from --init-image / --mask (None where not given), checked readable."""
+    from PIL import Image, UnidentifiedImageError
+
+    from t2i.cli.main import CLIError
+
+    loaded = []
+    for flag, path in (("--init-image", args.init_image), ("--mask", args.mask)):
+        if path is None:
+            loaded.append(None)
+            continue
+        try:
+            with Image.open(path) as im:
+                loaded.append(im.convert("RGB" if flag == "--init-image" else "L"))
+        except (OSError, UnidentifiedImageError) as err:
+            raise CLIError(f"{flag} {path}: not a readable image ({err})") from None
+    return tuple(loaded)
 
 
 def _slug(text: str, n: int = 40) -> str:
@@ -88,7 +113,7 @@ def _slug(text: str, n: int = 40) -> str:
 
 
 # the flag that sets each Settings field (errors name the flag the user typed)
-_FLAG = {"guidance": "--guidance", "negative": "--negative"}
+_FLAG = {"guidance": "--guidance", "negative": "--negative", "init_image": "--init-image", "mask_blur": "--mask-blur"}
 
 
 def _settings(gen, args):
@@ -96,9 +121,10 @@ def _settings(gen, args):
     from t2i.cli.main import CLIError
     from t2i.pipelines.generator import SettingsError
 
+    extra = {k: v for k, v in (("strength", args.strength), ("mask_blur", args.mask_blur)) if v is not None}
     try:
         return gen.settings(args.preset, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
-                            size=args.size, negative=args.negative or None)  # fmt: skip
+                            size=args.size, negative=args.negative or None, extra=extra or None)  # fmt: skip
     except SettingsError as err:
         flag = _FLAG.get(err.field, f"--{err.field}")
         raise CLIError(f"{flag}: {err}") from None
@@ -121,6 +147,15 @@ def _run(args: argparse.Namespace) -> int:
 
     gen = load_generator(args.model)
     s = _settings(gen, args)
+    init, mask = _edit_images(args)
+    if init is not None:
+        from t2i.cli.main import CLIError
+        from t2i.pipelines.generator import SettingsError
+
+        try:
+            gen.check_edits(init, mask)
+        except SettingsError as err:
+            raise CLIError(f"{_FLAG.get(err.field, '--' + err.field)}: {err}") from None
     jobs = [(i, p, args.seed + k) for i, p in enumerate(prompts) for k in range(args.num_images)]
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -132,7 +167,8 @@ def _run(args: argparse.Namespace) -> int:
     files, pils, labels, first = [], [], [], None
     for b in range(0, len(jobs), args.batch_size):
         batch = jobs[b : b + args.batch_size]
-        images = gen.generate([p for _, p, _ in batch], [seed for _, _, seed in batch], s)
+        images = gen.generate([p for _, p, _ in batch], [seed for _, _, seed in batch], s, init_images=init,
+                              masks=mask)  # fmt: skip
         for (i, prompt, seed), image in zip(batch, images, strict=True):
             pil = to_pil(image)
             params = format_parameters(prompt, s.describe(gen.name, seed), args.negative)

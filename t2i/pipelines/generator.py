@@ -111,6 +111,7 @@ class Generator:
     name: str
     defaults: Settings
     supports_negative: bool = True
+    supports_edits: bool = False  # img2img and inpainting (``generate(..., init_images=, masks=)``)
     _presets: dict[str, Settings] | None = None
 
     def presets(self) -> dict[str, Settings]:
@@ -161,6 +162,11 @@ class Generator:
             raise SettingsError("size", f"{self.name} makes {self.describe_sizes()}; got size {s.size!r}")
         if s.negative and not self.supports_negative:
             raise SettingsError("negative", f"{self.name} does not take a negative prompt: {self.negative_reason}")
+        opts = s.options
+        if "strength" in opts and not (isinstance(opts["strength"], int | float) and 0 < opts["strength"] <= 1):
+            raise SettingsError("strength", f"strength must lie in (0, 1] (1 repaints fully), got {opts['strength']}")
+        if "mask_blur" in opts and not (isinstance(opts["mask_blur"], int | float) and opts["mask_blur"] >= 0):
+            raise SettingsError("mask_blur", f"mask_blur is a Gaussian sigma in pixels >= 0, got {opts['mask_blur']}")
 
     negative_reason = ""
 
@@ -168,15 +174,26 @@ class Generator:
         """How many times ``generate(..., s, callback=...)`` calls its callback."""
         return s.steps
 
-    def generate(self, prompts: list[str], seeds: list[int], settings: Settings, *, progress: bool = False,
-                 callback: Progress | None = None) -> Tensor:  # fmt: skip
+    def generate(self, prompts: list[str], seeds: list[int], settings: Settings, *, init_images=None, masks=None,
+                 progress: bool = False, callback: Progress | None = None) -> Tensor:  # fmt: skip
         """Images ``(B, 3, S, S)`` in [0, 1]; image ``k`` depends only on ``prompts[k]``, ``seeds[k]`` and the
-        settings, not on the rest of the batch (up to float rounding)."""
+        settings, not on the rest of the batch (up to float rounding).
+
+        ``init_images`` (PIL images or a ``(B, 3, S, S)`` tensor in [0, 1]) turns it into img2img at the settings'
+        ``strength`` (default 0.8); ``masks`` (white / 1 = repaint) into inpainting, softened by ``mask_blur``.
+        Families without edits (``supports_edits``) refuse them."""
         raise NotImplementedError
+
+    def check_edits(self, init_images, masks) -> None:
+        if (init_images is not None or masks is not None) and not self.supports_edits:
+            raise SettingsError("init_image", f"{self.name} does not edit images (no img2img or inpainting)")
+        if masks is not None and init_images is None:
+            raise SettingsError("mask", "inpainting needs the image to keep: give an init image with the mask")
 
 
 class SD3Generator(Generator):
     kind = "sd3"
+    supports_edits = True
 
     def __init__(self, pipe, name: str, defaults: Settings, sizes: tuple[int, int, int]):
         self.pipe, self.name, self.defaults = pipe, name, defaults
@@ -189,13 +206,26 @@ class SD3Generator(Generator):
     def size_ok(self, size: int) -> bool:
         return self.min_size <= size <= self.max_size and size % self.multiple == 0
 
-    def generate(self, prompts, seeds, settings, *, progress=False, callback=None):
+    def total_steps(self, s: Settings, edit: bool = False) -> int:
+        """The steps of a call: all of them, or for an edit the last ``strength`` of them (as img2img runs)."""
+        if not edit:
+            return s.steps
+        return len(self.pipe.schedule(s.steps, 1.0, float(s.options.get("strength", 0.8)))[1]) - 1
+
+    def generate(self, prompts, seeds, settings, *, init_images=None, masks=None, progress=False, callback=None):
         s = settings
+        self.check_edits(init_images, masks)
         sd3 = {k: v for k, v in s.extra if k in ("shift", "slg_scale", "slg_layers", "slg_window")}
-        step = None if callback is None else lambda d: callback(d["i"] + 1, s.steps)
+        edit = {}
+        if init_images is not None:
+            edit = {"init_image": init_images, "strength": float(s.options.get("strength", 0.8))}
+            if masks is not None:
+                edit.update(mask_image=masks, mask_blur=float(s.options.get("mask_blur", 0.0)))
+        total = self.total_steps(s, edit=bool(edit))
+        step = None if callback is None else lambda d: callback(d["i"] + 1, total)
         return self.pipe(prompts, negative_prompt=s.negative, seeds=list(seeds), height=s.size, width=s.size,
                          steps=s.steps, guidance=s.guidance, sampler=s.sampler, output="tensor", progress=progress,
-                         callback=step, **sd3)  # fmt: skip
+                         callback=step, **sd3, **edit)  # fmt: skip
 
 
 class UnCLIPGenerator(Generator):
@@ -220,11 +250,12 @@ class UnCLIPGenerator(Generator):
         """The prior's steps, then each stage's up to ``s.size``."""
         return self._prior_steps(s) + s.steps * (self.sizes.index(s.size) + 1)
 
-    def generate(self, prompts, seeds, settings, *, progress=False, callback=None):
+    def generate(self, prompts, seeds, settings, *, init_images=None, masks=None, progress=False, callback=None):
         from t2i.diffusion import Seeds
 
         s = settings
         self.check(s)
+        self.check_edits(init_images, masks)
         total, done = self.total_steps(s), [0]
 
         def step(_):

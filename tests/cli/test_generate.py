@@ -68,6 +68,46 @@ def test_preset_sets_steps_and_cfg(sd3_folder, tmp_path):
     assert settings["Steps"] == "1" and settings["CFG scale"] == "1.0"
 
 
+def test_img2img_and_inpainting_from_the_command_line(sd3_folder, tmp_path):
+    import numpy as np
+
+    init = tmp_path / "init.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(init)
+    mask = tmp_path / "mask.png"
+    m = np.zeros((32, 32), np.uint8)
+    m[:16] = 255  # repaint the top half
+    Image.fromarray(m).save(mask)
+    base = ["generate", "a red circle", "--model", sd3_folder, "--steps", "4", "--quiet", "--no-sheet"]
+    assert main([*base, "-o", str(tmp_path / "a"), "--init-image", str(init), "--strength", "0.5"]) == 0
+    settings = parse_parameters(read_parameters(tmp_path / "a" / "000-0-a-red-circle.png"))[2]
+    assert settings["Strength"] == "0.5"
+    assert main([*base, "-o", str(tmp_path / "b"), "--init-image", str(init), "--mask", str(mask),
+                 "--strength", "1.0", "--mask-blur", "2"]) == 0  # fmt: skip
+    assert main([*base, "-o", str(tmp_path / "c"), "--init-image", str(init), "--mask", str(mask)]) == 0
+    a, b, c = (np.asarray(Image.open(tmp_path / x / "000-0-a-red-circle.png")).astype(int) for x in "abc")
+    assert np.abs(b - c).max() > 0  # strength and mask blur change the result
+    plain = tmp_path / "plain"
+    assert main([*base, "-o", str(plain)]) == 0
+    assert np.abs(np.asarray(Image.open(plain / "000-0-a-red-circle.png")).astype(int) - a).max() > 0
+
+
+def test_edits_refused_where_they_cannot_work(sd3_folder, tmp_path, capsys):
+    folder = str(tiny_unclip_folder(tmp_path / "m"))
+    init = tmp_path / "init.png"
+    Image.new("RGB", (32, 32), "white").save(init)
+    (tmp_path / "bad.png").write_text("not an image")
+    for argv, message in (
+        (["--model", folder, "--init-image", str(init)], "does not edit images"),
+        (["--model", sd3_folder, "--mask", str(init)], "--mask needs --init-image"),
+        (["--model", sd3_folder, "--init-image", str(tmp_path / "bad.png")], "not a readable image"),
+        (["--model", sd3_folder, "--init-image", str(init), "--strength", "0"], "--strength: strength must lie"),
+        (["--model", sd3_folder, "--init-image", str(init), "--mask", str(init), "--mask-blur", "-1"], "--mask-blur"),
+    ):
+        assert main(["generate", "a cross", "-o", str(tmp_path / "o"), "--quiet", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+
+
 def test_unclip_models_generate_through_the_same_command(tmp_path):
     folder = str(tiny_unclip_folder(tmp_path / "m"))
     assert main(["generate", "a red circle", "-o", str(tmp_path / "o"), "--model", folder, "--quiet"]) == 0

@@ -120,3 +120,27 @@ def test_requests_never_change_the_shared_pipeline(unclip_gen):
     unclip_gen.generate(["a red circle"], [2], s.replace(steps=1, guidance=7.0, sampler="euler", size=16,
                                                          extra={"prior_steps": 1}))  # fmt: skip
     torch.testing.assert_close(unclip_gen.generate(["a red circle"], [2], s), before, rtol=0, atol=0)
+
+
+def test_sd3_edits_through_the_generator(sd3_gen, unclip_gen):
+    s = sd3_gen.settings(steps=4, extra={"strength": 0.5})
+    init = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., :16, :] = 1
+    calls: list[tuple[int, int]] = []
+    img2img = sd3_gen.generate(["a red circle"], [0], s, init_images=init, callback=lambda d, t: calls.append((d, t)))
+    assert calls == [(1, 2), (2, 2)] and sd3_gen.total_steps(s, edit=True) == 2  # the last half of 4 steps
+    inpainted = sd3_gen.generate(["a red circle"], [0], s, init_images=init, masks=mask)
+    assert img2img.shape == inpainted.shape == (1, 3, 32, 32) and (img2img - inpainted).abs().max() > 1e-4
+    for bad, field in (
+        ({"strength": 0}, "strength"),
+        ({"strength": 1.5}, "strength"),
+        ({"mask_blur": -1}, "mask_blur"),
+    ):
+        with pytest.raises(SettingsError) as err:
+            sd3_gen.settings(extra=bad)
+        assert err.value.field == field
+    with pytest.raises(SettingsError, match="does not edit images"):
+        unclip_gen.generate(["a red circle"], [0], unclip_gen.defaults, init_images=init)
+    with pytest.raises(SettingsError, match="needs the image to keep"):
+        sd3_gen.generate(["a red circle"], [0], s, masks=mask)
