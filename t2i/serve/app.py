@@ -43,12 +43,14 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTex
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from t2i.serve.batcher import Aborted, Batcher, Job, QueueFull
+from t2i.serve.edits import EditInputs, parse_edit
 from t2i.serve.metrics import Metrics
 from t2i.serve.schemas import (
     APIError,
     GenerationRequest,
     Limits,
     check_limits,
+    edit_schema,
     parse_request,
     request_schema,
     validation_error,
@@ -133,10 +135,10 @@ class ModelRegistry:
 
 
 # the request field that carries each Settings field (errors name the field the client sent)
-_REQUEST_FIELD = {"negative": "negative_prompt"}
+_REQUEST_FIELD = {"negative": "negative_prompt", "init_image": "image"}
 
 
-def _settings(gen, req: GenerationRequest):
+def _settings(gen, req: GenerationRequest, edit=None):
     """The request's sampling settings over the model's defaults (``Generator.settings``, as the CLI uses it);
     400 naming the field when one is impossible. Being frozen and hashable, they are the batch key's second half:
     jobs batch together only when the model and all of them are equal."""
@@ -147,8 +149,17 @@ def _settings(gen, req: GenerationRequest):
     except ValueError as err:
         raise APIError(400, str(err), param="size") from None
     try:
-        return gen.settings(steps=req.steps, guidance=req.guidance, sampler=req.sampler, size=side,
-                            negative=req.negative_prompt or None)  # fmt: skip
+        s = gen.settings(
+            steps=req.steps,
+            guidance=req.guidance,
+            sampler=req.sampler,
+            size=side,
+            negative=req.negative_prompt or None,
+            extra=edit.settings_extra() if edit else None,
+        )
+        if edit is not None:
+            gen.check_edits(edit.image, edit.mask)
+        return s
     except SettingsError as err:
         param = _REQUEST_FIELD.get(err.field, err.field)
         raise APIError(400, f"{param}: {err}", param=param) from None
@@ -171,9 +182,10 @@ def create_app(cfg: ServeConfig | None = None, *, generators: dict[str, Any] | N
     def run_batch(key, prompts, seeds, progress):
         import torch
 
-        model_id, settings = key
+        model_id, settings, *edit = key
+        images = {"init_images": edit[0].image, "masks": edit[0].mask} if edit else {}
         with torch.no_grad():  # this thread only; never the process-wide switch
-            return registry.get(model_id).generate(prompts, seeds, settings, callback=progress)
+            return registry.get(model_id).generate(prompts, seeds, settings, callback=progress, **images)
 
     batcher = Batcher(run_batch, max_batch=cfg.max_batch, window_s=cfg.batch_window_ms / 1000,
                       max_queue=cfg.max_queue, batching=cfg.batching, on_batch=metrics.on_batch)  # fmt: skip
@@ -288,19 +300,31 @@ def create_app(cfg: ServeConfig | None = None, *, generators: dict[str, Any] | N
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": request_schema(limits, list(SAMPLERS))}}}})  # fmt: skip
     async def generations(request: Request):
-        t0 = time.perf_counter()
         authorize(request)
-        req = parse_request(await _read_json(request, limits.max_body_bytes))
+        return await _serve(request, parse_request(await _read_json(request, limits.max_body_bytes)))
+
+    @app.post("/v1/images/edits", responses=_errors(400, 404, 413, 415, 422, 429, 504),
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "multipart/form-data": {"schema": edit_schema(limits, list(SAMPLERS))}}}})  # fmt: skip
+    async def edits(request: Request):
+        """OpenAI's image edits: the multipart ``image`` (+ optional ``mask``) repainted from ``prompt``."""
+        authorize(request)
+        req, edit = await parse_edit(request, limits.max_body_bytes)
+        return await _serve(request, req, edit)
+
+    async def _serve(request: Request, req: GenerationRequest, edit: EditInputs | None = None):
+        """Queue a generation or edit request, wait for its images and answer in OpenAI's shape."""
+        t0 = time.perf_counter()
         check_limits(req, limits)
         model_id = req.model or registry.default
         if model_id not in registry.ids:
             raise APIError(404, f"model {model_id!r} is not served here; GET /v1/models lists the ones that are",
                            param="model", code="model_not_found")  # fmt: skip
         gen = registry.loaded.get(model_id) or await batcher.call(registry.get, model_id)
-        s = _settings(gen, req)
+        s = _settings(gen, req, edit)
         seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little") % (2**31 - req.n)
-        job = Job((model_id, s), req.prompt, [seed + k for k in range(req.n)],
-                  request_id=req.request_id)  # fmt: skip
+        key = (model_id, s) if edit is None else (model_id, s, edit)  # an edit batches only with itself
+        job = Job(key, req.prompt, [seed + k for k in range(req.n)], request_id=req.request_id)
         try:
             batcher.submit(job)
         except QueueFull as full:

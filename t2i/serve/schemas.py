@@ -112,6 +112,26 @@ def request_schema(limits: Limits, samplers: list[str]) -> dict[str, Any]:
     return schema
 
 
+def edit_schema(limits: Limits, samplers: list[str]) -> dict[str, Any]:
+    """The multipart form of ``POST /v1/images/edits``: the generation fields, the two files, strength, mask_blur."""
+    schema = request_schema(limits, samplers)
+    props = dict(schema["properties"])
+    props["image"] = {"type": "string", "format": "binary", "description": "the image to edit (PNG or JPEG)"}
+    props["mask"] = {
+        "type": "string",
+        "format": "binary",
+        "description": "where to repaint: transparent pixels (RGBA, OpenAI's rule) or white ones",
+    }
+    props["strength"] = {
+        "type": "number",
+        "exclusiveMinimum": 0,
+        "maximum": 1,
+        "description": "how much to repaint (1: from pure noise; default 0.8)",
+    }
+    props["mask_blur"] = {"type": "number", "minimum": 0, "description": "soften the mask edge (pixels)"}
+    return {**schema, "properties": props, "required": ["image", "prompt"]}  # fmt: skip
+
+
 def check_limits(req: GenerationRequest, limits: Limits) -> None:
     """The bounds that depend on the server's configuration (400 with the field named)."""
     if len(req.prompt) > limits.max_prompt_chars:

@@ -270,3 +270,75 @@ def test_url_responses_ignore_the_host_header_and_old_files_are_swept(sd3_folder
         os.utime(keep, (stale, stale))
         second = c.post("/v1/images/generations", json={**req, "seed": 2}).json()["data"][0]["url"]
         assert not old.exists() and (out / second.rsplit("/", 1)[1]).exists() and keep.exists()
+
+
+def _png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_image_edits_inpaint_and_img2img(client):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    init = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    alpha = np.full((32, 32), 255, np.uint8)
+    alpha[:16] = 0  # OpenAI's rule: transparent = repaint (the top half)
+    rgba = Image.fromarray(np.dstack([np.zeros((32, 32, 3), np.uint8), alpha]), "RGBA")
+    white = Image.fromarray(255 - alpha)  # t2i's rule for masks without alpha: white = repaint, the same region
+    form = {"prompt": "a red circle", "n": "2", "seed": "5", "steps": "2", "strength": "1.0", "request_id": "e1"}
+    r = client.post(
+        "/v1/images/edits", data=form, files={"image": ("i.png", _png(init)), "mask": ("m.png", _png(rgba))}
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [d["seed"] for d in body["data"]] == [5, 6] and body["t2i"]["strength"] == 1.0
+    assert client.get("/v1/progress/e1").json()["state"] == "done"
+    r2 = client.post("/v1/images/edits", data={**form, "request_id": "e2"},
+                     files={"image": ("i.png", _png(init)), "mask": ("m.png", _png(white))})  # fmt: skip
+    assert [d["b64_json"] for d in r2.json()["data"]] == [
+        d["b64_json"] for d in body["data"]
+    ]  # same mask, same images
+    r3 = client.post("/v1/images/edits", data={"prompt": "a red circle", "seed": "5", "steps": "2", "strength": "0.5"},
+                     files={"image": ("i.png", _png(init))})  # img2img: no mask  # fmt: skip
+    assert r3.status_code == 200 and decode(r3.json()["data"][0]).size == (32, 32)
+
+
+@pytest.mark.parametrize(
+    ("form", "files", "status", "param"),
+    [
+        ({"prompt": "x"}, {}, 422, "image"),
+        ({"prompt": "x"}, {"image": ("i.png", b"not an image")}, 400, "image"),
+        ({"prompt": "x", "n": "two"}, "ok", 422, "n"),
+        ({"prompt": "x", "strength": "0"}, "ok", 400, "strength"),
+        ({"prompt": "x", "colour": "red"}, "ok", 422, "colour"),
+        ({"prompt": "x"}, "small-mask", 400, "mask"),
+    ],
+)
+def test_image_edit_errors_name_the_field(client, form, files, status, param):
+    from PIL import Image
+
+    ok = {"image": ("i.png", _png(Image.new("RGB", (32, 32), "white")))}
+    if files == "ok":
+        files = ok
+    elif files == "small-mask":
+        files = {**ok, "mask": ("m.png", _png(Image.new("L", (8, 8), 255)))}
+    r = client.post("/v1/images/edits", data=form, files=files)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_image_edits_need_a_form_and_a_model_that_edits(client, tmp_path):
+    r = client.post("/v1/images/edits", json={"prompt": "x"})
+    assert r.status_code == 415
+    folder = str(tiny_unclip_folder(tmp_path / "unclip"))
+    from PIL import Image
+
+    with TestClient(create_app(ServeConfig(models=[folder], output_dir=tmp_path / "out"))) as c:
+        r = c.post(
+            "/v1/images/edits", data={"prompt": "x"}, files={"image": ("i.png", _png(Image.new("RGB", (32, 32))))}
+        )
+        assert r.status_code == 400 and r.json()["error"]["param"] == "image"
+        assert "does not edit images" in r.json()["error"]["message"]
