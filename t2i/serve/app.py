@@ -309,7 +309,7 @@ def create_app(cfg: ServeConfig | None = None, *, generators: dict[str, Any] | N
     async def edits(request: Request):
         """OpenAI's image edits: the multipart ``image`` (+ optional ``mask``) repainted from ``prompt``."""
         authorize(request)
-        req, edit = await parse_edit(request, limits.max_body_bytes)
+        req, edit = await parse_edit(request, limits.max_upload_bytes)
         return await _serve(request, req, edit)
 
     async def _serve(request: Request, req: GenerationRequest, edit: EditInputs | None = None):

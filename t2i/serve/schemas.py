@@ -26,6 +26,7 @@ class Limits:
     max_n: int = 8
     max_steps: int = 100
     max_body_bytes: int = 16 * 1024
+    max_upload_bytes: int = 8 * 1024 * 1024  # an images/edits form: the image and mask files included
     max_guidance: float = 30.0
 
 
