@@ -149,3 +149,12 @@ def test_openai_client(sd3_folder, tmp_path):
             client.images.generate(model="dall-e-3", prompt="x")
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{srv.url}/v1", api_key="wrong", max_retries=0).images.generate(prompt="x")
+        # image edits through the client's own multipart encoding
+        scene, mask = io.BytesIO(), io.BytesIO()
+        Image.new("RGB", (32, 32), "white").save(scene, format="PNG")
+        Image.new("RGBA", (32, 32), (0, 0, 0, 0)).save(mask, format="PNG")  # all transparent: repaint everything
+        edit = client.images.edit(model=sd3_folder, image=("scene.png", scene.getvalue()), prompt="a red circle",
+                                  mask=("mask.png", mask.getvalue()), n=1, response_format="b64_json",
+                                  extra_body={"seed": 3, "steps": 2, "strength": 1.0})  # fmt: skip
+        im = Image.open(io.BytesIO(base64.b64decode(edit.data[0].b64_json)))
+        assert im.size == (32, 32) and "Strength: 1.0" in im.text["parameters"]
