@@ -43,4 +43,5 @@ from .samplers import (
     sample_euler_ancestral,
     sample_heun,
 )
+from .tiling import TiledDenoiser
 from .timesteps import TIME_SAMPLERS, LogitNormalTime, ModeTime, UniformTime, make_time_sampler

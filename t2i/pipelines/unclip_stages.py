@@ -28,6 +28,7 @@ from t2i.diffusion import (
     NoisePath,
     Seeds,
     SelfConditioning,
+    TiledDenoiser,
     check_sampler,
     classifier_free_guidance,
     dynamic_threshold,
@@ -141,6 +142,8 @@ class DecoderStage:
         lowres: low-res conditioning for super-resolution stages (None for the base stage).
         latent: a VQGAN whose latent space this stage diffuses in (None for pixel space).
         threshold: dynamic-thresholding percentile for pixel stages (None: clamp x0 to [-1, 1]).
+        tile, tile_overlap: denoise in overlapping tiles of this many pixels (of the stage's space) when the image
+            is larger, blending them every step (``t2i.diffusion.TiledDenoiser``): bounded memory for 1024 px stages.
     """
 
     net: Unet
@@ -153,6 +156,8 @@ class DecoderStage:
     lowres: LowresAugment | None = None
     latent: nn.Module | None = None
     threshold: float | None = None
+    tile: int | None = None
+    tile_overlap: int = 32
 
     def __post_init__(self):
         check_sampler(self.sampler)
@@ -221,6 +226,8 @@ def run_stage(
         low, level = stage.lowres.sample(prev.to(dev), stage.size, _stream(seeds, _LOWRES))
         cond.update(lowres=_to_space(stage, low), lowres_t=level)
     denoise = Denoiser(net, stage.path, stage.prediction)
+    if stage.tile is not None:  # innermost: guidance and self-conditioning see whole images
+        denoise = TiledDenoiser(denoise, stage.tile, stage.tile_overlap)
     if net.cfg.self_cond:
         denoise = SelfConditioning(denoise)
     uncond = {k: torch.ones(1, dtype=torch.bool, device=dev) for k in ("drop_image", "drop_text") if k in cond}

@@ -331,3 +331,25 @@ def test_inpainting_reports_each_step_of_each_stage(parts):
     embed = pipe.embed_images(x)
     pipe.decode(embed, seeds=Seeds([0]), image=x, inpaint_mask=mask, resample=2, callback=seen.append)
     assert [(d["stage"], d["i"]) for d in seen] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
+
+
+def test_a_three_stage_cascade_with_a_tiled_last_stage(parts):
+    """8 -> 16 -> 32 px with the last stage in 16 px tiles: it runs end to end; a tile as large as the image is
+    exactly the untiled stage; tiling changes the result only a little (each tile sees less context)."""
+    clip, prior, base, sr = parts
+    path = VPPath("cosine", 100)
+    sr2 = unet(lowres_cond=True, lowres_noise_cond=True)
+
+    def cascade(tile):
+        stages = [
+            DecoderStage(base, 8, path, "eps", sampler="ddim", steps=2, guidance=2.0),
+            DecoderStage(sr, 16, path, "v", sampler="ddpm", steps=2, lowres=LowresAugment(8)),
+            DecoderStage(sr2, 32, path, "v", sampler="ddim", steps=3, lowres=LowresAugment(16), tile=tile,
+                         tile_overlap=4),
+        ]  # fmt: skip
+        return UnCLIPPipeline(clip, PriorSpec(prior, path, "x0", steps=2, guidance=2.0), stages)
+
+    whole, same, tiled = (cascade(t)(PROMPTS, seed=1) for t in (None, 32, 16))
+    assert tiled.shape == (2, 3, 32, 32) and tiled.abs().max() <= 1
+    torch.testing.assert_close(same, whole, rtol=0, atol=0)
+    assert 0 < (tiled - whole).abs().mean() < 0.2
