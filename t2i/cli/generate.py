@@ -40,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, help="image side in pixels")
     p.add_argument("--negative", default="", help="negative prompt (SD3-family models)")
     p.add_argument("--preset", help="a named settings preset of the model (e.g. sd3.5-large-turbo, fast)")
+    p.add_argument("--quantize", choices=["int8"], help="store an SD3 model's large weights as int8 (needs torchao)")
     p.add_argument("--init-image", metavar="PNG", help="img2img: start from this image (SD3-family models)")
     p.add_argument("--mask", metavar="PNG", help="inpainting: repaint where this mask is white (needs --init-image)")
     p.add_argument("--strength", type=float, help="img2img / inpainting: how much to repaint, in (0, 1] (0.8)")
@@ -145,7 +146,7 @@ def _run(args: argparse.Namespace) -> int:
     from t2i.io.png import contact_sheet, format_parameters, save_png, to_pil
     from t2i.pipelines.folders import load_generator
 
-    gen = load_generator(args.model)
+    gen = load_generator(args.model, quantize=args.quantize)
     s = _settings(gen, args)
     init, mask = _edit_images(args)
     if init is not None:

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except (CLIError, ValueError, FileNotFoundError) as err:
+    except (CLIError, ValueError, FileNotFoundError, ImportError) as err:  # ImportError: a missing extra, named
         print(f"t2i {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

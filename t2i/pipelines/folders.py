@@ -93,7 +93,7 @@ def _contained_file(folder: Path, rel: Any, what: str, *, siblings: bool = False
     return path
 
 
-def _sd3_from_folder(folder: Path, spec: dict[str, Any]) -> SD3Generator:
+def _sd3_from_folder(folder: Path, spec: dict[str, Any], quantize: str | None = None) -> SD3Generator:
     from t2i.models.text import ClipTextConditioner
     from t2i.models.vae import LatentFormat
     from t2i.pipelines.sd3 import SD3Pipeline, SD3Preset
@@ -105,14 +105,18 @@ def _sd3_from_folder(folder: Path, spec: dict[str, Any]) -> SD3Generator:
     text = ClipTextConditioner(clip, spec["text_layer"], spec.get("text_chars", 0), spec.get("text_words", False))
     d = Settings.from_dict(spec["defaults"])
     preset = SD3Preset(steps=d.steps, guidance=d.guidance, sampler=d.sampler, shift=d.options.get("shift", 3.0))
-    pipe = SD3Pipeline(transformer, vae, text, preset=preset, device="cpu")
+    pipe = SD3Pipeline(transformer, vae, text, preset=preset, device="cpu", quantize=quantize)
     f = vae.downscale * transformer.cfg.patch_size
     gen = SD3Generator(pipe, spec["name"], d, (2 * f, transformer.cfg.pos_embed_max_size * f, f))
     gen._presets = _folder_presets(spec)
     return gen
 
 
-def _unclip_from_folder(folder: Path, spec: dict[str, Any]) -> UnCLIPGenerator:
+def _unclip_from_folder(folder: Path, spec: dict[str, Any], quantize: str | None = None) -> UnCLIPGenerator:
+    if quantize is not None:
+        raise ValueError(
+            f"{folder}: quantization is for the SD3 family's large models; unCLIP folders run as they are"
+        )
     from t2i.diffusion import VPPath
     from t2i.pipelines.unclip import DecoderStage, LowresAugment, PriorSpec, UnCLIPPipeline
 
@@ -165,8 +169,9 @@ def model_folder(model: str) -> Path | None:
     return path if (path / "model.json").exists() else None
 
 
-def load_generator(model: str) -> Generator:
-    """A shipped model name, a t2i model folder, or an official SD3/SD3.5 file or diffusers folder."""
+def load_generator(model: str, *, quantize: str | None = None) -> Generator:
+    """A shipped model name, a t2i model folder, or an official SD3/SD3.5 file or diffusers folder; ``quantize``
+    ("int8") stores an SD3 model's large weights as int8 (``t2i.nn.quantize``)."""
     path = resolve_model(model)
     if (path / "model.json").exists():
         spec = read_model_json(path)
@@ -174,7 +179,7 @@ def load_generator(model: str) -> Generator:
         if build is None:
             raise ValueError(f"{path}/model.json has unknown kind {spec.get('kind')!r}; use sd3 or unclip")
         try:
-            return build(path, spec)
+            return build(path, spec, quantize)
         except (KeyError, TypeError, AttributeError) as err:  # an entry missing or of the wrong JSON type
             raise ValueError(
                 f"{path}/model.json is malformed ({type(err).__name__}: {err}); compare it with a folder that "
@@ -186,7 +191,7 @@ def load_generator(model: str) -> Generator:
         extra = {"shift": p.shift, "slg_scale": p.slg_scale, "slg_layers": p.slg_layers, "slg_window": p.slg_window}
         return Settings(p.steps, p.guidance, p.sampler, 1024, extra=extra)
 
-    pipe = SD3Pipeline.from_pretrained(path)
+    pipe = SD3Pipeline.from_pretrained(path, quantize=quantize)
     f = pipe.vae.downscale * pipe.transformer.cfg.patch_size
     gen = SD3Generator(
         pipe, path.name, settings(pipe.preset), (16 * f, pipe.transformer.cfg.pos_embed_max_size * f, f)
