@@ -32,7 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Loggers that warn at import time about nothing a t2i user can act on: torchao (pulled in by transformers when the
+# quant extra is installed) reports its CUDA-only kernels missing on a CPU machine, and torch's pytree notes
+# torchao's deprecated Enum registrations.
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
