@@ -214,6 +214,7 @@ class SD3Generator(Generator):
 
     def generate(self, prompts, seeds, settings, *, init_images=None, masks=None, progress=False, callback=None):
         s = settings
+        self.check(s)  # a hand-made Settings gets the same checks as one from settings()
         self.check_edits(init_images, masks)
         sd3 = {k: v for k, v in s.extra if k in ("shift", "slg_scale", "slg_layers", "slg_window")}
         edit = {}
