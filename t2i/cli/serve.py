@@ -124,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:  # before anything else, so a missing extra is one line, not a traceback
         import fastapi  # noqa: F401
+        import python_multipart  # noqa: F401  (the images/edits form)
         import uvicorn
     except ImportError as err:
         raise CLIError(f"t2i serve needs the serve extra ({err.name} is missing): pip install -e '.[serve]'") from None
