@@ -25,7 +25,7 @@ from t2i.io import CheckpointMismatchError, check_state_dict, load_weights, read
 from t2i.io.runs import trained_weights_file
 
 # ``t2i_model`` kinds of files written before there was one format, and the registry names they mean
-_LEGACY_KINDS = {"unet": "unclip_unet", "unclip_prior": "unclip_prior", "vqgan": "vqgan"}
+_LEGACY_KINDS = {"unet": "unclip_unet"}  # the one kind whose old name differs from its registry name
 
 
 def model_file_name(path: str | Path) -> str | None:
