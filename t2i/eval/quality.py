@@ -111,12 +111,13 @@ def run_report(
     steps: Sequence[int] = STEPS,
     batch_size: int = 64,
     grid_dir: str | Path | None = "docs/images",
-    update_cards: bool = True,
+    update_cards: bool | None = None,
     splits: Sequence[str] = ("eval", "heldout"),
     sweep: bool = True,
     log=print,
 ) -> dict[str, Any]:
-    """Evaluate ``models`` and the ground truth; write ``out_md`` and ``out_md`` with ``.json``."""
+    """Evaluate ``models`` and the ground truth; write ``out_md`` and ``out_md`` with ``.json``. The evaluated model
+    folders' cards are refreshed when the whole splits were scored (``update_cards=None``), always (True) or never."""
     t0 = time.perf_counter()
     if grid_dir:
         Path(grid_dir).mkdir(parents=True, exist_ok=True)
@@ -142,12 +143,14 @@ def run_report(
     out_md.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
     if all({"eval", "heldout", "sweep"} <= set(r) for r in results):  # else a partial report: JSON only, to merge
         out_md.write_text(markdown(data, out_dir=out_md.parent))
-        if update_cards:  # refresh the model cards with the new scores
+        if _cards_wanted(update_cards, per_category):
             _refresh_cards(models, out_md.with_suffix(".json"))
     return data
 
 
-def merge_reports(paths: Sequence[str | Path], *, out_md: str | Path, update_cards: bool = True) -> dict[str, Any]:
+def merge_reports(
+    paths: Sequence[str | Path], *, out_md: str | Path, update_cards: bool | None = None
+) -> dict[str, Any]:
     """One report from partial ones (e.g. each model evaluated by its own process, side by side)."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     if not parts:
@@ -163,9 +166,14 @@ def merge_reports(paths: Sequence[str | Path], *, out_md: str | Path, update_car
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
     out_md.write_text(markdown(data, out_dir=out_md.parent))
-    if update_cards:
+    if _cards_wanted(update_cards, data["settings"].get("per_category")):
         _refresh_cards([m["model"] for m in data["models"]], out_md.with_suffix(".json"))
     return data
+
+
+def _cards_wanted(update_cards: bool | None, per_category: int | None) -> bool:
+    """Model cards quote the whole splits: by default (None) a quick subset (``per_category``) leaves them alone."""
+    return per_category is None if update_cards is None else update_cards
 
 
 def _refresh_cards(models: Sequence[str], report_json: Path) -> None:

@@ -16,7 +16,7 @@ def test_report_tables_json_and_card(tmp_path):
     folder = tiny_sd3_folder(tmp_path / "m", size=32)
     Image.new("RGB", (8, 8), "white").save(folder / "learning_curve.png")  # shipped by t2i export when scored
     data = run_report([str(folder)], out_md=tmp_path / "q.md", per_category=1, sweep_per_category=1, steps=(1, 2),
-                      grid_dir=tmp_path / "grids", log=lambda *_: None)  # fmt: skip
+                      grid_dir=tmp_path / "grids", update_cards=True, log=lambda *_: None)  # fmt: skip
     (m,) = data["models"]
     assert m["model"] == "tiny-sd3" and m["eval"]["n_images"] == 7 and m["heldout"]["n_images"] == 4
     assert {(r["sampler"], r["steps"]) for r in m["sweep"]} == {(s, n) for s in ("euler", "heun", "dpmpp_2m")
@@ -32,6 +32,11 @@ def test_report_tables_json_and_card(tmp_path):
     assert (tmp_path / "grids" / "tiny-sd3_eval.png").exists()
     card = (folder / "README.md").read_text()
     assert "| `eval` | **" in card and "| `heldout` | **" in card
+    # by default a quick subset (per_category) leaves the card alone: cards quote the whole splits
+    (folder / "README.md").write_text("kept")
+    run_report([str(folder)], out_md=tmp_path / "q2.md", per_category=1, sweep_per_category=1, steps=(1,),
+               grid_dir=None, log=lambda *_: None)  # fmt: skip
+    assert (folder / "README.md").read_text() == "kept"
 
 
 def test_export_cli_says_what_is_missing(tmp_path, capsys):
