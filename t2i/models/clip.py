@@ -241,17 +241,32 @@ class ClipEncoder(nn.Module):
         dev = device or self.image_mean.device
         return ids.to(dev), mask.to(dev)
 
-    def encode_text(self, ids: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(text_embed (B, E) unit-norm, per-token encodings (B, L, W)) for token ids from ``tokenize``."""
-        out = self.model.text_model(input_ids=ids, attention_mask=None if mask is None else mask.long())
-        embed = self.model.text_projection(out.pooler_output)
-        return F.normalize(embed.float(), dim=-1), out.last_hidden_state
+    def encode_text(self, ids: Tensor, mask: Tensor | None = None, *, words: bool = False) -> tuple[Tensor, Tensor]:
+        """(text_embed (B, E) unit-norm, per-token encodings (B, L, W)) for token ids from ``tokenize``.
 
-    def embed_text(self, texts: str | Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
-        """(text_embed, text_tokens, text_mask) for raw strings."""
+        ``words=True`` appends the tower's input embeddings of the same tokens (word plus position, each scaled to
+        unit RMS) after the encodings: (B, 2L, W). A small CLIP trained contrastively reads captions as a bag of
+        words (in the shapes CLIP "left" and "right" have cosine 0.99 from the first layer on), so its encodings
+        barely say which way a relation points; the input embeddings still do, and a decoder that attends to them
+        can contextualise them itself (``t2i.models.text.ClipTextConditioner`` does the same for SD3).
+        """
+        out = self.model.text_model(
+            input_ids=ids, attention_mask=None if mask is None else mask.long(), output_hidden_states=words
+        )
+        embed = F.normalize(self.model.text_projection(out.pooler_output).float(), dim=-1)
+        tokens = out.last_hidden_state
+        if words:
+            first = out.hidden_states[0]
+            first = first * torch.rsqrt(first.float().square().mean(-1, keepdim=True) + 1e-12).to(first.dtype)
+            tokens = torch.cat([tokens, first], 1)
+        return embed, tokens
+
+    def embed_text(self, texts: str | Sequence[str], *, words: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """(text_embed, text_tokens, text_mask) for raw strings; ``words``: see ``encode_text`` (the mask is then
+        repeated for the appended tokens)."""
         ids, mask = self.tokenize(texts)
-        embed, tokens = self.encode_text(ids, mask)
-        return embed, tokens, mask
+        embed, tokens = self.encode_text(ids, mask, words=words)
+        return embed, tokens, torch.cat([mask, mask], 1) if words else mask
 
     # -- images -------------------------------------------------------------------------------------------------
 

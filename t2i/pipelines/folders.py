@@ -134,7 +134,8 @@ def _unclip_from_folder(folder: Path, spec: dict[str, Any], quantize: str | None
         path = VPPath(st["schedule"], st["timesteps"])
         stages.append(DecoderStage(net, st["size"], path, st["prediction"], sampler=st["sampler"], steps=st["steps"],
                                    guidance=st["guidance"], lowres=low, tile=st.get("tile"),
-                                   tile_overlap=st.get("tile_overlap", 32)))  # fmt: skip
+                                   tile_overlap=st.get("tile_overlap", 32),
+                                   text_words=st.get("text_words", False)))  # fmt: skip
     gen = UnCLIPGenerator(UnCLIPPipeline(clip, prior, stages), spec["name"], Settings.from_dict(spec["defaults"]))
     gen._presets = _folder_presets(spec)
     return gen

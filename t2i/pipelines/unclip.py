@@ -100,9 +100,19 @@ class UnCLIPPipeline:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
+        """(text embeddings, per-token encodings, mask); with the input embeddings of the tokens appended when a
+        stage reads them (``DecoderStage.text_words``). The prior and the other stages see the encodings only."""
+        words = any(st.text_words for st in self.stages)
         with self._where(self.clip):
-            embed, tokens, mask = self.clip.embed_text(list(prompts))
+            embed, tokens, mask = self.clip.embed_text(list(prompts), words=words)
         return embed, tokens, mask
+
+    def _text_for(self, text_words: bool, tokens: Tensor | None, mask: Tensor | None):
+        """The part of ``encode_prompts``' tokens a prior or stage reads: all of them, or the encodings only."""
+        n = self.clip.context_length
+        if text_words or tokens is None or tokens.shape[1] <= n:
+            return tokens, mask
+        return tokens[:, :n], mask[:, :n]
 
     @torch.no_grad()
     def embed_images(self, images: Tensor) -> Tensor:
@@ -134,8 +144,11 @@ class UnCLIPPipeline:
             raise ValueError("this pipeline has no prior; pass image embeddings or images instead of prompts")
         spec = _with_settings(self.prior, steps=steps, sampler=sampler, guidance=guidance)
         embed, tokens, mask = self.encode_prompts(prompts)
+        prior_tokens, prior_mask = self._text_for(False, tokens, mask)
         with self._where(spec.net):
-            image_embed = sample_prior(spec, embed, text_tokens=tokens, text_mask=mask, seeds=seeds, callback=callback)
+            image_embed = sample_prior(
+                spec, embed, text_tokens=prior_tokens, text_mask=prior_mask, seeds=seeds, callback=callback
+            )
         return image_embed, tokens, mask
 
     # -- 3. decoder cascade ------------------------------------------------------------------------------------
@@ -187,13 +200,16 @@ class UnCLIPPipeline:
         prev = image if start_stage > 0 else None
         for k in range(start_stage, stop + 1):
             stage = _with_settings(self.stages[k], steps=steps, sampler=sampler, guidance=per_stage[k])
+            tokens, mask = self._text_for(stage.text_words, text_tokens, text_mask)
+            if stage.text_words and tokens is not None and tokens.shape[1] != 2 * self.clip.context_length:
+                raise ValueError(f"stage {k} reads word tokens too: pass text_tokens from encode_prompts")
             with self._where(stage.net), self._where(stage.latent):
                 prev = run_stage(
                     stage,
                     seeds=stage_seeds(seeds, k),
                     image_embed=image_embed,
-                    text_tokens=text_tokens,
-                    text_mask=text_mask,
+                    text_tokens=tokens,
+                    text_mask=mask,
                     prev=prev,
                     known=image if inpaint_mask is not None else None,
                     known_mask=inpaint_mask,

@@ -144,6 +144,8 @@ class DecoderStage:
         threshold: dynamic-thresholding percentile for pixel stages (None: clamp x0 to [-1, 1]).
         tile, tile_overlap: denoise in overlapping tiles of this many pixels (of the stage's space) when the image
             is larger, blending them every step (``t2i.diffusion.TiledDenoiser``): bounded memory for 1024 px stages.
+        text_words: the Unet attends to the CLIP's input embeddings of the prompt's tokens too, after its encodings
+            (``ClipEncoder.encode_text(words=True)``; trained with the decoder task's ``text_words``).
     """
 
     net: Unet
@@ -158,10 +160,15 @@ class DecoderStage:
     threshold: float | None = None
     tile: int | None = None
     tile_overlap: int = 32
+    text_words: bool = False
 
     def __post_init__(self):
         check_sampler(self.sampler)
         cfg = self.net.cfg
+        if self.text_words and not cfg.text_embed_dim:
+            raise ValueError(
+                f"stage of size {self.size}: text_words needs a Unet that attends to text (text_embed_dim)"
+            )
         if cfg.lowres_cond != (self.lowres is not None):
             need = "lowres_cond=True" if self.lowres is not None else "lowres_cond=False"
             raise ValueError(

@@ -60,6 +60,14 @@ def _run_part(run: str | Path, name: str) -> tuple[nn.Module, dict[str, Any], di
     return net, cfg, record
 
 
+def _folder_spec_of(component: str | Path) -> dict[str, Any]:
+    """The model.json of the folder a component file (e.g. ``models/unclip-shapes/prior.safetensors``) sits in."""
+    folder = Path(component).parent
+    if not (folder / "model.json").is_file():
+        raise ValueError(f"{component}: a component file needs its folder's model.json beside it")
+    return read_model_json(folder)
+
+
 def _stage_record(init_from: str | None, depth: int = 0) -> dict[str, Any] | None:
     """The training record of the run checkpoint a run started from (``model.init_from``), or None when it did not
     start from a ``t2i train`` checkpoint (``<run>/checkpoints/step_N/<file>``) that is still on disk. A stage that
@@ -183,24 +191,42 @@ def export_unclip(
     out = Path(out)
     clip_net, _, clip_rec = _run_part(clip, "clip")
     prior_net, pcfg, prior_rec = _run_part(prior, "unclip_prior")
-    pt = pcfg["task"]["params"]
+    if pcfg:
+        pt = pcfg["task"]["params"]
+        prior_spec = {
+            "schedule": pt["vp_schedule"],
+            "timesteps": pt["num_train_timesteps"],
+            "prediction": pt["prediction"],
+            "sampler": "ddim",
+            "steps": 32,
+            "guidance": 2.0,
+            "candidates": 2,
+        }
+    else:  # an existing folder's prior: its sampling spec comes along
+        prior_spec = dict(_folder_spec_of(prior)["prior"])
+    prior_spec = {**prior_spec, "file": "prior.safetensors", **(prior_settings or {})}
     out.mkdir(parents=True, exist_ok=True)
     save_model_file(out / "clip.safetensors", "clip", clip_net, **clip_extra(clip_net))
     save_model_file(out / "prior.safetensors", "unclip_prior", prior_net)
-    prior_spec = {"file": "prior.safetensors", "schedule": pt["vp_schedule"], "timesteps": pt["num_train_timesteps"],
-                  "prediction": pt["prediction"], "sampler": "ddim", "steps": 32, "guidance": 2.0, "candidates": 2,
-                  **(prior_settings or {})}  # fmt: skip
     stages, records = [], {"clip": clip_rec, "prior": prior_rec}
     for key, run in (("decoder", decoder), ("sr", sr)):
         net, cfg, rec = _run_part(run, "unclip_unet")
-        t = cfg["task"]["params"]
-        save_model_file(out / f"{key}.safetensors", "unclip_unet", net)
         records[key] = rec
-        stages.append({"file": f"{key}.safetensors", "size": t.get("stage_size") or cfg["data"]["image_size"],
-                       "schedule": t["vp_schedule"], "timesteps": t["num_train_timesteps"],
-                       "prediction": t["prediction"], "sampler": t["sampler"], "steps": cfg["run"]["sample_steps"],
-                       "guidance": t["guidance"], "lowres_size": t.get("lowres_size"),
-                       "sample_level": t["sample_level"]})  # fmt: skip
+        if cfg:
+            t = cfg["task"]["params"]
+            stage = {"size": t.get("stage_size") or cfg["data"]["image_size"], "schedule": t["vp_schedule"],
+                     "timesteps": t["num_train_timesteps"], "prediction": t["prediction"], "sampler": t["sampler"],
+                     "steps": cfg["run"]["sample_steps"], "guidance": t["guidance"],
+                     "lowres_size": t.get("lowres_size"), "sample_level": t["sample_level"]}  # fmt: skip
+            if t.get("text_words"):
+                stage["text_words"] = True
+        else:  # an existing folder's stage (keep it, retrain another): its spec comes along
+            name_in = Path(run).name
+            stage = next((dict(s) for s in _folder_spec_of(run)["stages"] if s["file"] == name_in), None)
+            if stage is None:
+                raise ValueError(f"{run}: its folder's model.json lists no stage file {name_in!r}")
+        save_model_file(out / f"{key}.safetensors", "unclip_unet", net)
+        stages.append({**stage, "file": f"{key}.safetensors"})
     d = {"steps": stages[0]["steps"], "guidance": stages[0]["guidance"], "sampler": stages[0]["sampler"],
          "size": stages[-1]["size"], **upgrade_settings_keys(defaults or {})}  # fmt: skip
     write_model_json(out, {"kind": "unclip", "name": name, "prior": prior_spec, "stages": stages, "defaults": d,

@@ -110,7 +110,7 @@ def test_export_needs_a_pinned_latent_format(tmp_path):
 
 
 def test_a_second_stage_run_exports_with_both_stages_on_its_card(tmp_path):
-    """configs/default/sd3_binding.yaml continues sd3.yaml's run (model.init_from): the exported record and card
+    """configs/default/sd3_refine.yaml continues sd3.yaml's run (model.init_from): the exported record and card
     carry the first stage's steps and CPU time beside the second's."""
     from model_folders import TINY_MMDIT
 
@@ -119,23 +119,55 @@ def test_a_second_stage_run_exports_with_both_stages_on_its_card(tmp_path):
     stage1, vae, clip = train_tiny_sd3(tmp_path)
     init = f"{stage1}/checkpoints/step_00000002/ema.safetensors"
     task = [f"task.params.vae={vae}", f"task.params.text={clip}", "task.params.text_chars=0"]
-    stage2 = train_default(tmp_path, "sd3_binding", [*task, *TINY_MMDIT, f"model.init_from={init}",
-                                                     "data.batch_size=2", "run.eval_every=0"])  # fmt: skip
+    stage2 = train_default(tmp_path, "sd3_refine", [*task, *TINY_MMDIT, f"model.init_from={init}",
+                                                    "data.batch_size=2", "run.eval_every=0"])  # fmt: skip
     out = export_sd3(tmp_path / "m", transformer=stage2, vae=vae, clip=clip)
     rec = json.loads((out / "model.json").read_text())["training"]["transformer"]
-    assert rec["run"] == "default_sd3_binding" and rec["started_from"]["run"] == "default_sd3"
+    assert rec["run"] == "default_sd3_refine" and rec["started_from"]["run"] == "default_sd3"
     assert rec["started_from"]["step"] == 2 and rec["started_from"]["cpu_seconds"] > 0
     card = card_text(out, None)
     assert "| transformer, stage 1 |" in card and "`configs/default/sd3.yaml`" in card
-    assert "| transformer, stage 2 |" in card and "`configs/default/sd3_binding.yaml`" in card
-    # configs/default/sd3_words.yaml continues the second stage: the record nests, the card lists all three
+    assert "| transformer, stage 2 |" in card and "`configs/default/sd3_refine.yaml`" in card
+    # a third stage continuing the second: the record nests, the card lists all three
     init = f"{stage2}/checkpoints/step_00000002/ema.safetensors"
-    stage3 = train_default(tmp_path, "sd3_words", [*task, *TINY_MMDIT, f"model.init_from={init}",
-                                                   "data.batch_size=2", "run.eval_every=0"])  # fmt: skip
+    stage3 = train_default(tmp_path, "sd3_refine", [*task, *TINY_MMDIT, f"model.init_from={init}", "run.name=again",
+                                                    "data.batch_size=2", "run.eval_every=0"])  # fmt: skip
     out = export_sd3(tmp_path / "m3", transformer=stage3, vae=vae, clip=clip)
     rec = json.loads((out / "model.json").read_text())["training"]["transformer"]
     assert [rec["run"], rec["started_from"]["run"], rec["started_from"]["started_from"]["run"]] == [
-        "default_sd3_words", "default_sd3_binding", "default_sd3"]  # fmt: skip
+        "again", "default_sd3_refine", "default_sd3"]  # fmt: skip
     card = card_text(out, None)
     assert "| transformer, stage 2 |" in card and "| transformer, stage 3 |" in card
-    assert "`configs/default/sd3_words.yaml`" in card and "input embeddings" in card
+    assert "input embeddings" in card
+
+
+def test_unclip_decoder_with_word_tokens_exports_beside_an_existing_folders_stages(tmp_path):
+    """A decoder retrained with the CLIP's word embeddings (task.params.text_words), exported with the prior and
+    upsampler of an existing folder: their specs and records come along, and the pipeline feeds each part its own
+    tokens (the prior and upsampler the encodings, the new decoder encodings + word embeddings)."""
+    from model_folders import tiny_unclip_folder
+
+    from t2i.diffusion import Seeds
+
+    base = tiny_unclip_folder(tmp_path / "base")
+    unet = (
+        "model.params={dim: 8, dim_mults: [1, 2], num_res_blocks: 1, attn_levels: [false, true], "
+        "self_attn: [false, false], heads: 2, head_dim: 8, groups: 4, image_embed_dim: 32, text_embed_dim: 32}"
+    )
+    dec = train_default(tmp_path, "decoder", [f"task.params.clip_path={base}/clip.safetensors", unet,
+                                              "task.params.text_words=true", "task.params.stage_size=16",
+                                              "data.batch_size=2"])  # fmt: skip
+    out = export_unclip(tmp_path / "m", clip=f"{base}/clip.safetensors", prior=f"{base}/prior.safetensors",
+                        decoder=dec, sr=f"{base}/sr.safetensors")  # fmt: skip
+    spec = json.loads((out / "model.json").read_text())
+    base_spec = json.loads((base / "model.json").read_text())
+    assert spec["prior"] == base_spec["prior"] and spec["stages"][1] == base_spec["stages"][1]
+    assert spec["stages"][0]["text_words"] is True and spec["stages"][0]["size"] == 16
+    gen = load_generator(str(out))
+    pipe = gen.pipe
+    _, tokens, mask = pipe.encode_prompts(["a red circle left of a blue square"])
+    n = pipe.clip.context_length
+    assert tokens.shape[1] == 2 * n and torch.equal(mask[:, :n], mask[:, n:])
+    assert gen.generate(["a red circle"], [0], gen.defaults).shape == (1, 3, 32, 32)
+    with pytest.raises(ValueError, match="reads word tokens too"):
+        pipe.decode(torch.randn(1, 32), seeds=Seeds([0]), text_tokens=tokens[:, :n], text_mask=mask[:, :n])

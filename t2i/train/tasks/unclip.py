@@ -100,6 +100,7 @@ class _EmbeddingSource:
 
     def __init__(self, p):
         self.cache = None
+        self.words = bool(getattr(p, "text_words", False))
         if getattr(p, "cache_path", None):
             self.cache = load_weights(p.cache_path)
             self.row = {int(i): r for r, i in enumerate(self.cache["index"].tolist())}
@@ -130,7 +131,7 @@ class _EmbeddingSource:
         self.clip.to(device)
         out: dict[str, Tensor] = {}
         if need_text:
-            text_embed, tokens, mask = self.clip.embed_text(list(batch["caption"]))
+            text_embed, tokens, mask = self.clip.embed_text(list(batch["caption"]), words=self.words)
             out.update(text_embed=text_embed, text_tokens=tokens.float(), text_mask=mask)
         if need_image:
             out["image_embed"] = self.clip.embed_image(batch["image"].to(device))
@@ -270,6 +271,9 @@ class DecoderTaskConfig:
     vb_weight: float = 0.001  # hybrid-loss weight of the variance term (learned_variance Unets only)
     sampler: str = "ddim"
     guidance: float = 1.0
+    # attend to the CLIP's input embeddings of the caption's tokens too (``ClipEncoder.encode_text(words=True)``):
+    # the encodings of a small contrastive CLIP do not say which way a relation points or which colour goes where
+    text_words: bool = False
 
 
 class DecoderTask(Task):
@@ -378,6 +382,7 @@ class DecoderTask(Task):
             guidance=self.params.guidance,
             lowres=self.lowres,
             latent=self.latent,
+            text_words=self.params.text_words,
         )
         prev = self.lowres.downsample(images) if self.lowres is not None else None
         return run_stage(
