@@ -111,6 +111,9 @@ def detect_controlnet(sd: Mapping[str, Tensor], *, head_dim: int = 64) -> dict:
     if missing:
         raise ValueError(f"the ControlNet weights lack {', '.join(missing)}; the file is incomplete or another model")
     D, in_ch, p, _ = sd["pos_embed_input.proj.weight"].shape
+    ln_k = [k for k in sd if re.match(r"transformer_blocks\.\d+\.attn\.ln_k\.weight$", k)]
+    if ln_k:  # QK-norm (ControlNets trained by t2i from an SD3.5-style base) also gives the head width
+        head_dim = int(sd[ln_k[0]].shape[0])
     if D % head_dim:
         raise ValueError(f"ControlNet width {D} is not a multiple of head_dim {head_dim}; pass the right head_dim")
     params = {
@@ -121,6 +124,7 @@ def detect_controlnet(sd: Mapping[str, Tensor], *, head_dim: int = 64) -> dict:
         "in_channels": int(in_ch),
         "pooled_dim": int(sd["time_text_embed.text_embedder.linear_1.weight"].shape[1]),
         "mlp_ratio": sd["transformer_blocks.0.mlp.fc1.weight"].shape[0] / D,
+        "qk_norm": "rms" if ln_k else None,
         "stored_patch_embed": "pos_embed.proj.weight" in sd,
     }
     if "control_type" in sd:

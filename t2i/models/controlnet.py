@@ -41,6 +41,7 @@ class ControlNetConfig:
     in_channels: int = 16  # VAE latent channels of the control image
     pooled_dim: int = 2048  # CLIP-L + CLIP-G pooled
     mlp_ratio: float = 4.0
+    qk_norm: str | None = None  # "rms" for ControlNets copied from a QK-normed base (the released ones have none)
     control_type: str = "canny"  # a key of CONTROL_TYPES: what the control image shows
     # "reference": canny images enter the VAE as x*255*0.5+0.5, blur and depth as 2x-1 (the sd3.5 reference's
     # preprocessing, which the released nets were trained with); "signed": 2x-1 for every kind (diffusers'
@@ -64,7 +65,7 @@ class ControlNetConfig:
         """The MMDiT config whose ``StreamBlock`` is this ControlNet's plain DiT block."""
         return MMDiTConfig(depth=self.depth, num_heads=self.num_heads, head_dim=self.head_dim,
                            patch_size=self.patch_size, in_channels=self.in_channels, pooled_dim=self.pooled_dim,
-                           qk_norm=None, mlp_ratio=self.mlp_ratio)  # fmt: skip
+                           qk_norm=self.qk_norm, mlp_ratio=self.mlp_ratio)  # fmt: skip
 
 
 PRESETS: dict[str, ControlNetConfig] = {
@@ -157,7 +158,8 @@ class ControlNet(nn.Module):
     @torch.no_grad()
     def init_from_base(self, base: MMDiT) -> None:
         """Copy the embedders and the first ``depth`` image streams of ``base`` (ControlNet's trainable copy), keep
-        the zero output Linears and control patch embedding."""
+        the zero output Linears and control patch embedding. An MMDiT-X block's second image attention has no
+        place in a plain block: its weights and its three adaLN chunks are left out."""
         bc = base.cfg
         if (bc.hidden_size, bc.patch_size, bc.in_channels, bc.pooled_dim) != (
             self.cfg.hidden_size, self.cfg.patch_size, self.cfg.in_channels, self.cfg.pooled_dim):  # fmt: skip
@@ -171,12 +173,15 @@ class ControlNet(nn.Module):
         for ours, theirs in ((tte.timestep_embedder, base.t_embedder), (tte.text_embedder, base.y_embedder)):
             ours.linear_1.load_state_dict(theirs.mlp[0].state_dict())
             ours.linear_2.load_state_dict(theirs.mlp[2].state_dict())
+        if self.cfg.qk_norm != bc.qk_norm:
+            raise ValueError(f"the base model's qk_norm is {bc.qk_norm!r}, the ControlNet's {self.cfg.qk_norm!r}; "
+                             "build it with controlnet_config_for(base.cfg, ...)")  # fmt: skip
+        D = self.cfg.hidden_size
         for i, blk in enumerate(self.transformer_blocks):
-            src = base.joint_blocks[i].x_block
-            if src.x_self_attn or src.attn.ln_q is not None:
-                raise ValueError("the base model's blocks have QK-norm or a second attention; a ControlNet copies "
-                                 "only plain blocks (SD3-Medium-style MMDiTs)")  # fmt: skip
-            blk.load_state_dict(src.state_dict())
+            src = {k: v for k, v in base.joint_blocks[i].x_block.state_dict().items() if not k.startswith("attn2.")}
+            for k in ("adaLN_modulation.1.weight", "adaLN_modulation.1.bias"):
+                src[k] = src[k][: 6 * D]  # shift, scale, gate of attention and MLP; MMDiT-X's *_msa2 come after
+            blk.load_state_dict(src)
 
     def forward(self, tokens: Tensor, control_latent: Tensor, t: Tensor, pooled: Tensor,
                 scale: float = 1.0) -> list[Tensor]:  # fmt: skip
@@ -201,7 +206,7 @@ def controlnet_config_for(base: MMDiTConfig, depth: int, control_type: str = "ca
     """A ControlNet config that fits ``base``: its width, heads, patch, channels and pooled width."""
     return ControlNetConfig(depth=depth, num_heads=base.heads, head_dim=base.head_dim, patch_size=base.patch_size,
                             in_channels=base.in_channels, pooled_dim=base.pooled_dim, mlp_ratio=base.mlp_ratio,
-                            control_type=control_type, input_range=input_range)  # fmt: skip
+                            qk_norm=base.qk_norm, control_type=control_type, input_range=input_range)  # fmt: skip
 
 
 def load_controlnet(path, *, control_type: str | None = None, dtype: torch.dtype = torch.float32) -> ControlNet:

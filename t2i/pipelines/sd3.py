@@ -161,7 +161,7 @@ class SD3Pipeline:
         controlnets: Sequence[nn.Module] = (),
     ):
         self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
-        self.controlnets = list(controlnets)
+        self.controlnets: list[nn.Module] = []
         if quantize is not None:
             quantize_weights(transformer, quantize)
             t5 = getattr(text_encoder, "t5", None)
@@ -174,9 +174,11 @@ class SD3Pipeline:
         self.device = torch.device(device) if device is not None else next(transformer.parameters()).device
         self.offload, self.autocast = offload, autocast
         if offload:
-            for m in (transformer, vae, text_encoder, *self.controlnets):
+            for m in (transformer, vae, text_encoder):
                 if m is not None:
                     m.to("cpu")
+        for net in controlnets:
+            self.add_controlnet(net)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, preset: str | SD3Preset | None = None, device=None, offload=False,
@@ -193,6 +195,19 @@ class SD3Pipeline:
             preset = name if name in PRESETS else "sd3.5-medium"
         return cls(parts.transformer, parts.vae, parts.text_encoder, preset=preset, device=device,
                    offload=offload, autocast=autocast, quantize=quantize)  # fmt: skip
+
+    def add_controlnet(self, net: nn.Module) -> None:
+        """Hold ``net`` for the ``controls`` of later calls, after checking that it fits this transformer."""
+        c, t = net.cfg, self.transformer.cfg
+        if (c.hidden_size, c.patch_size, c.in_channels, c.pooled_dim) != (t.hidden_size, t.patch_size,
+                                                                            t.in_channels, t.pooled_dim):  # fmt: skip
+            raise ValueError(
+                f"this ControlNet ({c.hidden_size} wide, patch {c.patch_size}, {c.in_channels} latent channels, "
+                f"pooled {c.pooled_dim}) does not fit the model ({t.hidden_size}, {t.patch_size}, {t.in_channels}, "
+                f"{t.pooled_dim}); use one made for this model"
+            )
+        net.to("cpu" if self.offload else self.device)
+        self.controlnets.append(net)
 
     def _on_device(self, module: nn.Module | None):
         return placed(module, self.device if self.offload else None)
