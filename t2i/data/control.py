@@ -1,6 +1,7 @@
 """Control images for ControlNet: the three kinds the SD3.5 ControlNets were released for, plus "none".
 
-- canny: Canny edges (Canny 1986) by OpenCV, the optional ``control`` extra (``pip install 't2i[control]'``). An
+- canny: Canny edges (Canny 1986) by OpenCV, the optional ``control`` extra (``pip install 't2i[control]'``), found
+  in each colour channel and united (a yellow object on a light ground has almost no edge in grey). An
   image that is already a black-and-white edge map (only the values 0 and 255) is kept as it is: edges of edges
   would double every line.
 - blur: a Gaussian blur (PIL), by default with a sigma of 1/40 of the shorter side.
@@ -54,13 +55,16 @@ def _as_pil(image, what: str) -> Image.Image:
 
 
 def canny_edges(image: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
-    """White Canny edges on black (OpenCV, hysteresis thresholds ``low``/``high``), as an RGB image."""
+    """White Canny edges on black (OpenCV, hysteresis thresholds ``low``/``high``, each RGB channel), as RGB."""
     grey = np.asarray(image.convert("L"))
     if set(np.unique(grey).tolist()) <= {0, 255}:
         return image.convert("RGB")  # already an edge map
     if not 0 <= low <= high:
         raise ControlImageError(f"canny thresholds must satisfy 0 <= low <= high, got {low}, {high}")
-    edges = _require_cv2().Canny(grey, low, high)
+    cv2 = _require_cv2()
+    rgb = np.asarray(image.convert("RGB"))
+    # per colour channel, then united: on grey alone a yellow object on a light background has almost no edge
+    edges = np.maximum.reduce([cv2.Canny(np.ascontiguousarray(rgb[..., c]), low, high) for c in range(3)])
     return Image.fromarray(edges).convert("RGB")
 
 

@@ -113,7 +113,9 @@ def _sd3_from_folder(folder: Path, spec: dict[str, Any], quantize: str | None = 
     if "controlnet" in spec.get("components", {}) or (folder / "controlnet.safetensors").is_file():
         from t2i.models.controlnet import load_controlnet
 
-        pipe.add_controlnet(load_controlnet(component_file(folder, spec, "controlnet")))
+        own = component_file(folder, spec, "controlnet")
+        pipe.add_controlnet(load_controlnet(own))
+        gen._controlnet_files = {own.resolve()}
     return gen
 
 
@@ -185,6 +187,8 @@ def load_generator(model: str, *, quantize: str | None = None, controlnets: Sequ
         from t2i.models.controlnet import load_controlnet
 
         for path in controlnets:
+            if Path(path).resolve() in getattr(gen, "_controlnet_files", set()):
+                continue  # the folder's own ControlNet, already loaded with it
             gen.pipe.add_controlnet(load_controlnet(path))
     return gen
 
