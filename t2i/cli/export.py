@@ -2,6 +2,7 @@
 
     t2i export sd3 --out models/sd3-shapes          # runs/default_{sd3,vae,clip}
     t2i export unclip --out models/unclip-shapes    # runs/default_{clip,prior,decoder,sr}
+    t2i export controlnet --run runs/controlnet_shapes_outlines --out models/sd3-shapes   # adds controlnet.safetensors
 
 Each network is taken from its run's newest checkpoint (EMA weights), stored in fp16 with its config, and the
 sampling settings are read from the runs' own configs; a model card (README.md) records the training.
@@ -35,6 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--out", required=True)
     _defaults(u)
     u.set_defaults(func=run)
+    c = kinds.add_parser("controlnet", help="add a controlnet task run's ControlNet to an sd3 model folder")
+    c.add_argument("--run", required=True, help="the controlnet task run")
+    c.add_argument("--out", required=True, help="the sd3 model folder that gets controlnet.safetensors")
+    c.set_defaults(func=run_controlnet)
 
 
 def _defaults(p: argparse.ArgumentParser) -> None:
@@ -42,6 +47,14 @@ def _defaults(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int)
     g.add_argument("--guidance", "--cfg", dest="guidance", type=float, help="guidance scale (--cfg: the same)")
     g.add_argument("--sampler")
+
+
+def run_controlnet(args: argparse.Namespace) -> int:
+    from t2i.train.export import export_controlnet
+
+    out = export_controlnet(args.out, run=args.run)
+    print(f"wrote {out / 'controlnet.safetensors'} ({(out / 'controlnet.safetensors').stat().st_size / 1e6:.2f} MB)")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:

@@ -45,6 +45,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mask", metavar="PNG", help="inpainting: repaint where this mask is white (needs --init-image)")
     p.add_argument("--strength", type=float, help="img2img / inpainting: how much to repaint, in (0, 1] (0.8)")
     p.add_argument("--mask-blur", type=float, help="inpainting: soften the mask's edge by this many pixels (0)")
+    p.add_argument(
+        "--control",
+        action="append",
+        default=[],
+        metavar="KIND:PNG[:SCALE[:START:END]]",
+        help="a ControlNet control (repeatable; several sum): KIND is canny, blur, depth or none (the image as "
+        "given), SCALE its strength (1), START:END the fraction of the steps where it acts (0:1), e.g. "
+        "canny:photo.png:0.8 or depth:depth.png:1:0:0.6",
+    )
+    p.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="ControlNet weights (repeatable): an SD3.5 ControlNet file, a diffusers SD3ControlNetModel folder or a "
+        "t2i ControlNet file; a model folder's own controlnet.safetensors loads by itself",
+    )
+    p.add_argument(
+        "--controlnet-layout",
+        choices=["reference", "diffusers"],
+        help="which MMDiT blocks take the ControlNet residuals: reference (all, the default) or diffusers (all "
+        "but the last)",
+    )
     p.add_argument("--from-file", help="a text file with one prompt per line (blank lines and # comments skipped)")
     p.add_argument("--batch-size", type=int, default=16, help="images per model call (default 16)")
     p.add_argument("--no-sheet", action="store_true", help="do not write contact_sheet.png")
@@ -88,6 +111,67 @@ def _check_args(args) -> None:
         raise CLIError(f"--output {out} exists and is not a folder")
     if args.mask and not args.init_image:
         raise CLIError("--mask needs --init-image: inpainting repaints part of an existing image")
+    args.control_specs = [parse_control_spec(text) for text in args.control]
+    for path in args.controlnet:
+        if not Path(path).exists():
+            raise CLIError(f"--controlnet {path}: no such file or folder")
+
+
+def parse_control_spec(text: str) -> tuple[str, str, float, float, float]:
+    """``KIND:PATH[:SCALE[:START:END]]`` -> (kind, path, scale, start, end), checked; numbers are read from the
+    right, so a path may itself hold colons."""
+    from t2i.cli.main import CLIError
+    from t2i.data.control import CONTROL_KINDS
+
+    kind, sep, rest = text.partition(":")
+    if not sep or not rest:
+        raise CLIError(f"--control {text!r}: write KIND:PNG[:SCALE[:START:END]], e.g. canny:edges.png:0.8")
+    if kind not in CONTROL_KINDS:
+        from t2i.errors import unknown_choice
+
+        raise CLIError(f"--control {text!r}: {unknown_choice('control kind', kind, CONTROL_KINDS)}")
+    parts = rest.split(":")
+
+    def number(s: str) -> float | None:
+        try:
+            x = float(s)
+        except ValueError:
+            return None
+        return x if abs(x) < float("inf") else None
+
+    numbers: list[float] = []
+    for count in (3, 1):  # SCALE:START:END, else SCALE
+        tail = [number(s) for s in parts[-count:]] if len(parts) > count else []
+        if tail and all(x is not None for x in tail):
+            numbers, parts = tail, parts[:-count]
+            break
+    path = ":".join(parts)
+    scale, start, end = (numbers + [1.0, 0.0, 1.0][len(numbers) :]) if numbers else (1.0, 0.0, 1.0)
+    if not 0.0 <= start < end <= 1.0:
+        raise CLIError(f"--control {text!r}: the window START:END must satisfy 0 <= START < END <= 1, got "
+                       f"{start:g}:{end:g}")  # fmt: skip
+    if not Path(path).is_file():
+        raise CLIError(f"--control {text!r}: no image file {path!r}")
+    return kind, path, scale, start, end
+
+
+def _controls(args):
+    """The ``Control`` of every --control, its image loaded (checked readable)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from t2i.cli.main import CLIError
+    from t2i.pipelines.control import Control
+
+    controls = []
+    for kind, path, scale, start, end in args.control_specs:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                image = im.copy()
+        except (OSError, UnidentifiedImageError) as err:
+            raise CLIError(f"--control {path}: not a readable image ({err})") from None
+        controls.append(Control(image, kind, scale, start, end))
+    return controls
 
 
 def _edit_images(args):
@@ -114,7 +198,15 @@ def _slug(text: str, n: int = 40) -> str:
 
 
 # the flag that sets each Settings field (errors name the flag the user typed)
-_FLAG = {"guidance": "--guidance", "negative": "--negative", "init_image": "--init-image", "mask_blur": "--mask-blur"}
+_FLAG = {
+    "guidance": "--guidance",
+    "negative": "--negative",
+    "init_image": "--init-image",
+    "mask_blur": "--mask-blur",
+    "control": "--control",
+    "controlnet": "--controlnet",
+    "controlnet_layout": "--controlnet-layout",
+}
 
 
 def _settings(gen, args):
@@ -122,7 +214,8 @@ def _settings(gen, args):
     from t2i.cli.main import CLIError
     from t2i.pipelines.generator import SettingsError
 
-    extra = {k: v for k, v in (("strength", args.strength), ("mask_blur", args.mask_blur)) if v is not None}
+    pairs = (("strength", args.strength), ("mask_blur", args.mask_blur), ("controlnet_layout", args.controlnet_layout))
+    extra = {k: v for k, v in pairs if v is not None}
     try:
         return gen.settings(args.preset, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
                             size=args.size, negative=args.negative or None, extra=extra or None)  # fmt: skip
@@ -143,20 +236,26 @@ def _run(args: argparse.Namespace) -> int:
     prompts = _prompts(args)
     _check_args(args)
 
+    from t2i.cli.main import CLIError
     from t2i.io.png import contact_sheet, format_parameters, save_png, to_pil
     from t2i.pipelines.folders import load_generator
+    from t2i.pipelines.generator import SettingsError
 
-    gen = load_generator(args.model, quantize=args.quantize)
+    try:
+        gen = load_generator(args.model, quantize=args.quantize, controlnets=args.controlnet)
+    except (ValueError, FileNotFoundError) as err:
+        if not args.controlnet:
+            raise
+        raise CLIError(f"--controlnet: {err}") from None
     s = _settings(gen, args)
     init, mask = _edit_images(args)
-    if init is not None:
-        from t2i.cli.main import CLIError
-        from t2i.pipelines.generator import SettingsError
-
-        try:
+    controls = _controls(args)
+    try:
+        if init is not None:
             gen.check_edits(init, mask)
-        except SettingsError as err:
-            raise CLIError(f"{_FLAG.get(err.field, '--' + err.field)}: {err}") from None
+        gen.check_controls(controls)
+    except SettingsError as err:
+        raise CLIError(f"{_FLAG.get(err.field, '--' + err.field)}: {err}") from None
     jobs = [(i, p, args.seed + k) for i, p in enumerate(prompts) for k in range(args.num_images)]
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -169,7 +268,7 @@ def _run(args: argparse.Namespace) -> int:
     for b in range(0, len(jobs), args.batch_size):
         batch = jobs[b : b + args.batch_size]
         images = gen.generate([p for _, p, _ in batch], [seed for _, _, seed in batch], s, init_images=init,
-                              masks=mask)  # fmt: skip
+                              masks=mask, controls=controls)  # fmt: skip
         for (i, prompt, seed), image in zip(batch, images, strict=True):
             pil = to_pil(image)
             params = format_parameters(prompt, s.describe(gen.name, seed), args.negative)

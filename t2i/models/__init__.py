@@ -15,6 +15,7 @@ from torch import nn
 from t2i.errors import check_choice, unknown_choice
 
 from .clip import ClipConfig, ScratchClip
+from .controlnet import ControlNet, ControlNetConfig
 from .mmdit import MMDiT, MMDiTConfig
 from .prior import PriorConfig, PriorNetwork
 from .toy import ToyMLP, ToyMLPConfig, ToyUNet, ToyUNetConfig
@@ -31,6 +32,7 @@ MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "clip": (ClipConfig, ScratchClip),  # from-scratch CLIP; build_model("clip", params, tokenizer=...)
     "mmdit": (MMDiTConfig, MMDiT),  # SD3 / SD3.5 MMDiT(-X); PRESETS in t2i.models.mmdit
     "sd3_vae": (VAEConfig, AutoencoderKL),  # the SD3 KL autoencoder at any width; PRESETS in t2i.models.vae
+    "sd3_controlnet": (ControlNetConfig, ControlNet),  # SD3 ControlNet; PRESETS in t2i.models.controlnet
 }
 
 

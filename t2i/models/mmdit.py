@@ -12,6 +12,7 @@ models can use head size 8 and patch 1 as diffusers' own tests do.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -412,6 +413,18 @@ class MMDiT(nn.Module):
         grid = self.pos_embed.view(1, P, P, -1)[:, top : top + h, left : left + w]
         return grid.reshape(1, h * w, -1)
 
+    def embed_patches(self, x: Tensor) -> Tensor:
+        """The image stream's input: patch tokens plus the cropped positional table, ``(B, C, H, W) -> (B, N, D)``
+        (a ControlNet starts from the same tokens)."""
+        _, _, H, W = x.shape
+        p = self.cfg.patch_size
+        if H % p or W % p:
+            raise ValueError(f"latent size {H}x{W} must be divisible by the patch size {p}; resize the image")
+        patches = self.x_embedder(x.to(self.dtype))  # (B, N, D)
+        # the residual stream stays in the compute dtype (bf16 under autocast, as in diffusers), not promoted to
+        # fp32 by the fp32 positional table, and contiguous (the patch tokens are a transposed view)
+        return (patches + self.cropped_pos_embed(H // p, W // p)).to(patches.dtype).contiguous()
+
     def forward(
         self,
         x: Tensor,
@@ -419,39 +432,73 @@ class MMDiT(nn.Module):
         context: Tensor,
         pooled: Tensor,
         skip_layers: tuple[int, ...] | list[int] = (),
+        controlnet_residuals: Sequence[Tensor] | None = None,
+        controlnet_layout: str = "reference",
     ) -> Tensor:
         """Velocity for latents ``x (B, C, H, W)`` at timesteps ``t (B,)`` in [0, 1000].
 
         ``context (B, L, context_dim)`` are the text tokens, ``pooled (B, pooled_dim)`` the pooled text vector;
-        the joint blocks listed in ``skip_layers`` are bypassed (skip-layer guidance).
+        the joint blocks listed in ``skip_layers`` are bypassed (skip-layer guidance). ``controlnet_residuals`` are
+        n ``(B, N, D)`` ControlNet outputs added to the image stream after the blocks ``controlnet_block_picker``
+        assigns them under ``controlnet_layout`` ("reference" or "diffusers").
         """
         B, _, H, W = x.shape
         p = self.cfg.patch_size
-        if H % p or W % p:
-            raise ValueError(f"latent size {H}x{W} must be divisible by the patch size {p}; resize the image")
         hp, wp = H // p, W // p
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(B)
         dtype = self.dtype
-        patches = self.x_embedder(x.to(dtype))  # (B, N, D)
-        # the residual stream stays in the compute dtype (bf16 under autocast, as in diffusers), not promoted to
-        # fp32 by the fp32 positional table, and contiguous (the patch tokens are a transposed view)
-        h = (patches + self.cropped_pos_embed(hp, wp)).to(patches.dtype).contiguous()
+        h = self.embed_patches(x)  # (B, N, D)
         c = self.t_embedder(t) + self.y_embedder(pooled.to(dtype))  # (B, D)
         ctx = self.context_embedder(context.to(dtype))  # (B, L, D)
         skip = set(skip_layers)
+        pick = controlnet_block_picker(self.cfg.depth, len(controlnet_residuals or ()), controlnet_layout)
         for i, block in enumerate(self.joint_blocks):
-            if i in skip:
-                continue
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                ctx, h = checkpoint(block, ctx, h, c, use_reentrant=False)
-            else:
-                ctx, h = block(ctx, h, c)
+            if i not in skip:
+                if self.grad_checkpointing and torch.is_grad_enabled():
+                    ctx, h = checkpoint(block, ctx, h, c, use_reentrant=False)
+                else:
+                    ctx, h = block(ctx, h, c)
+            elif controlnet_layout == "reference":
+                continue  # the reference's loop skips the block and its residual together
+            j = pick(i)
+            if j is not None:
+                h = h + controlnet_residuals[j].to(h.dtype)
         h = self.final_layer(h, c)  # (B, N, p*p*C)
         C = self.cfg.out_ch
         h = h.view(B, hp, wp, p, p, C).permute(0, 5, 1, 3, 2, 4)  # channel fastest within a token
         return h.reshape(B, C, H, W)
+
+
+CONTROLNET_LAYOUTS = ("reference", "diffusers")
+
+
+def controlnet_block_picker(depth: int, n: int, layout: str = "reference") -> Callable[[int], int | None]:
+    """Which of ``n`` ControlNet residuals block ``i`` of a ``depth``-block MMDiT adds after itself (None: none).
+
+    - "reference" (the sd3.5 reference, mmditx.py): ``i // (depth // n)`` after every block, the last included,
+      and a block skipped by ``skip_layers`` adds nothing. For SD3.5-Large (38 blocks) and its 19-block
+      ControlNets, residual k follows blocks 2k and 2k + 1.
+    - "diffusers" (``SD3Transformer2DModel``): ``int(i / (depth / n))`` with a float interval, after every block
+      but the last (its context stream is pre-only), skipped blocks included; so the last residual is added once
+      instead of twice.
+    """
+    if layout not in CONTROLNET_LAYOUTS:
+        raise ValueError(f"controlnet_layout must be one of {CONTROLNET_LAYOUTS}, got {layout!r}")
+    if n == 0:
+        return lambda i: None
+    if n > depth:
+        raise ValueError(f"{n} ControlNet residuals for a {depth}-block MMDiT; a ControlNet may have at most "
+                         f"{depth} blocks")  # fmt: skip
+    if layout == "reference":
+        interval = depth // n
+        if (depth - 1) // interval >= n:  # the reference would index past its last residual here
+            raise ValueError(f"the reference layout cannot spread {n} ControlNet residuals over {depth} blocks "
+                             f"(block {depth - 1} would need residual {(depth - 1) // interval}); use a ControlNet "
+                             "whose depth divides the MMDiT's, or controlnet_layout='diffusers'")  # fmt: skip
+        return lambda i: i // interval
+    return lambda i: None if i == depth - 1 else int(i / (depth / n))
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -459,4 +506,13 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["PRESETS", "MMDiT", "MMDiTConfig", "count_parameters", "sincos_pos_embed_2d", "timestep_embedding"]
+__all__ = [
+    "CONTROLNET_LAYOUTS",
+    "PRESETS",
+    "MMDiT",
+    "MMDiTConfig",
+    "controlnet_block_picker",
+    "count_parameters",
+    "sincos_pos_embed_2d",
+    "timestep_embedding",
+]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,12 @@ def _sd3_from_folder(folder: Path, spec: dict[str, Any], quantize: str | None = 
     f = vae.downscale * transformer.cfg.patch_size
     gen = SD3Generator(pipe, spec["name"], d, (2 * f, transformer.cfg.pos_embed_max_size * f, f))
     gen._presets = _folder_presets(spec)
+    if "controlnet" in spec.get("components", {}) or (folder / "controlnet.safetensors").is_file():
+        from t2i.models.controlnet import load_controlnet
+
+        own = component_file(folder, spec, "controlnet")
+        pipe.add_controlnet(load_controlnet(own))
+        gen._controlnet_files = {own.resolve()}
     return gen
 
 
@@ -170,9 +177,24 @@ def model_folder(model: str) -> Path | None:
     return path if (path / "model.json").exists() else None
 
 
-def load_generator(model: str, *, quantize: str | None = None) -> Generator:
+def load_generator(model: str, *, quantize: str | None = None, controlnets: Sequence[str] = ()) -> Generator:
     """A shipped model name, a t2i model folder, or an official SD3/SD3.5 file or diffusers folder; ``quantize``
-    ("int8") stores an SD3 model's large weights as int8 (``t2i.nn.quantize``)."""
+    ("int8") stores an SD3 model's large weights as int8 (``t2i.nn.quantize``). ``controlnets`` are ControlNet
+    files or diffusers folders added to an SD3 model's own (a model folder's ``controlnet.safetensors``)."""
+    gen = _load_generator(model, quantize)
+    if controlnets:
+        if not isinstance(gen, SD3Generator):
+            raise ValueError(f"{model} is not an SD3-family model; ControlNets work with SD3 / SD3.5 models")
+        from t2i.models.controlnet import load_controlnet
+
+        for path in controlnets:
+            if Path(path).resolve() in getattr(gen, "_controlnet_files", set()):
+                continue  # the folder's own ControlNet, already loaded with it
+            gen.pipe.add_controlnet(load_controlnet(path))
+    return gen
+
+
+def _load_generator(model: str, quantize: str | None) -> Generator:
     path = resolve_model(model)
     if (path / "model.json").exists():
         spec = read_model_json(path)

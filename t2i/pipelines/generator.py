@@ -112,6 +112,7 @@ class Generator:
     defaults: Settings
     supports_negative: bool = True
     supports_edits: bool = False  # img2img and inpainting (``generate(..., init_images=, masks=)``)
+    supports_controls: bool = False  # ControlNet controls (``generate(..., controls=)``)
     _presets: dict[str, Settings] | None = None
 
     def presets(self) -> dict[str, Settings]:
@@ -167,6 +168,9 @@ class Generator:
             raise SettingsError("strength", f"strength must lie in (0, 1] (1 repaints fully), got {opts['strength']}")
         if "mask_blur" in opts and not (isinstance(opts["mask_blur"], int | float) and opts["mask_blur"] >= 0):
             raise SettingsError("mask_blur", f"mask_blur is a Gaussian sigma in pixels >= 0, got {opts['mask_blur']}")
+        if opts.get("controlnet_layout", "reference") not in ("reference", "diffusers"):
+            raise SettingsError("controlnet_layout", "controlnet_layout is 'reference' (every MMDiT block, the sd3.5 "
+                                f"reference) or 'diffusers', got {opts['controlnet_layout']!r}")  # fmt: skip
 
     negative_reason = ""
 
@@ -175,14 +179,33 @@ class Generator:
         return s.steps
 
     def generate(self, prompts: list[str], seeds: list[int], settings: Settings, *, init_images=None, masks=None,
-                 progress: bool = False, callback: Progress | None = None) -> Tensor:  # fmt: skip
+                 controls=None, progress: bool = False, callback: Progress | None = None) -> Tensor:  # fmt: skip
         """Images ``(B, 3, S, S)`` in [0, 1]; image ``k`` depends only on ``prompts[k]``, ``seeds[k]`` and the
         settings, not on the rest of the batch (up to float rounding).
 
         ``init_images`` (PIL images or a ``(B, 3, S, S)`` tensor in [0, 1]) turns it into img2img at the settings'
         ``strength`` (default 0.8); ``masks`` (white / 1 = repaint) into inpainting, softened by ``mask_blur``.
-        Families without edits (``supports_edits``) refuse them."""
+        Families without edits (``supports_edits``) refuse them. ``controls`` are ControlNet controls
+        (``t2i.pipelines.control.Control``), summed, for families that take them (``supports_controls``)."""
         raise NotImplementedError
+
+    def check_controls(self, controls) -> None:
+        """Raise ``SettingsError`` when ``controls`` cannot be honoured (no ControlNet, or a family without)."""
+        if not controls:
+            return
+        if not self.supports_controls:
+            raise SettingsError("control", f"{self.name} takes no ControlNet controls (SD3-family models do)")
+        from .control import pick_controlnet
+
+        for c in controls:
+            try:
+                pick_controlnet(c, self.controlnets())
+            except ValueError as err:
+                raise SettingsError("controlnet", str(err)) from None
+
+    def controlnets(self) -> list:
+        """The ControlNets this generator holds (``controls`` pick theirs by kind)."""
+        return []
 
     def check_edits(self, init_images, masks) -> None:
         if (init_images is not None or masks is not None) and not self.supports_edits:
@@ -194,6 +217,7 @@ class Generator:
 class SD3Generator(Generator):
     kind = "sd3"
     supports_edits = True
+    supports_controls = True
 
     def __init__(self, pipe, name: str, defaults: Settings, sizes: tuple[int, int, int]):
         self.pipe, self.name, self.defaults = pipe, name, defaults
@@ -212,17 +236,24 @@ class SD3Generator(Generator):
             return s.steps
         return len(self.pipe.schedule(s.steps, 1.0, float(s.options.get("strength", 0.8)))[1]) - 1
 
-    def generate(self, prompts, seeds, settings, *, init_images=None, masks=None, progress=False, callback=None):
+    def controlnets(self) -> list:
+        return list(self.pipe.controlnets)
+
+    def generate(self, prompts, seeds, settings, *, init_images=None, masks=None, controls=None, progress=False,
+                 callback=None):  # fmt: skip
         s = settings
         self.check(s)  # a hand-made Settings gets the same checks as one from settings()
         self.check_edits(init_images, masks)
+        self.check_controls(controls)
         sd3 = {k: v for k, v in s.extra if k in ("shift", "slg_scale", "slg_layers", "slg_window")}
         edit = {}
         if init_images is not None:
             edit = {"init_image": init_images, "strength": float(s.options.get("strength", 0.8))}
             if masks is not None:
                 edit.update(mask_image=masks, mask_blur=float(s.options.get("mask_blur", 0.0)))
-        total = self.total_steps(s, edit=bool(edit))
+        if controls:
+            edit.update(controls=list(controls), controlnet_layout=s.options.get("controlnet_layout", "reference"))
+        total = self.total_steps(s, edit="init_image" in edit)
         step = None if callback is None else lambda d: callback(d["i"] + 1, total)
         return self.pipe(prompts, negative_prompt=s.negative, seeds=list(seeds), height=s.size, width=s.size,
                          steps=s.steps, guidance=s.guidance, sampler=s.sampler, output="tensor", progress=progress,
@@ -251,12 +282,14 @@ class UnCLIPGenerator(Generator):
         """The prior's steps, then each stage's up to ``s.size``."""
         return self._prior_steps(s) + s.steps * (self.sizes.index(s.size) + 1)
 
-    def generate(self, prompts, seeds, settings, *, init_images=None, masks=None, progress=False, callback=None):
+    def generate(self, prompts, seeds, settings, *, init_images=None, masks=None, controls=None, progress=False,
+                 callback=None):  # fmt: skip
         from t2i.diffusion import Seeds
 
         s = settings
         self.check(s)
         self.check_edits(init_images, masks)
+        self.check_controls(controls)
         total, done = self.total_steps(s), [0]
 
         def step(_):

@@ -44,6 +44,8 @@ from t2i.io.png import to_pil
 from t2i.nn.offload import placed
 from t2i.nn.quantize import quantize_weights
 
+from .control import Control
+
 
 @dataclass(frozen=True)
 class SD3Preset:
@@ -142,6 +144,7 @@ class SD3Pipeline:
         autocast: a dtype (e.g. ``torch.bfloat16``) to run the transformer under autocast, or None.
         quantize: ``"int8"`` stores the large linear weights of the transformer and of T5 as int8 (torchao,
             ``t2i.nn.quantize``): half the memory of bf16, composes with ``offload``.
+        controlnets: ControlNets (``t2i.models.controlnet``) that ``controls`` of a call pick by kind.
     """
 
     def __init__(
@@ -155,8 +158,10 @@ class SD3Pipeline:
         offload: bool = False,
         autocast: torch.dtype | None = None,
         quantize: str | None = None,
+        controlnets: Sequence[nn.Module] = (),
     ):
         self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
+        self.controlnets: list[nn.Module] = []
         if quantize is not None:
             quantize_weights(transformer, quantize)
             t5 = getattr(text_encoder, "t5", None)
@@ -172,6 +177,8 @@ class SD3Pipeline:
             for m in (transformer, vae, text_encoder):
                 if m is not None:
                     m.to("cpu")
+        for net in controlnets:
+            self.add_controlnet(net)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, preset: str | SD3Preset | None = None, device=None, offload=False,
@@ -188,6 +195,19 @@ class SD3Pipeline:
             preset = name if name in PRESETS else "sd3.5-medium"
         return cls(parts.transformer, parts.vae, parts.text_encoder, preset=preset, device=device,
                    offload=offload, autocast=autocast, quantize=quantize)  # fmt: skip
+
+    def add_controlnet(self, net: nn.Module) -> None:
+        """Hold ``net`` for the ``controls`` of later calls, after checking that it fits this transformer."""
+        c, t = net.cfg, self.transformer.cfg
+        if (c.hidden_size, c.patch_size, c.in_channels, c.pooled_dim) != (t.hidden_size, t.patch_size,
+                                                                            t.in_channels, t.pooled_dim):  # fmt: skip
+            raise ValueError(
+                f"this ControlNet ({c.hidden_size} wide, patch {c.patch_size}, {c.in_channels} latent channels, "
+                f"pooled {c.pooled_dim}) does not fit the model ({t.hidden_size}, {t.patch_size}, {t.in_channels}, "
+                f"{t.pooled_dim}); use one made for this model"
+            )
+        net.to("cpu" if self.offload else self.device)
+        self.controlnets.append(net)
 
     def _on_device(self, module: nn.Module | None):
         return placed(module, self.device if self.offload else None)
@@ -225,18 +245,20 @@ class SD3Pipeline:
         return ((img + 1) / 2).clamp(0, 1)
 
     def _sample(self, x: Tensor, ts: Tensor, path, p: SD3Preset, cond: dict, uncond: dict, noise, callback,
-                progress: bool, inpaint: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:  # fmt: skip
+                progress: bool, inpaint: tuple[Tensor, Tensor, Tensor] | None = None,
+                net: nn.Module | None = None) -> Tensor:  # fmt: skip
         """Sample from ``x`` along ``ts``; ``inpaint`` = (clean latents, latent keep-mask, starting noise) pastes the
         kept region back after every step, re-noised with the starting noise (``t2i.diffusion.sample_repaint``
-        with one pass per step)."""
-        denoise = FlowDenoiser(self.transformer, path)
+        with one pass per step). ``net`` replaces the transformer (a ``ControlledMMDiT``)."""
+        net = net if net is not None else self.transformer
+        denoise = FlowDenoiser(net, path)
         slg = None
         if p.slg_scale != 0:
             window = step_interval_to_time(ts, *p.slg_window)
             slg = SkipLayerGuidance(scale=p.slg_scale, layers=tuple(p.slg_layers), interval=window)
         guided = classifier_free_guidance(denoise, p.guidance, uncond, skip_layers=slg)
         amp = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast is not None else nullcontext()
-        with self._on_device(self.transformer), amp:
+        with self._on_device(net), amp:
             if inpaint is not None:
                 known, keep, eps = inpaint
                 return sample_repaint(guided, x, ts, path, known=known, mask=keep, resample=1,
@@ -281,6 +303,8 @@ class SD3Pipeline:
         mask_blur: float = 0.0,
         init_latents: Tensor | None = None,
         latents: Tensor | None = None,
+        controls: Sequence[Control] = (),
+        controlnet_layout: str = "reference",
         output: str = "pil",
         vae_tile: int | None = None,
         callback: Callable | None = None,
@@ -300,6 +324,10 @@ class SD3Pipeline:
             mask_blur: a Gaussian sigma in pixels that softens the mask's edge (0: a hard, binarised mask).
             init_latents: MMDiT-space latents ``(B, C, H/8, W/8)`` to start from instead of encoding ``init_image``.
             latents: explicit starting noise ``(B, C, H/8, W/8)`` instead of drawing it from ``seeds``.
+            controls: ControlNet controls (``t2i.pipelines.control.Control``: image, kind, scale, step window),
+                their residuals summed; each uses its ``net`` or the pipeline's ControlNet for its kind.
+            controlnet_layout: which MMDiT blocks take which residual: "reference" (the sd3.5 reference, every block)
+                or "diffusers" (not the last block); see ``t2i.models.mmdit.controlnet_block_picker``.
             output: "pil", "tensor" (``(B, 3, H, W)`` in [0, 1]) or "latent" (MMDiT-space latents).
             vae_tile: decode in tiles of this many latent pixels (bounds VAE memory for large images).
             overrides: any ``SD3Preset`` field: ``steps``, ``guidance`` (also accepted as ``cfg``), ``sampler``,
@@ -355,8 +383,19 @@ class SD3Pipeline:
                 # nearest, as diffusers does, for a hard mask; a blurred one is averaged so it stays soft
                 m = F.interpolate(m, size=shape[-2:], mode="area" if mask_blur > 0 else "nearest")
                 inpaint = (z0, 1 - m, eps)
+        net = None
+        if controls:
+            from t2i.models.controlnet import ControlledMMDiT
+
+            from .control import active_controls, encode_controls
+
+            with self._on_device(self.vae):
+                lat, nets = encode_controls(controls, self.controlnets, self.vae, B, height, width, noise, self.device)
+            cond["control_latents"] = lat  # cond-only: guidance gives both branches the control, as the reference
+            net = ControlledMMDiT(self.transformer, active_controls(controls, nets, ts, path.time_scale),
+                                  controlnet_layout)  # fmt: skip
         # 3. sample with the guided denoiser
-        x = self._sample(x, ts, path, p, cond, uncond, noise, callback, progress, inpaint=inpaint)
+        x = self._sample(x, ts, path, p, cond, uncond, noise, callback, progress, inpaint=inpaint, net=net)
         # 4. decode
         if output == "latent":
             return x

@@ -43,7 +43,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTex
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from t2i.serve.batcher import Aborted, Batcher, Job, QueueFull
-from t2i.serve.edits import EditInputs, parse_edit
+from t2i.serve.edits import ControlInputs, EditInputs, decode_controls, parse_edit
 from t2i.serve.metrics import Metrics
 from t2i.serve.schemas import (
     APIError,
@@ -135,10 +135,11 @@ class ModelRegistry:
 
 
 # the request field that carries each Settings field (errors name the field the client sent)
-_REQUEST_FIELD = {"negative": "negative_prompt", "init_image": "image"}
+_REQUEST_FIELD = {"negative": "negative_prompt", "init_image": "image", "control": "controls",
+                  "controlnet": "controls"}  # fmt: skip
 
 
-def _settings(gen, req: GenerationRequest, edit=None):
+def _settings(gen, req: GenerationRequest, edit=None, controls=None):
     """The request's sampling settings over the model's defaults (``Generator.settings``, as the CLI uses it);
     400 naming the field when one is impossible. Being frozen and hashable, they are the batch key's second half:
     jobs batch together only when the model and all of them are equal."""
@@ -159,6 +160,8 @@ def _settings(gen, req: GenerationRequest, edit=None):
         )
         if edit is not None:
             gen.check_edits(edit.image, edit.mask)
+        if controls is not None:
+            gen.check_controls(list(controls.controls))
         return s
     except SettingsError as err:
         param = _REQUEST_FIELD.get(err.field, err.field)
@@ -182,8 +185,13 @@ def create_app(cfg: ServeConfig | None = None, *, generators: dict[str, Any] | N
     def run_batch(key, prompts, seeds, progress):
         import torch
 
-        model_id, settings, *edit = key
-        images = {"init_images": edit[0].image, "masks": edit[0].mask} if edit else {}
+        model_id, settings, *inputs = key
+        images: dict[str, Any] = {}
+        for extra in inputs:
+            if isinstance(extra, EditInputs):
+                images.update(init_images=extra.image, masks=extra.mask)
+            elif isinstance(extra, ControlInputs):
+                images["controls"] = list(extra.controls)
         with torch.no_grad():  # this thread only; never the process-wide switch
             return registry.get(model_id).generate(prompts, seeds, settings, callback=progress, **images)
 
@@ -301,7 +309,9 @@ def create_app(cfg: ServeConfig | None = None, *, generators: dict[str, Any] | N
                   "application/json": {"schema": request_schema(limits, list(SAMPLERS))}}}})  # fmt: skip
     async def generations(request: Request):
         authorize(request)
-        return await _serve(request, parse_request(await _read_json(request, limits.max_body_bytes)))
+        # control images may make a body as large as an upload; any other body keeps the small limit
+        obj = await _read_json(request, max(limits.max_body_bytes, limits.max_upload_bytes), limits.max_body_bytes)
+        return await _serve(request, parse_request(obj))
 
     @app.post("/v1/images/edits", responses=_errors(400, 404, 413, 415, 422, 429, 504),
               openapi_extra={"requestBody": {"required": True, "content": {
@@ -321,9 +331,11 @@ def create_app(cfg: ServeConfig | None = None, *, generators: dict[str, Any] | N
             raise APIError(404, f"model {model_id!r} is not served here; GET /v1/models lists the ones that are",
                            param="model", code="model_not_found")  # fmt: skip
         gen = registry.loaded.get(model_id) or await batcher.call(registry.get, model_id)
-        s = _settings(gen, req, edit)
+        controls = decode_controls(req.controls)
+        s = _settings(gen, req, edit, controls)
         seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little") % (2**31 - req.n)
-        key = (model_id, s) if edit is None else (model_id, s, edit)  # an edit batches only with itself
+        # an edit or controls batch only with themselves (their images are part of the key, by identity)
+        key = (model_id, s, *(x for x in (edit, controls) if x is not None))
         job = Job(key, req.prompt, [seed + k for k in range(req.n)], request_id=req.request_id)
         try:
             batcher.submit(job)
@@ -439,8 +451,9 @@ class _ContainErrors:
             await JSONResponse(e.body(), status_code=500)(scope, receive, send)
 
 
-async def _read_json(request: Request, max_bytes: int) -> Any:
-    """The body as JSON, read at most ``max_bytes`` (413 beyond); 400 for a body that is not JSON."""
+async def _read_json(request: Request, max_bytes: int, plain_max_bytes: int | None = None) -> Any:
+    """The body as JSON, read at most ``max_bytes`` (413 beyond); 400 for a body that is not JSON. A body over
+    ``plain_max_bytes`` is accepted only when it carries ``controls`` (control images)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise APIError(413, f"the request body is {declared} bytes; the limit is {max_bytes}", code="body_too_large")
@@ -459,12 +472,20 @@ async def _read_json(request: Request, max_bytes: int) -> Any:
     if not raw.strip():
         raise APIError(400, 'the request body is empty; send JSON such as {"prompt": "a red circle"}')
     try:
-        return json.loads(raw, parse_constant=_no_constant)
+        obj = json.loads(raw, parse_constant=_no_constant)
     except RecursionError:  # thousands of nested brackets: refuse them, never a 500
         raise APIError(400, "the request body nests too deeply to be a request", code="invalid_json") from None
     except ValueError as err:  # JSONDecodeError, a non-UTF-8 body, an integer of more than 4300 digits, NaN
         reason = str(err).splitlines()[0][:200]
         raise APIError(400, f"the request body is not valid JSON ({reason})", code="invalid_json") from None
+    if (
+        plain_max_bytes is not None
+        and len(raw) > plain_max_bytes
+        and not (isinstance(obj, dict) and obj.get("controls"))
+    ):
+        raise APIError(413, f"the request body is over the {plain_max_bytes}-byte limit (only requests with control "
+                       f"images may be larger, up to {max_bytes} bytes)", code="body_too_large")  # fmt: skip
+    return obj
 
 
 def _no_constant(name: str) -> Any:

@@ -49,10 +49,37 @@ def _number(name: str, text: str) -> int | float:
         raise APIError(422, f"{name}: {text[:40]!r} is not {kind}", param=name, code="invalid_value") from None
 
 
-async def _image(upload, name: str, max_bytes: int) -> Image.Image:
-    data = await upload.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise APIError(413, f"{name} is over the {max_bytes}-byte limit", param=name, code="body_too_large")
+@dataclass(frozen=True, eq=False)
+class ControlInputs:
+    """The ControlNet controls of one request, images decoded; hashed by identity like ``EditInputs``."""
+
+    controls: tuple
+
+
+def decode_controls(requests) -> ControlInputs | None:
+    """The ``controls`` of a JSON request as pipeline ``Control``s (400 naming the field for a bad image)."""
+    import base64
+    import binascii
+
+    from t2i.pipelines.control import Control
+
+    if not requests:
+        return None
+    controls = []
+    for k, c in enumerate(requests):
+        name = f"controls.{k}.image"
+        if not c.start < c.end:
+            raise APIError(400, f"controls.{k}: start ({c.start}) must be below end ({c.end})", param=f"controls.{k}")
+        data = c.image.split(",", 1)[1] if c.image.startswith("data:") else c.image
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise APIError(400, f"{name} is not base64 (send the PNG's bytes base64-encoded)", param=name) from None
+        controls.append(Control(_open_image(raw, name), c.kind, c.scale, c.start, c.end))
+    return ControlInputs(tuple(controls))
+
+
+def _open_image(data: bytes, name: str) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as im:
             if max(im.size) > MAX_SIDE:
@@ -61,6 +88,13 @@ async def _image(upload, name: str, max_bytes: int) -> Image.Image:
             return im.copy()
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
         raise APIError(400, f"{name} is not a readable image ({type(err).__name__})", param=name) from None
+
+
+async def _image(upload, name: str, max_bytes: int) -> Image.Image:
+    data = await upload.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise APIError(413, f"{name} is over the {max_bytes}-byte limit", param=name, code="body_too_large")
+    return _open_image(data, name)
 
 
 def _repaint_mask(mask: Image.Image) -> Image.Image:

@@ -3,7 +3,8 @@
 OpenAI fields: ``prompt``, ``model``, ``n``, ``size`` (``"64x64"`` or ``"auto"``), ``response_format``
 (``b64_json`` or ``url``), ``user``; ``quality``/``style`` are accepted and ignored, as other OpenAI-compatible
 servers do. t2i extras: ``seed`` (image k gets ``seed + k``, as in ``t2i generate``), ``steps``, ``guidance``,
-``sampler``, ``negative_prompt``, ``request_id`` (a client-chosen id for ``GET /v1/progress/{id}``).
+``sampler``, ``negative_prompt``, ``request_id`` (a client-chosen id for ``GET /v1/progress/{id}``), ``controls``
+(ControlNet control images as base64, each with its kind, scale and step window).
 
 Unknown fields are an error (a typo such as ``stpes`` must not silently fall back to the defaults). Every error,
 wherever it is raised, is answered in OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``.
@@ -26,8 +27,22 @@ class Limits:
     max_n: int = 8
     max_steps: int = 100
     max_body_bytes: int = 16 * 1024
-    max_upload_bytes: int = 8 * 1024 * 1024  # an images/edits form: the image and mask files included
+    max_upload_bytes: int = 8 * 1024 * 1024  # an images/edits form, or a JSON request with control images
     max_guidance: float = 30.0
+
+
+class ControlRequest(BaseModel):
+    """One ControlNet control of a generation request (``controls``): an image and how it steers."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    image: str = Field(min_length=1, description="the control image: base64 PNG or JPEG (no data: prefix needed)")
+    kind: Literal["canny", "blur", "depth", "none"] = Field(
+        "canny", description="canny: edges are detected; blur: blurred; depth: a depth map; none: used as given"
+    )
+    scale: float = Field(1.0, ge=-10, le=10, description="strength of the control (1 as trained, 0 off)")
+    start: float = Field(0.0, ge=0, le=1, description="fraction of the steps where the control starts acting")
+    end: float = Field(1.0, ge=0, le=1, description="fraction of the steps where it stops (start < end)")
 
 
 class GenerationRequest(BaseModel):
@@ -53,6 +68,9 @@ class GenerationRequest(BaseModel):
     guidance: float | None = Field(None, ge=0, description="classifier-free guidance scale (1 disables it)")
     sampler: str | None = None
     negative_prompt: str = ""
+    controls: list[ControlRequest] | None = Field(
+        None, max_length=4, description="ControlNet controls (models that have a ControlNet); several sum"
+    )
     request_id: str | None = Field(
         None,
         description="client-chosen id for GET /v1/progress/{request_id}",
@@ -96,9 +114,27 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` with pydantic's ``#/$defs/...`` references replaced by the definitions: the schema is embedded in
+    the OpenAPI document, where a reference relative to its own root would point nowhere."""
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return inline(schema)
+
+
 def request_schema(limits: Limits, samplers: list[str]) -> dict[str, Any]:
     """The request's JSON schema with this server's limits in it, so the published API says what it accepts."""
-    schema = GenerationRequest.model_json_schema()
+    schema = _inline_refs(GenerationRequest.model_json_schema())
     props = schema["properties"]
     props["prompt"]["maxLength"] = limits.max_prompt_chars
     props["negative_prompt"]["maxLength"] = limits.max_prompt_chars

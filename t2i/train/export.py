@@ -232,3 +232,25 @@ def export_unclip(
     write_model_json(out, {"kind": "unclip", "name": name, "prior": prior_spec, "stages": stages, "defaults": d,
                        "training": records})  # fmt: skip
     return out
+
+
+def export_controlnet(out: str | Path, *, run: str | Path) -> Path:
+    """Add a ``controlnet`` task run's ControlNet (EMA weights) to the SD3 model folder ``out`` as
+    ``controlnet.safetensors``; ``model.json`` records it, and ``t2i generate --model out --control ...`` uses it."""
+    out = Path(out)
+    spec = read_model_json(out)
+    if spec.get("kind") != "sd3":
+        raise ValueError(f"{out} is a {spec.get('kind')!r} model folder; ControlNets go into sd3 folders")
+    net, cfg, rec = _run_part(run, "sd3_controlnet")
+    base = Path(cfg.get("task", {}).get("params", {}).get("base") or "")
+    if base.name and base.resolve() != out.resolve():
+        print(f"note: {run} was trained on {base}, and is added to {out}; its transformer must be the same")
+    t = load_model_file(component_file(out, spec, "transformer"))[0].cfg
+    if (net.cfg.hidden_size, net.cfg.patch_size, net.cfg.in_channels) != (t.hidden_size, t.patch_size, t.in_channels):
+        raise ValueError(f"the ControlNet of {run} does not fit {out}'s transformer; train it on that model")
+    save_model_file(out / "controlnet.safetensors", "sd3_controlnet", net)
+    rec["control_type"] = net.cfg.control_type
+    spec.pop("format", None)
+    spec.setdefault("training", {})["controlnet"] = rec
+    write_model_json(out, spec)
+    return out

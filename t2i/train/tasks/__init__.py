@@ -91,6 +91,7 @@ class Task(ABC):
 
 
 def _registry() -> dict[str, type[Task]]:
+    from .controlnet import ControlNetTask
     from .diffusion import DiffusionTask
     from .distill import DistillTask
     from .lora import LoRATask
@@ -99,6 +100,7 @@ def _registry() -> dict[str, type[Task]]:
     from .vae import VAETask
 
     return {
+        "controlnet": ControlNetTask,
         "diffusion": DiffusionTask,
         "distill": DistillTask,
         "lora": LoRATask,
