@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 RUN_STAMP := $(VENV)/.installed-run
 
 .PHONY: browser install test test-slow lint format generate quality train-defaults export-defaults bench-samplers \
-	bench-shapes bench-dalle2 bench-serve clean
+	bench-shapes bench-dalle2 bench-serve train-controlnet bench-controlnet clean
 
 # `make generate` needs only the runtime dependencies; `make test` adds the dev and interop extras.
 $(RUN_STAMP): pyproject.toml
@@ -89,6 +89,14 @@ bench-serve: $(STAMP)
 
 bench-samplers: $(STAMP)
 	$(BIN)/python benchmarks/samplers.py
+
+# The shapes ControlNet of docs/controlnet.md: object outlines steer where sd3-shapes puts the objects.
+train-controlnet: $(STAMP)
+	$(BIN)/t2i train configs/controlnet/sd3_shapes_outlines.yaml --resume
+	$(BIN)/t2i export controlnet --run runs/controlnet_shapes_outlines --out models/sd3-shapes
+
+bench-controlnet: $(STAMP)
+	$(BIN)/python benchmarks/controlnet_shapes.py --grid docs/images/controlnet_grid.png
 
 bench-shapes: $(STAMP)
 	$(BIN)/python benchmarks/shapes_eval.py
