@@ -50,10 +50,13 @@ def _defaults(p: argparse.ArgumentParser) -> None:
 
 
 def run_controlnet(args: argparse.Namespace) -> int:
+    from t2i.pipelines.model_card import write_model_card
     from t2i.train.export import export_controlnet
 
     out = export_controlnet(args.out, run=args.run)
-    print(f"wrote {out / 'controlnet.safetensors'} ({(out / 'controlnet.safetensors').stat().st_size / 1e6:.2f} MB)")
+    card = write_model_card(out)  # the card lists the ControlNet beside the other parts
+    print(f"wrote {out / 'controlnet.safetensors'} ({(out / 'controlnet.safetensors').stat().st_size / 1e6:.2f} MB) "
+          f"and refreshed {card}")  # fmt: skip
     return 0
 
 

@@ -50,6 +50,16 @@ def _part_row(part: str, what: str, config: str, params: int, rec: dict[str, Any
             f"{_fmt_seconds(rec.get('cpu_seconds'))} | {file} |")  # fmt: skip
 
 
+def _config_of_run(run: str | None) -> str:
+    """The config under ``configs/`` whose ``run.name`` is ``run`` (the card is written from the repository root),
+    or "-" when none is found."""
+    if run:
+        for path in sorted(Path("configs").glob("**/*.yaml")):
+            if f"\n  name: {run}\n" in path.read_text():
+                return path.as_posix()
+    return "-"
+
+
 def _fmt_seconds(s: float | None) -> str:
     if s is None:
         return "-"
@@ -133,6 +143,11 @@ def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str
             key = f"{key}, stage {len(stages) + 1}"
             config = f"configs/default/{str(r.get('run')).removeprefix('default_')}.yaml"
         lines.append(_part_row(key, what, config, r.get("params", 0), r, size))
+    if kind == "sd3" and "controlnet" in train:  # an extra added by `t2i export controlnet`
+        r, fname = train["controlnet"], "controlnet.safetensors"
+        size = f"`{fname}` ({files[fname] / 1e6:.1f} MB)" if fname in files else "-"
+        lines.append(_part_row("controlnet", "ControlNet (`--control`)", _config_of_run(r.get("run")),
+                               r.get("params", 0), r, size))  # fmt: skip
     retrain = "Retrain everything with `make train-defaults`."
     if distilled:
         retrain = (f"Retrain the student with `t2i train configs/distill/{train['transformer'].get('run')}.yaml` "

@@ -77,6 +77,8 @@ def test_train_export_generate_and_benchmark(folder, tmp_path, capsys):
     assert main(["export", "controlnet", "--run", str(run), "--out", str(folder)]) == 0
     spec = json.loads((folder / "model.json").read_text())
     assert spec["training"]["controlnet"]["control_type"] == "canny" and (folder / "controlnet.safetensors").is_file()
+    card = (folder / "README.md").read_text()
+    assert "| controlnet | ControlNet (`--control`) | `configs/controlnet/sd3_shapes_outlines.yaml` |" in card
     arr = np.full((32, 32, 3), 235, np.uint8)
     arr[8:20, 6:18] = (200, 30, 30)
     Image.fromarray(arr).save(tmp_path / "scene.png")
