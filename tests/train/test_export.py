@@ -99,8 +99,7 @@ def test_export_from_training_runs_round_trips(tmp_path):
     )  # fmt: skip
     spec = json.loads((out / "model.json").read_text())
     assert [st["size"] for st in spec["stages"]] == [32, 64]
-    assert spec["stages"][0]["prediction"] == "v" and spec["stages"][0]["text_words"] is True
-    assert spec["stages"][1]["prediction"] == "v" and "text_words" not in spec["stages"][1]
+    assert spec["stages"][0]["prediction"] == "eps" and spec["stages"][1]["prediction"] == "v"
     gen = load_generator(str(out))
     assert gen.generate(["a red circle"], [0], gen.defaults).shape == (1, 3, 64, 64)
 
