@@ -56,11 +56,11 @@ def _as_pil(image, what: str) -> Image.Image:
 
 def canny_edges(image: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
     """White Canny edges on black (OpenCV, hysteresis thresholds ``low``/``high``, each RGB channel), as RGB."""
+    if not 0 <= low <= high:
+        raise ControlImageError(f"canny thresholds must satisfy 0 <= low <= high, got {low}, {high}")
     grey = np.asarray(image.convert("L"))
     if set(np.unique(grey).tolist()) <= {0, 255}:
         return image.convert("RGB")  # already an edge map
-    if not 0 <= low <= high:
-        raise ControlImageError(f"canny thresholds must satisfy 0 <= low <= high, got {low}, {high}")
     cv2 = _require_cv2()
     rgb = np.asarray(image.convert("RGB"))
     # per colour channel, then united: on grey alone a yellow object on a light background has almost no edge

@@ -63,5 +63,7 @@ def test_bad_control_images_say_what_to_do():
         prepare_control_image(torch.full((3, 8, 8), 2.0), "none", 8, 8)
     with pytest.raises(ControlImageError, match=r"is \(8, 8\), the image \(16, 16\)"):
         prepare_control_image(torch.rand(3, 8, 8), "none", 16, 16)
+    with pytest.raises(ControlImageError, match="0 <= low <= high"):  # checked for edge maps too
+        canny_edges(Image.new("RGB", (8, 8), "black"), 200, 100)
     with pytest.raises(ValueError, match="did you mean 'canny'"):
         prepare_control_image(square_scene(), "cany", 64, 64)

@@ -102,6 +102,8 @@ def test_stage_specs_are_validated_not_rebuilt(parts):
         DecoderStage(unet(lowres_cond=True), 8, path)
     with pytest.raises(ValueError, match="unknown sampler"):
         DecoderStage(base, 8, path, sampler="magic")
+    with pytest.raises(ValueError, match="text_words needs a Unet that attends to text"):
+        DecoderStage(unet(), 8, path, text_words=True)
     with pytest.raises(ValueError, match="image_embed_dim=12"):
         UnCLIPPipeline(clip, None, [DecoderStage(unet(image_embed_dim=12), 8, path)])
     sr = DecoderStage(unet(lowres_cond=True), 16, path, lowres=LowresAugment(4))
