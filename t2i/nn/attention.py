@@ -1,9 +1,11 @@
 """Multi-head attention with a choice of kernel: PyTorch's SDPA or the explicit math, picked per call.
 
-Why not always SDPA: on CPU, under bf16 autocast, its flash kernel (forward and backward) is 1.7-3x slower than the
-three explicit ops for the shapes of the unCLIP Unet and prior (a few hundred to a thousand queries, 32-64 wide
-heads, short text contexts); measured in ``benchmarks/attention_kernels.py``. In fp32, and on GPUs, SDPA wins. So
-``"auto"`` uses the explicit math for low-precision CPU tensors and SDPA everywhere else. Both compute the same
+Why not always SDPA: on CPU in bf16 its kernels lose to the three explicit ops in two cases, measured in
+``benchmarks/attention_kernels.py`` on the shapes of the shipped models: with a boolean mask (text padding, the
+prior's causal mask; 1.4-1.8x slower, forward only) and whenever a backward pass follows (its flash backward is
+1.9-4x slower for the unCLIP Unet and prior). Unmasked bf16 inference is where SDPA wins most (2.4x on the
+``sd3-shapes`` joint attention). In fp32, and on GPUs, SDPA wins or ties. So ``"auto"`` uses the explicit math for
+low-precision CPU tensors that are masked or need gradients, and SDPA everywhere else. Both compute the same
 function; ``tests/nn/test_attention.py`` checks them against each other and an fp64 reference, masks included.
 
     out = attention(q, k, v, mask)            # q (B, H, N, d), k/v (B, H, M, d), mask broadcastable to (B, H, N, M)
@@ -37,17 +39,19 @@ def attention_kernel(name: str) -> Iterator[None]:
         _kernel = old
 
 
-def pick_kernel(q: Tensor) -> str:
-    """The kernel ``attention`` uses for ``q`` under the current setting."""
+def pick_kernel(q: Tensor, masked: bool = False) -> str:
+    """The kernel ``attention`` uses for ``q`` (with a mask or not) under the current setting."""
     if _kernel != "auto":
         return _kernel
-    low_precision = q.dtype in (torch.bfloat16, torch.float16)
-    return "math" if q.device.type == "cpu" and low_precision else "sdpa"
+    if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16):
+        return "sdpa"
+    needs_grad = torch.is_grad_enabled() and q.requires_grad
+    return "math" if masked or needs_grad else "sdpa"
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout_p: float = 0.0) -> Tensor:
     """Softmax attention; ``mask`` is boolean, True where a query may attend to a key."""
-    if pick_kernel(q) == "sdpa":
+    if pick_kernel(q, masked=mask is not None) == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, H, N, M), in the inputs' precision
     if mask is not None:

@@ -39,9 +39,15 @@ def test_kernels_agree_with_the_reference_forward_and_backward(dtype, masked):
         torch.testing.assert_close(a, b, atol=10 * tol, rtol=10 * tol)
 
 
-def test_auto_picks_math_for_low_precision_cpu_only():
-    assert pick_kernel(torch.zeros(1, dtype=torch.bfloat16)) == "math"
-    assert pick_kernel(torch.zeros(1, dtype=torch.float32)) == "sdpa"
+def test_auto_picks_math_for_masked_or_trained_low_precision_cpu_attention():
+    bf16, fp32 = torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.float32)
+    assert pick_kernel(bf16) == "sdpa"  # unmasked inference: SDPA
+    assert pick_kernel(bf16, masked=True) == "math"
+    assert pick_kernel(bf16.requires_grad_()) == "math"  # a backward follows
+    with torch.no_grad():
+        assert pick_kernel(bf16) == "sdpa"
+    assert pick_kernel(fp32) == "sdpa"
+    assert pick_kernel(fp32.requires_grad_(), masked=True) == "sdpa"
     with attention_kernel("sdpa"):
         assert pick_kernel(torch.zeros(1, dtype=torch.bfloat16)) == "sdpa"
     with pytest.raises(ValueError, match="unknown attention kernel 'flash'"), attention_kernel("flash"):
