@@ -35,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--per-category", type=int, help="only the first N prompts of each category (a quick subset)")
     q.add_argument("--sweep-per-category", type=int, default=20, help="prompts per category in the step sweep")
     q.add_argument("--steps", type=int, nargs="+", default=[4, 8, 16, 28, 50], help="step counts of the sweep")
+    q.add_argument("--precision", choices=("fp32", "bf16"), help="run the models so (default: each folder's own)")
     q.add_argument("--grid-dir", default="docs/images", help="where the per-split sample grids go ('' for none)")
     q.add_argument("--merge", nargs="+", metavar="JSON", help="instead: merge partial reports (one per model, made "
                    "side by side with the same settings) into --out")  # fmt: skip
@@ -77,6 +78,7 @@ def run_quality(args: argparse.Namespace) -> int:
         sweep_per_category=args.sweep_per_category,
         steps=args.steps,
         grid_dir=args.grid_dir or None,
+        precision=args.precision,
     )
     for r in data["models"]:
         print(f"{r['model']}: eval {r['eval']['overall']:.3f}, heldout {r['heldout']['overall']:.3f}")

@@ -47,6 +47,8 @@ def _defaults(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int)
     g.add_argument("--guidance", "--cfg", dest="guidance", type=float, help="guidance scale (--cfg: the same)")
     g.add_argument("--sampler")
+    g.add_argument("--precision", choices=["fp32", "bf16"], default="bf16",
+                   help="how the denoisers run: bf16 autocast (default) or fp32")  # fmt: skip
 
 
 def run_controlnet(args: argparse.Namespace) -> int:
@@ -70,10 +72,10 @@ def run(args: argparse.Namespace) -> int:
     defaults = {k: getattr(args, k) for k in ("steps", "guidance", "sampler") if getattr(args, k) is not None}
     if args.kind == "sd3":
         out = export_sd3(args.out, transformer=args.transformer, vae=args.vae, clip=args.clip, name=args.name,
-                         defaults=defaults, share_from=args.share_from)  # fmt: skip
+                         defaults=defaults, share_from=args.share_from, precision=args.precision)  # fmt: skip
     else:
         out = export_unclip(args.out, clip=args.clip, prior=args.prior, decoder=args.decoder, sr=args.sr,
-                            name=args.name, defaults=defaults)  # fmt: skip
+                            name=args.name, defaults=defaults, precision=args.precision)  # fmt: skip
     card = write_model_card(out)
     sizes = {f.name: f.stat().st_size for f in sorted(out.glob("*.safetensors"))}
     for name, size in sizes.items():

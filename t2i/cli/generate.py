@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--negative", default="", help="negative prompt (SD3-family models)")
     p.add_argument("--preset", help="a named settings preset of the model (e.g. sd3.5-large-turbo, fast)")
     p.add_argument("--quantize", choices=["int8"], help="store an SD3 model's large weights as int8 (needs torchao)")
+    p.add_argument("--precision", choices=["fp32", "bf16"],
+                   help="run the denoisers in fp32 or under bf16 autocast (default: the model folder's choice, "
+                        "bf16 for the shipped models; fp32 for official files)")  # fmt: skip
     p.add_argument("--init-image", metavar="PNG", help="img2img: start from this image (SD3-family models)")
     p.add_argument("--mask", metavar="PNG", help="inpainting: repaint where this mask is white (needs --init-image)")
     p.add_argument("--strength", type=float, help="img2img / inpainting: how much to repaint, in (0, 1] (0.8)")
@@ -242,7 +245,8 @@ def _run(args: argparse.Namespace) -> int:
     from t2i.pipelines.generator import SettingsError
 
     try:
-        gen = load_generator(args.model, quantize=args.quantize, controlnets=args.controlnet)
+        gen = load_generator(args.model, quantize=args.quantize, precision=args.precision,
+                             controlnets=args.controlnet)  # fmt: skip
     except (ValueError, FileNotFoundError) as err:
         if not args.controlnet:
             raise

@@ -67,16 +67,17 @@ def _summary(report, seconds: float) -> dict[str, Any]:
 def evaluate_model(model: str, *, per_category: int | None = None, sweep_per_category: int = 20,
                    steps: Sequence[int] = STEPS, samplers: Sequence[str] | None = None, batch_size: int = 64,
                    grid_dir: str | Path | None = None, splits: Sequence[str] = ("eval", "heldout"),
-                   sweep: bool = True, log=print) -> dict[str, Any]:  # fmt: skip
-    """All measurements of one model (see the module docstring) as a JSON-able dict."""
+                   sweep: bool = True, precision: str | None = None, log=print) -> dict[str, Any]:  # fmt: skip
+    """All measurements of one model (see the module docstring) as a JSON-able dict; ``precision`` overrides the
+    model folder's (``load_generator``)."""
     from t2i.pipelines.folders import load_generator
 
     t0 = time.perf_counter()
-    gen = load_generator(model)
+    gen = load_generator(model, precision=precision)
     load_s = time.perf_counter() - t0
     d = gen.defaults
     out: dict[str, Any] = {"model": gen.name, "source": model, "kind": gen.kind, "defaults": d.to_dict(),
-                           "load_seconds": load_s}  # fmt: skip
+                           "precision": gen.precision, "load_seconds": load_s}  # fmt: skip
     for split in splits:
         t = time.perf_counter()
         grid = Path(grid_dir) / f"{gen.name}_{split}.png" if grid_dir else None
@@ -114,6 +115,7 @@ def run_report(
     update_cards: bool | None = None,
     splits: Sequence[str] = ("eval", "heldout"),
     sweep: bool = True,
+    precision: str | None = None,
     log=print,
 ) -> dict[str, Any]:
     """Evaluate ``models`` and the ground truth; write ``out_md`` and ``out_md`` with ``.json``. The evaluated model
@@ -122,7 +124,8 @@ def run_report(
     if grid_dir:
         Path(grid_dir).mkdir(parents=True, exist_ok=True)
     results = [evaluate_model(m, per_category=per_category, sweep_per_category=sweep_per_category, steps=steps,
-                              batch_size=batch_size, grid_dir=grid_dir, splits=splits, sweep=sweep, log=log)
+                              batch_size=batch_size, grid_dir=grid_dir, splits=splits, sweep=sweep,
+                              precision=precision, log=log)
                for m in models]  # fmt: skip
     sizes = sorted({r["defaults"]["size"] for r in results}) or [64]
     truth = {split: _ground_truth(split, sizes[0], per_category) for split in ("eval", "heldout")}
@@ -251,13 +254,14 @@ def markdown(data: dict[str, Any], out_dir: str | Path | None = None) -> str:
         )
     lines += ["", "## Defaults and generation time", ""]
     lines += [
-        "| model | sampler | steps | guidance | size | eval images | seconds |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| model | sampler | steps | guidance | size | precision | eval images | seconds |",
+        "|---|---|---:|---:|---:|---|---:|---:|",
     ]
     for r in data["models"]:
         d = r["defaults"]
         guidance = d.get("guidance", d.get("cfg"))  # reports written before 0.2 call it cfg
-        lines.append(f"| {r['model']} | {d['sampler']} | {d['steps']} | {guidance} | {d['size']} | "
+        precision = r.get("precision", "fp32")  # reports written before precision existed ran fp32
+        lines.append(f"| {r['model']} | {d['sampler']} | {d['steps']} | {guidance} | {d['size']} | {precision} | "
                      f"{r['eval']['n_images']} | {r['eval']['seconds']} |")  # fmt: skip
     for r in data["models"]:
         lines += ["", f"## Score vs steps: {r['model']}", "",

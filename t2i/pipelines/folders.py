@@ -7,7 +7,10 @@ the metadata), so nothing is rebuilt from code defaults that might have changed 
     models/sd3-shapes/    model.json  transformer.safetensors  vae.safetensors  clip.safetensors  README.md
     models/unclip-shapes/ model.json  clip.safetensors  prior.safetensors  decoder.safetensors  sr.safetensors
 
-Weights are stored in fp16 (the repo's size budget) and loaded as fp32 for CPU inference. ``t2i export``
+Weights are stored in fp16 (the repo's size budget) and loaded as fp32. ``"precision"`` in ``model.json`` says how
+the denoisers run: ``"fp32"`` (the default when absent) or ``"bf16"`` (bf16 autocast, and ``channels_last`` for
+Unets), which the shipped models ask for because they score the same there at twice the speed
+(docs/performance.md); ``load_generator(precision=)`` and ``t2i generate --precision`` override it. ``t2i export``
 (``t2i.train.export``) writes folders from training runs.
 
 ``load_generator`` turns a shipped name (``sd3-shapes``), a model folder, or an official SD3.5 file / diffusers
@@ -23,12 +26,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from t2i.errors import check_choice
 from t2i.io.safetensors_io import atomic_write_text
 from t2i.models.files import load_model_file
 
 from .generator import Generator, SD3Generator, Settings, UnCLIPGenerator
 
 FORMAT = "t2i-model/1"
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # name: the autocast dtype of the denoisers
 SHIPPED = ("sd3-shapes", "unclip-shapes", "sd3-shapes-turbo")
 
 
@@ -94,7 +101,8 @@ def _contained_file(folder: Path, rel: Any, what: str, *, siblings: bool = False
     return path
 
 
-def _sd3_from_folder(folder: Path, spec: dict[str, Any], quantize: str | None = None) -> SD3Generator:
+def _sd3_from_folder(folder: Path, spec: dict[str, Any], quantize: str | None = None,
+                     precision: str = "fp32") -> SD3Generator:  # fmt: skip
     from t2i.models.text import ClipTextConditioner
     from t2i.models.vae import LatentFormat
     from t2i.pipelines.sd3 import SD3Pipeline, SD3Preset
@@ -106,7 +114,8 @@ def _sd3_from_folder(folder: Path, spec: dict[str, Any], quantize: str | None = 
     text = ClipTextConditioner(clip, spec["text_layer"], spec.get("text_chars", 0), spec.get("text_words", False))
     d = Settings.from_dict(spec["defaults"])
     preset = SD3Preset(steps=d.steps, guidance=d.guidance, sampler=d.sampler, shift=d.options.get("shift", 3.0))
-    pipe = SD3Pipeline(transformer, vae, text, preset=preset, device="cpu", quantize=quantize)
+    pipe = SD3Pipeline(transformer, vae, text, preset=preset, device="cpu", quantize=quantize,
+                       autocast=PRECISIONS[precision])  # fmt: skip
     f = vae.downscale * transformer.cfg.patch_size
     gen = SD3Generator(pipe, spec["name"], d, (2 * f, transformer.cfg.pos_embed_max_size * f, f))
     gen._presets = _folder_presets(spec)
@@ -119,7 +128,8 @@ def _sd3_from_folder(folder: Path, spec: dict[str, Any], quantize: str | None = 
     return gen
 
 
-def _unclip_from_folder(folder: Path, spec: dict[str, Any], quantize: str | None = None) -> UnCLIPGenerator:
+def _unclip_from_folder(folder: Path, spec: dict[str, Any], quantize: str | None = None,
+                        precision: str = "fp32") -> UnCLIPGenerator:  # fmt: skip
     if quantize is not None:
         raise ValueError(
             f"{folder}: quantization is for the SD3 family's large models; unCLIP folders run as they are"
@@ -135,6 +145,8 @@ def _unclip_from_folder(folder: Path, spec: dict[str, Any], quantize: str | None
     stages = []
     for st in spec["stages"]:
         net, _ = load_model_file(_contained_file(folder, st["file"], "stages[].file"))
+        if precision == "bf16":  # oneDNN's bf16 convolutions are fastest in channels_last (docs/performance.md)
+            net.to(memory_format=torch.channels_last)
         low = None
         if st.get("lowres_size"):
             low = LowresAugment(st["lowres_size"], sample_level=st["sample_level"])
@@ -143,7 +155,8 @@ def _unclip_from_folder(folder: Path, spec: dict[str, Any], quantize: str | None
                                    guidance=st["guidance"], lowres=low, tile=st.get("tile"),
                                    tile_overlap=st.get("tile_overlap", 32),
                                    text_words=st.get("text_words", False)))  # fmt: skip
-    gen = UnCLIPGenerator(UnCLIPPipeline(clip, prior, stages), spec["name"], Settings.from_dict(spec["defaults"]))
+    pipe = UnCLIPPipeline(clip, prior, stages, autocast=PRECISIONS[precision])
+    gen = UnCLIPGenerator(pipe, spec["name"], Settings.from_dict(spec["defaults"]))
     gen._presets = _folder_presets(spec)
     return gen
 
@@ -177,11 +190,16 @@ def model_folder(model: str) -> Path | None:
     return path if (path / "model.json").exists() else None
 
 
-def load_generator(model: str, *, quantize: str | None = None, controlnets: Sequence[str] = ()) -> Generator:
+def load_generator(model: str, *, quantize: str | None = None, precision: str | None = None,
+                   controlnets: Sequence[str] = ()) -> Generator:  # fmt: skip
     """A shipped model name, a t2i model folder, or an official SD3/SD3.5 file or diffusers folder; ``quantize``
-    ("int8") stores an SD3 model's large weights as int8 (``t2i.nn.quantize``). ``controlnets`` are ControlNet
-    files or diffusers folders added to an SD3 model's own (a model folder's ``controlnet.safetensors``)."""
-    gen = _load_generator(model, quantize)
+    ("int8") stores an SD3 model's large weights as int8 (``t2i.nn.quantize``). ``precision`` ("fp32" or "bf16")
+    overrides the folder's own (``model.json``'s ``"precision"``; fp32 for official files). ``controlnets`` are
+    ControlNet files or diffusers folders added to an SD3 model's own (a model folder's
+    ``controlnet.safetensors``)."""
+    if precision is not None:
+        check_choice("precision", precision, PRECISIONS)
+    gen = _load_generator(model, quantize, precision)
     if controlnets:
         if not isinstance(gen, SD3Generator):
             raise ValueError(f"{model} is not an SD3-family model; ControlNets work with SD3 / SD3.5 models")
@@ -194,15 +212,23 @@ def load_generator(model: str, *, quantize: str | None = None, controlnets: Sequ
     return gen
 
 
-def _load_generator(model: str, quantize: str | None) -> Generator:
+def _load_generator(model: str, quantize: str | None, precision: str | None) -> Generator:
     path = resolve_model(model)
     if (path / "model.json").exists():
         spec = read_model_json(path)
         build = {"sd3": _sd3_from_folder, "unclip": _unclip_from_folder}.get(spec.get("kind"))
         if build is None:
             raise ValueError(f"{path}/model.json has unknown kind {spec.get('kind')!r}; use sd3 or unclip")
+        if precision is None:
+            precision = spec.get("precision", "fp32")
+            if precision not in PRECISIONS:
+                raise ValueError(
+                    f"{path}/model.json: precision must be one of {sorted(PRECISIONS)}, got {precision!r}"
+                )
         try:
-            return build(path, spec, quantize)
+            gen = build(path, spec, quantize, precision)
+            gen.precision = precision
+            return gen
         except (KeyError, TypeError, AttributeError) as err:  # an entry missing or of the wrong JSON type
             raise ValueError(
                 f"{path}/model.json is malformed ({type(err).__name__}: {err}); compare it with a folder that "
@@ -214,12 +240,14 @@ def _load_generator(model: str, quantize: str | None) -> Generator:
         extra = {"shift": p.shift, "slg_scale": p.slg_scale, "slg_layers": p.slg_layers, "slg_window": p.slg_window}
         return Settings(p.steps, p.guidance, p.sampler, 1024, extra=extra)
 
-    pipe = SD3Pipeline.from_pretrained(path, quantize=quantize)
+    precision = precision or "fp32"
+    pipe = SD3Pipeline.from_pretrained(path, quantize=quantize, autocast=PRECISIONS[precision])
     f = pipe.vae.downscale * pipe.transformer.cfg.patch_size
     gen = SD3Generator(
         pipe, path.name, settings(pipe.preset), (16 * f, pipe.transformer.cfg.pos_embed_max_size * f, f)
     )
     gen._presets = {name: settings(p) for name, p in PRESETS.items()}
+    gen.precision = precision
     return gen
 
 

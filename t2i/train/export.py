@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from t2i.errors import check_choice
 from t2i.io import read_config, read_metadata
 from t2i.io.runs import checkpoint_step, trained_weights_file
 from t2i.models.files import clip_extra, load_model_file, save_model_file
@@ -114,7 +115,8 @@ def _train_seconds(run: Path) -> float | None:
 
 
 def export_sd3(out: str | Path, *, transformer: str, vae: str, clip: str, name: str = "sd3-shapes",
-               defaults: dict[str, Any] | None = None, share_from: str | Path | None = None) -> Path:  # fmt: skip
+               defaults: dict[str, Any] | None = None, share_from: str | Path | None = None,
+               precision: str = "bf16") -> Path:  # fmt: skip
     """A ``sd3`` model folder from an ``sd3`` task run and the VAE and CLIP runs it was trained with.
 
     ``share_from``: an existing sd3 model folder whose VAE and text encoder this one uses (a distilled student
@@ -164,7 +166,8 @@ def export_sd3(out: str | Path, *, transformer: str, vae: str, clip: str, name: 
     d = {"steps": cfg["run"]["sample_steps"], "guidance": task["guidance"], "sampler": task["sampler"],
          "size": cfg["data"]["image_size"], "shift": task["shift"], **student,
          **upgrade_settings_keys(defaults or {})}  # fmt: skip
-    spec = {"kind": "sd3", "name": name, "text_layer": task["text_layer"], "defaults": d,
+    spec = {"kind": "sd3", "name": name, "precision": _precision(precision), "text_layer": task["text_layer"],
+            "defaults": d,
             "training": {"transformer": rec, "vae": vae_rec, "clip": clip_rec}}  # fmt: skip
     if task.get("text_chars"):
         spec["text_chars"] = task["text_chars"]
@@ -174,6 +177,13 @@ def export_sd3(out: str | Path, *, transformer: str, vae: str, clip: str, name: 
         spec["components"] = components
     write_model_json(out, spec)
     return out
+
+
+def _precision(precision: str) -> str:
+    """How the exported folder runs its denoisers (``t2i.pipelines.folders``): bf16 unless asked otherwise, since
+    the shipped models score the same in bf16 at twice the speed (docs/performance.md)."""
+    check_choice("precision", precision, ("fp32", "bf16"))
+    return precision
 
 
 def export_unclip(
@@ -186,6 +196,7 @@ def export_unclip(
     name: str = "unclip-shapes",
     defaults: dict[str, Any] | None = None,
     prior_settings: dict[str, Any] | None = None,
+    precision: str = "bf16",
 ) -> Path:
     """An ``unclip`` model folder from CLIP, prior, base-decoder and super-resolution runs."""
     out = Path(out)
@@ -229,8 +240,8 @@ def export_unclip(
         stages.append({**stage, "file": f"{key}.safetensors"})
     d = {"steps": stages[0]["steps"], "guidance": stages[0]["guidance"], "sampler": stages[0]["sampler"],
          "size": stages[-1]["size"], **upgrade_settings_keys(defaults or {})}  # fmt: skip
-    write_model_json(out, {"kind": "unclip", "name": name, "prior": prior_spec, "stages": stages, "defaults": d,
-                       "training": records})  # fmt: skip
+    write_model_json(out, {"kind": "unclip", "name": name, "precision": _precision(precision), "prior": prior_spec,
+                           "stages": stages, "defaults": d, "training": records})  # fmt: skip
     return out
 
 

@@ -40,3 +40,43 @@ def test_a_component_with_a_damaged_key_name_is_one_error_naming_it(tmp_path):
     (folder / "clip.safetensors").write_bytes(blob.replace(key, b"l" + key[1:], 1))
     with pytest.raises(CheckpointMismatchError, match=r"(?s)clip\.safetensors: .*missing key.*k_proj\.bias"):
         load_generator(str(folder))
+
+
+def _set_precision(folder, precision):
+    spec = json.loads((folder / "model.json").read_text())
+    spec["precision"] = precision
+    (folder / "model.json").write_text(json.dumps(spec))
+
+
+def test_precision_comes_from_model_json_and_can_be_overridden(tmp_path):
+    import torch
+    from model_folders import tiny_unclip_folder
+
+    sd3 = tiny_sd3_folder(tmp_path / "sd3")
+    assert load_generator(str(sd3)).precision == "fp32"  # folders written before the field: fp32
+    assert load_generator(str(sd3)).pipe.autocast is None
+    _set_precision(sd3, "bf16")
+    gen = load_generator(str(sd3))
+    assert gen.precision == "bf16" and gen.pipe.autocast == torch.bfloat16
+    assert load_generator(str(sd3), precision="fp32").pipe.autocast is None
+
+    unclip = tiny_unclip_folder(tmp_path / "unclip")
+    _set_precision(unclip, "bf16")
+    gen = load_generator(str(unclip))
+    assert gen.precision == "bf16" and gen.pipe.autocast == torch.bfloat16
+    for st in gen.pipe.stages:  # bf16 convolutions run channels-last
+        assert st.net.init_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    s = gen.settings(steps=2)
+    fast = gen.generate(["a red circle"], [0], s)
+    plain = load_generator(str(unclip), precision="fp32").generate(["a red circle"], [0], s)
+    assert fast.dtype == torch.float32 and torch.isfinite(fast).all()
+    assert (fast - plain).abs().mean() < 0.05  # random tiny nets: the same image up to bf16 rounding
+
+
+def test_a_bad_precision_is_a_clear_error(tmp_path):
+    sd3 = tiny_sd3_folder(tmp_path / "sd3")
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        load_generator(str(sd3), precision="fp16")
+    _set_precision(sd3, "half")
+    with pytest.raises(ValueError, match=r"model.json: precision must be one of \['bf16', 'fp32'\], got 'half'"):
+        load_generator(str(sd3))
