@@ -97,8 +97,13 @@ def t2i_cases(device, steps):
     prior = PriorNetwork(embed_dim=D, depth=6, heads=8, head_dim=64, text_token_dim=D, max_text_len=L).to(device)
     path = VPPath("cosine", 1000)
     unet_obj, prior_obj = DenoisingObjective(path, "eps"), DenoisingObjective(path, "x0")
-    opt_u = torch.optim.AdamW(unet.parameters(), lr=1e-4)
-    opt_p = torch.optim.AdamW(prior.parameters(), lr=1e-4)
+    # t2i trains with its trainer's optimizer (t2i.train.optim: the fused AdamW kernel), DALLE2-pytorch with
+    # torch's default AdamW, each as its own training code does
+    from t2i.train.config import OptimConfig
+    from t2i.train.optim import build_optimizer
+
+    opt_u = build_optimizer(unet, OptimConfig(lr=1e-4, weight_decay=0.01))
+    opt_p = build_optimizer(prior, OptimConfig(lr=1e-4, weight_decay=0.01))
     img_e, tok, msk = x["image_embed"][:B_UNET], x["text_enc"][:B_UNET], x["text_mask"][:B_UNET]
     t_u = torch.tensor([10.0, 200.0, 500.0, 900.0], device=device)
 
@@ -160,8 +165,18 @@ def t2i_cases(device, steps):
             seeds=Seeds(list(range(B_PRIOR))),
         )
 
+    def layout(precision: str) -> None:
+        # as t2i's trainer and bf16 model folders run it: channels-last convolutions under bf16, default in fp32
+        fmt = torch.channels_last if precision == "bf16" else torch.contiguous_format
+        unet.to(memory_format=fmt)
+        for st in opt_u.state.values():
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.dim() == 4:
+                    st[k] = v.contiguous(memory_format=fmt)
+
     params = {"unet": sum(p.numel() for p in unet.parameters()), "prior": sum(p.numel() for p in prior.parameters())}
     return params, {
+        "layout": layout,
         "unet/forward": unet_forward,
         "unet/train_step": unet_train,
         "unet/sample": unet_sample,
@@ -284,7 +299,9 @@ def worker(args) -> None:
             cases[f"{model}/forward"]()
         flops[model] = counter.get_total_flops()
     results = {}
+    layout = cases.pop("layout", lambda precision: None)
     for precision in ("fp32", "bf16"):
+        layout(precision)
         for name, fn in cases.items():
             if args.only and not any(o in f"{name}/{precision}" for o in args.only.split(",")):
                 continue

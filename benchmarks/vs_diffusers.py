@@ -5,7 +5,8 @@ every measurement alternates t2i and diffusers runs so that load from other proc
 is the fastest of the repetitions (interference from other processes only ever adds time, so the minimum is the
 most stable estimate on a shared machine) and the ratio diffusers / t2i (> 1: t2i is faster), for:
 
-- forward (no grad), forward + backward, and a training step (flow-matching loss, backward, AdamW step);
+- forward (no grad), forward + backward, and a training step (flow-matching loss, backward, AdamW step: t2i's
+  trainer's fused AdamW against torch's default one, as each side's training code builds it);
 - 4- and 28-step sampling with CFG 4.5: ``SD3Pipeline`` vs ``StableDiffusion3Pipeline`` with precomputed
   embeddings, Euler, shift 3, latents out;
 
@@ -29,6 +30,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, St
 from t2i.io.sd3 import transformer_official_to_diffusers
 from t2i.models.mmdit import PRESETS, MMDiT, MMDiTConfig, count_parameters
 from t2i.pipelines.sd3 import SD3Pipeline, SD3Preset
+from t2i.train.config import OptimConfig
+from t2i.train.optim import build_optimizer
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,9 @@ def run_case(case: Case, amp: bool, fast: bool, reps: int, sample_reps: int, ste
     eps = torch.randn(x.shape, generator=g)
     sig = torch.sigmoid(torch.randn(B, generator=g))  # logit-normal sigma
     x_t = (1 - sig[:, None, None, None]) * x + sig[:, None, None, None] * eps
-    opt_t2i = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    # each side with its own training code's optimizer: t2i's trainer builds the fused AdamW kernel
+    # (t2i.train.optim), diffusers' training scripts torch's default AdamW
+    opt_t2i = build_optimizer(model, OptimConfig(lr=1e-5, weight_decay=0.01))
     opt_dif = torch.optim.AdamW(ref.parameters(), lr=1e-5)
 
     def train_step(m, opt, dif):
