@@ -11,6 +11,10 @@ parameters, batch 4, 32 x 32 x 16 latents, 77 tokens of 256), the shipped ``sd3-
 batch (64 images of 16 x 16 x 8 latents, 24 CLIP + 24 word + 8 character tokens) and the shipped ``unclip-shapes``
 base decoder Unet at its training batch (32 images of 32 px).
 
+"Its GEMMs alone" times ``torch.mm`` at the shapes of the model's own linear layers (recorded by hooks; with the
+two backward GEMMs of each for the training step), nothing else: the ceiling of a model whose non-matmul work
+cost nothing. Against the square-matrix peak it shows how much of the gap is the matrices' size itself.
+
     python benchmarks/roofline.py                  # all models, 1 thread
     python benchmarks/roofline.py --threads 2 --reps 5
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -26,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from t2i.models.files import load_model_file
 from t2i.models.mmdit import PRESETS, MMDiT
+from t2i.nn.attention import attention_kernel
 
 
 def best_seconds(fn: Callable[[], object], reps: int) -> float:
@@ -49,7 +55,8 @@ def matmul_peak(dtype: torch.dtype, reps: int) -> float:
 
 
 def count_flops(fn: Callable[[], object]) -> int:
-    with FlopCounterMode(display=False) as counter:
+    # attention as explicit matmuls, which the counter sees (it has no formula for SDPA's CPU kernels)
+    with FlopCounterMode(display=False) as counter, attention_kernel("math"):
         fn()
     return counter.get_total_flops()
 
@@ -113,6 +120,38 @@ def cases() -> dict[str, Callable[[], tuple]]:
             "unclip-shapes decoder Unet": unclip_decoder}  # fmt: skip
 
 
+def linear_shapes(model: torch.nn.Module, forward: Callable) -> list[tuple[int, int, int]]:
+    """(M, K, N) of every ``nn.Linear`` call in one forward: rows, input and output features."""
+    shapes, hooks = [], []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            hooks.append(
+                m.register_forward_hook(
+                    lambda mod, i, o: shapes.append(
+                        (i[0].numel() // mod.in_features, mod.in_features, mod.out_features)
+                    )
+                )
+            )
+    with torch.no_grad():
+        forward()
+    for h in hooks:
+        h.remove()
+    return shapes
+
+
+def gemm_ceiling(shapes: list[tuple[int, int, int]], dtype: torch.dtype, train: bool, reps: int) -> float:
+    """GFLOP/s of the model's own linear-layer GEMMs alone (``torch.mm`` at their shapes, in ``dtype``; with
+    ``train`` also the two backward GEMMs of each): what the model could reach if nothing but its matmuls ran."""
+    flops = seconds = 0.0
+    for (M, K, N), count in Counter(shapes).items():
+        gemms = [(M, K, N)] + ([(M, N, K), (N, M, K)] if train else [])  # forward; grad of input; grad of weight
+        for m, k, n in gemms:
+            a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+            seconds += count * best_seconds(lambda a=a, b=b: torch.mm(a, b), reps)
+            flops += count * 2 * m * k * n
+    return flops / seconds / 1e9
+
+
 def calls(forward: Callable, loss: Callable, model: torch.nn.Module, precision: str) -> dict[str, Callable]:
     """The timed calls of one precision: a no-grad forward and a training step (loss, backward, AdamW)."""
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -135,17 +174,19 @@ def calls(forward: Callable, loss: Callable, model: torch.nn.Module, precision: 
 def measure(name: str, build: Callable[[], tuple], peaks: dict[str, float], reps: int) -> list[str]:
     model, forward, loss = build()
     model.float().requires_grad_(True)  # model files load frozen, for inference
-    # the same math in both precisions, counted once under bf16, where attention runs as explicit matmuls (the
-    # counter has no formula for the fused CPU attention kernel fp32 uses, and would leave attention out)
+    # the same math in both precisions, counted once under bf16 with attention as explicit matmuls
     counted = {case: count_flops(fn) for case, fn in calls(forward, loss, model, "bf16").items()}
+    shapes = linear_shapes(model, forward)
     rows = []
     for precision, peak in peaks.items():
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         for case, fn in calls(forward, loss, model, precision).items():
             flops = counted[case]
             s = best_seconds(fn, reps)
             gflops = flops / s / 1e9
+            ceiling = gemm_ceiling(shapes, dtype, case == "train step", reps)
             rows.append(f"| {name} | {precision} | {case} | {flops / 1e9:.1f} | {s * 1e3:.0f} | {gflops:.0f} | "
-                        f"{100 * gflops / peak:.0f}% |")  # fmt: skip
+                        f"{ceiling:.0f} | {100 * gflops / peak:.0f}% |")  # fmt: skip
     return rows
 
 
@@ -167,12 +208,14 @@ def main(argv: list[str] | None = None) -> None:
     # a shared machine's peak moves between runs: measured again after the models, the better of the two counts
     again = {"fp32": matmul_peak(torch.float32, args.reps), "bf16": matmul_peak(torch.bfloat16, args.reps)}
     print(f"matmul peak again after the models: fp32 {again['fp32']:.0f}, bf16 {again['bf16']:.0f} GFLOP/s\n")
-    print("| model | precision | case | GFLOP (counted) | ms | GFLOP/s | of the matmul peak |")
-    print("|---|---|---|---:|---:|---:|---:|")
+    print(
+        "| model | precision | case | GFLOP (counted) | ms | GFLOP/s | its GEMMs alone, GFLOP/s | of the matmul peak |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|---:|")
     for row in rows:
         cells = row.split(" | ")
         peak = max(peaks[cells[1]], again[cells[1]])
-        cells[-1] = f"{100 * float(cells[-2]) / peak:.0f}% |"
+        cells[-1] = f"{100 * float(cells[-3]) / peak:.0f}% |"
         print(" | ".join(cells))
 
 
