@@ -1,9 +1,9 @@
 """CLIP's text and image towers with their projections (Radford et al. 2021), written for t2i, without transformers.
 
-Why: importing ``transformers`` costs about a second of every cold start (its model code pulls in ``torch._dynamo``,
-``torch.distributed.tensor`` and, when installed, ``torchao``), and the only thing the shipped models needed from
-it was the ``CLIPModel`` inside ``t2i.models.clip.ClipEncoder``. ``ClipTowers`` is that model in about 300 lines of
-plain PyTorch.
+Why: importing ``transformers``' CLIP costs one to four seconds of every cold start, more than torch itself (its
+model code pulls in ``torch._dynamo``, ``torch.distributed.tensor`` and, when installed, ``torchao``; measured in
+docs/performance.md), and the only thing the shipped models needed from it was the ``CLIPModel`` inside
+``t2i.models.clip.ClipEncoder``. ``ClipTowers`` is that model in plain PyTorch.
 
 Interchangeable with ``transformers.CLIPModel``:
 
