@@ -1,7 +1,10 @@
 """CLIP for unCLIP (Radford et al. 2021): text and image towers with projections, tokenizer and preprocessing.
 
-The towers are ``transformers``' ``CLIPModel``, so OpenAI and OpenCLIP weights in Hugging Face format load from a
-local folder unchanged, and a from-scratch model trains with the symmetric contrastive loss.
+The towers of a from-scratch model (``ClipEncoder.from_config``, ``ScratchClip``, the model files and folders t2i
+writes) are ``t2i.models.clip_towers.ClipTowers``: the parameters of ``transformers``' ``CLIPModel`` under the same
+names, in plain PyTorch, so loading a shipped model never imports transformers (about a second of every cold
+start). OpenAI and OpenCLIP weights in Hugging Face format load from a local folder into transformers' own
+``CLIPModel``, which their tokenizer needs anyway. Either trains with the symmetric contrastive loss.
 
 The tokenizer belongs to the encoder: ``ClipEncoder`` owns it and every caller tokenizes through
 ``encoder.tokenize``, so a pipeline cannot pair a model with the wrong vocabulary, context length or special
@@ -34,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from t2i.models.clip_towers import ClipTextConfig, ClipTowers, ClipTowersConfig, ClipVisionConfig
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 _WORD_RE = re.compile(r"[a-z]+|[0-9]|[^\sa-z0-9]")
@@ -42,8 +47,8 @@ _WORD_RE = re.compile(r"[a-z]+|[0-9]|[^\sa-z0-9]")
 class WordTokenizer:
     """Word-level tokenizer with a character fallback; ids 0-3 are ``<pad> <unk> <start> <end>``.
 
-    ``<end>`` is deliberately not id 2: ``transformers``' CLIP treats ``eos_token_id == 2`` as a legacy config and
-    then pools at the arg-max id instead of at the end token.
+    ``<end>`` is deliberately not id 2: CLIP (``transformers``', and ``ClipTowers`` after it) treats
+    ``eos_token_id == 2`` as a legacy config and then pools at the arg-max id instead of at the end token.
     """
 
     SPECIALS = ("<pad>", "<unk>", "<start>", "<end>")
@@ -147,11 +152,9 @@ CLIP_PRESETS: dict[str, ClipConfig] = {
 }  # fmt: skip
 
 
-def hf_clip_config(cfg: ClipConfig, tokenizer: WordTokenizer):
-    """The ``transformers.CLIPConfig`` of a from-scratch model for this tokenizer."""
-    from transformers import CLIPConfig
-
-    text = dict(
+def towers_config(cfg: ClipConfig, tokenizer: WordTokenizer) -> ClipTowersConfig:
+    """The ``ClipTowers`` config of a from-scratch model for this tokenizer."""
+    text = ClipTextConfig(
         vocab_size=tokenizer.vocab_size,
         hidden_size=cfg.text_width,
         intermediate_size=4 * cfg.text_width,
@@ -162,7 +165,7 @@ def hf_clip_config(cfg: ClipConfig, tokenizer: WordTokenizer):
         bos_token_id=tokenizer.start_id,
         eos_token_id=tokenizer.end_id,
     )
-    vision = dict(
+    vision = ClipVisionConfig(
         hidden_size=cfg.vision_width,
         intermediate_size=4 * cfg.vision_width,
         num_hidden_layers=cfg.vision_layers,
@@ -170,14 +173,15 @@ def hf_clip_config(cfg: ClipConfig, tokenizer: WordTokenizer):
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
     )
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.embed_dim)
+    return ClipTowersConfig(text, vision, projection_dim=cfg.embed_dim)
 
 
 class ClipEncoder(nn.Module):
     """A CLIP model together with its tokenizer and image preprocessing.
 
     Args:
-        model: a ``transformers.CLIPModel``.
+        model: a ``ClipTowers``, or a ``transformers.CLIPModel`` (Hugging Face folders); both have the same
+            parameter names and the same ``text_model`` / ``vision_model`` call signatures.
         tokenizer: its ``WordTokenizer`` or ``HFTokenizer``.
         image_mean, image_std: per-channel normalisation of [0, 1] images.
     """
@@ -209,11 +213,9 @@ class ClipEncoder(nn.Module):
     @classmethod
     def from_config(cls, cfg: ClipConfig, tokenizer: WordTokenizer) -> ClipEncoder:
         """A randomly initialised CLIP (use ``torch.manual_seed`` for reproducibility) for ``tokenizer``."""
-        from transformers import CLIPModel
-
         if tokenizer.context_length > cfg.context_length:
             raise ValueError("the tokenizer's context_length must not exceed ClipConfig.context_length")
-        model = CLIPModel(hf_clip_config(cfg, tokenizer))
+        model = ClipTowers(towers_config(cfg, tokenizer))
         return cls(model, tokenizer, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
 
     # -- properties -------------------------------------------------------------------------------------------
@@ -328,12 +330,16 @@ class ClipEncoder(nn.Module):
     # -- files --------------------------------------------------------------------------------------------------
 
     def save(self, folder: str | Path) -> None:
-        """A folder with the HF model (safetensors), the tokenizer and the preprocessing constants."""
+        """A folder with the model (``config.json`` + ``model.safetensors``, the layout and keys of a Hugging Face
+        ``CLIPModel`` folder, so transformers reads it too), the tokenizer and the preprocessing constants."""
+        from t2i.io import save_weights
+
         if not isinstance(self.tokenizer, WordTokenizer):
             raise ValueError("only from-scratch encoders (WordTokenizer) are saved by t2i; HF folders already exist")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(folder, safe_serialization=True)
+        (folder / "config.json").write_text(json.dumps(self.model.config.to_dict(), indent=2, default=str))
+        save_weights(folder / "model.safetensors", self.model.state_dict())
         self.tokenizer.save(folder / "t2i_tokenizer.json")
         prep = {"image_mean": self.image_mean.flatten().tolist(), "image_std": self.image_std.flatten().tolist()}
         (folder / "t2i_preprocess.json").write_text(json.dumps(prep))
@@ -342,29 +348,48 @@ class ClipEncoder(nn.Module):
     def load(cls, folder: str | Path, *, device: str | torch.device | None = None) -> ClipEncoder:
         """Load a folder written by ``save``, or a local Hugging Face CLIP folder (OpenAI / OpenCLIP weights).
 
-        HF folders must contain ``config.json``, the weights and the tokenizer files; the image mean/std come
-        from ``preprocessor_config.json`` when present, else OpenAI's.
+        A ``save`` folder (it has ``t2i_tokenizer.json``) loads into ``ClipTowers`` with every key checked, also
+        when an older t2i wrote it through transformers' ``save_pretrained``. Hugging Face folders load into
+        ``transformers.CLIPModel`` (their configs come in several historical layouts that it reads, and their
+        tokenizer needs transformers anyway); they must contain ``config.json``, the weights and the tokenizer
+        files; the image mean/std come from ``preprocessor_config.json`` when present, else OpenAI's.
         """
-        from transformers import CLIPModel
-
         folder = Path(folder)
         if not (folder / "config.json").exists():
             raise FileNotFoundError(f"{folder} has no config.json; it is not a saved CLIP folder")
-        model = CLIPModel.from_pretrained(str(folder), local_files_only=True)
-        ctx = model.config.text_config.max_position_embeddings
         mean, std = OPENAI_MEAN, OPENAI_STD
         if (folder / "t2i_tokenizer.json").exists():
             tokenizer = WordTokenizer.load(folder / "t2i_tokenizer.json")
             prep = json.loads((folder / "t2i_preprocess.json").read_text())
             mean, std = tuple(prep["image_mean"]), tuple(prep["image_std"])
+            model = _load_towers(folder)
         else:
-            tokenizer = HFTokenizer(folder, ctx)
+            from transformers import CLIPModel
+
+            model = CLIPModel.from_pretrained(str(folder), local_files_only=True)
+            tokenizer = HFTokenizer(folder, model.config.text_config.max_position_embeddings)
             pre = folder / "preprocessor_config.json"
             if pre.exists():
                 data = json.loads(pre.read_text())
                 mean, std = tuple(data.get("image_mean", mean)), tuple(data.get("image_std", std))
         enc = cls(model.eval(), tokenizer, image_mean=mean, image_std=std)
         return enc.to(device) if device is not None else enc
+
+
+def _load_towers(folder: Path) -> ClipTowers:
+    """The ``ClipTowers`` of a ``ClipEncoder.save`` folder, every key and shape checked."""
+    from t2i.io import CheckpointMismatchError, check_state_dict, load_weights
+
+    cfg = ClipTowersConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    with torch.random.fork_rng(devices=[]):  # the random init is overwritten: leave the global RNG where it was
+        model = ClipTowers(cfg)
+    sd = load_weights(folder / "model.safetensors")
+    try:
+        check_state_dict(model.state_dict(), sd, what="CLIP")
+    except CheckpointMismatchError as err:
+        raise CheckpointMismatchError(f"{folder}: {err}") from None
+    model.load_state_dict(sd, strict=True)
+    return model
 
 
 class ScratchClip(ClipEncoder):
@@ -377,9 +402,7 @@ class ScratchClip(ClipEncoder):
     """
 
     def __init__(self, cfg: ClipConfig, tokenizer: WordTokenizer):
-        from transformers import CLIPModel
-
         self.cfg = cfg
         super().__init__(
-            CLIPModel(hf_clip_config(cfg, tokenizer)), tokenizer, image_mean=(0.5,) * 3, image_std=(0.5,) * 3
+            ClipTowers(towers_config(cfg, tokenizer)), tokenizer, image_mean=(0.5,) * 3, image_std=(0.5,) * 3
         )

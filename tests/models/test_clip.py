@@ -62,11 +62,13 @@ def test_text_tower_pools_at_the_end_token(encoder):
 
 
 def test_towers_match_transformers(encoder):
+    from transformers import CLIPConfig, CLIPModel
+
     ids, mask = encoder.tokenize(CAPTIONS)
     images = torch.rand(4, 3, 32, 32) * 2 - 1
-    ref = encoder.model(
-        input_ids=ids, attention_mask=mask.long(), pixel_values=encoder.preprocess(images), return_loss=True
-    )
+    hf = CLIPModel(CLIPConfig(**encoder.model.config.to_dict())).eval()  # the same weights in transformers' CLIP
+    hf.load_state_dict(encoder.model.state_dict(), strict=True)
+    ref = hf(input_ids=ids, attention_mask=mask.long(), pixel_values=encoder.preprocess(images), return_loss=True)
     text, tokens = encoder.encode_text(ids, mask)
     torch.testing.assert_close(text, ref.text_embeds, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(encoder.embed_image(images), ref.image_embeds, rtol=1e-5, atol=1e-6)
