@@ -107,7 +107,7 @@ DALLE2_VENV := .venv-dalle2
 $(DALLE2_VENV)/.installed:
 	@test -x $(DALLE2_VENV)/bin/python || $(PYTHON) -m venv $(DALLE2_VENV)
 	$(DALLE2_VENV)/bin/pip install -q torch==2.13.0
-	$(DALLE2_VENV)/bin/pip install -q "dalle2-pytorch==1.15.6" "setuptools<81"
+	$(DALLE2_VENV)/bin/pip install -q "dalle2-pytorch==1.15.6" "setuptools<81" "torch==2.13.*"  # keep the CPU build
 	@touch $@
 
 bench-dalle2: $(STAMP) $(DALLE2_VENV)/.installed
