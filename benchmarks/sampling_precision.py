@@ -6,7 +6,8 @@
 For each model and precision (``load_generator(precision=)``: bf16 is autocast on the denoisers, plus
 ``channels_last`` for the unCLIP Unets), the ``eval`` split is drawn at the model's default settings in batches of
 64, exactly as ``make quality`` draws it, and scored by the unchanged evaluator. The precisions of one model run
-one after the other in one process; images/s counts generation only (not loading, not scoring). ``--per-category``
+one after the other in one process; the seconds are the split's, drawing and scoring together (``evaluate_model``
+times them as one), not loading. ``--per-category``
 limits the split to its first N prompts per category (the full split is 840 prompts).
 
 ``--speed-only N`` skips the scoring and times the precisions alternately instead, on one batch of N ``eval``
@@ -71,13 +72,13 @@ def main() -> None:
             r = evaluate_model(model, per_category=args.per_category, splits=("eval",), sweep=False, grid_dir=None,
                                precision=precision, log=lambda *a: None)  # fmt: skip
             e = r["eval"]
-            ips = e["n_images"] / e["seconds"]
+            ips = e["n_images"] / e["seconds"]  # drawn and scored
             base = base or ips
             cats = " ".join(f"{k} {v:.3f}" for k, v in e["accuracy"].items())
             rows.append(f"| {r['model']} | {precision} | {e['overall']:.3f} | {e['n_images']} | {e['seconds']:.1f} | "
                         f"{ips:.2f} | {ips / base:.2f}x |")  # fmt: skip
             print(f"{r['model']} {precision}: {cats} ({time.perf_counter() - t:.0f} s with loading and scoring)")
-    print("\n| model | precision | `eval` overall | images | seconds | images/s | vs first |")
+    print("\n| model | precision | `eval` overall | images | seconds (drawing + scoring) | images/s | vs first |")
     print("|---|---|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
 

@@ -110,9 +110,9 @@ class Trainer:
             # fine-tuning start point; every name and shape is checked, and a resume below overrides it
             load_into(self.model, cfg.model.init_from, allow_pickle=allow_pickle)
         self.task.setup_model(self.model)
-        if cfg.run.precision == "bf16" and any(isinstance(m, nn.Conv2d) for m in self.model.modules()):
-            # oneDNN's bf16 convolutions are fastest channels-last: 1.4x on the unCLIP decoder's training step (in
-            # fp32 the layout is 1.3x slower, so fp32 runs keep theirs). Saved weights are made contiguous.
+        if cfg.run.channels_last and cfg.run.precision == "bf16":
+            # oneDNN's bf16 convolutions in channels-last: 1.4x on the unCLIP decoder's training step, but slower
+            # for the VAE and for fp32 (1.3x), hence opt-in and bf16 only. Saved weights are made contiguous.
             self.model.to(memory_format=torch.channels_last)
         self.ema: EMA | None = None
         if cfg.ema.enabled:

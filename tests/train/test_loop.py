@@ -58,9 +58,9 @@ def test_bf16_autocast_runs_and_matches_fp32_loosely(tiny_cfg, quiet):
     assert seen == {"fp32": torch.float32, "bf16": torch.bfloat16}  # autocast only where the config asks
     for k, v in fp32.model.state_dict().items():
         assert v.dtype == bf16.model.state_dict()[k].dtype == torch.float32  # master weights stay fp32
-    cl = torch.channels_last  # bf16 convolutions train channels-last, fp32 ones keep the default layout
-    assert bf16.model.stem.weight.is_contiguous(memory_format=cl)
-    assert not fp32.model.stem.weight.is_contiguous(memory_format=cl)
+    assert not bf16.model.stem.weight.is_contiguous(memory_format=torch.channels_last)  # opt-in: run.channels_last
+    cl = Trainer(tiny_cfg(**{"run.name": "cl", "run.precision": "bf16", "run.channels_last": True}), out=quiet)
+    assert cl.model.stem.weight.is_contiguous(memory_format=torch.channels_last)
     w32, w16 = _weights(fp32), _weights(bf16)
     num = sum(((w32[k] - w16[k]) ** 2).sum() for k in w32)
     den = sum((w32[k] ** 2).sum() for k in w32)
