@@ -9,8 +9,8 @@ from earlier runs come from the shipped model folders instead (the shapes CLIP a
 in the step's cost.
 
 ``--baseline`` names another checkout of t2i (for example a worktree of an older commit): every case then runs
-alternately under that checkout's code and this one's, each in a fresh subprocess, ``--reps`` times; the best of
-each side is kept (load from other processes only adds time) and the ratio printed.
+alternately under that checkout's code and configs and this one's, each in a fresh subprocess, ``--reps`` times;
+the best of each side is kept (load from other processes only adds time) and the ratio printed.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ CASES = {  # label: (config, overrides)
 }
 
 
-def worker(label: str, steps: int, threads: int) -> dict:
+def worker(label: str, steps: int, threads: int, config_root: Path = ROOT) -> dict:
     """Time one case in this process (the code on ``sys.path``); returns images/s and the step time."""
     import torch
 
@@ -52,7 +52,7 @@ def worker(label: str, steps: int, threads: int) -> dict:
     config, overrides = CASES[label]
     with tempfile.TemporaryDirectory() as tmp:
         extra = [f"run.out_dir={tmp}", "run.name=bench", f"run.threads={threads}", "run.progress=false"]
-        cfg = load_config(ROOT / config, [*overrides, *extra])
+        cfg = load_config(config_root / config, [*overrides, *extra])
         tr = Trainer(cfg, out=io.StringIO())
         for _ in range(2):  # warm-up: allocator, autocast caches, first-call overheads, data workers
             tr.train_step()
@@ -66,7 +66,8 @@ def worker(label: str, steps: int, threads: int) -> dict:
 
 def run_in(checkout: Path, label: str, steps: int, threads: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(checkout), "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, __file__, "--worker", label, "--steps", str(steps), "--threads", str(threads)]
+    cmd = [sys.executable, __file__, "--worker", label, "--steps", str(steps), "--threads", str(threads),
+           "--config-root", str(checkout)]  # fmt: skip
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"{label} under {checkout} failed:\n{out.stderr[-3000:]}")
@@ -81,9 +82,10 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--baseline", type=Path, help="another t2i checkout to compare against, alternating")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--config-root", type=Path, default=ROOT, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.steps, args.threads)))
+        print(json.dumps(worker(args.worker, args.steps, args.threads, args.config_root)))
         return
     print(f"{args.threads} thread(s), {args.steps} timed steps per run after 2 warm-up steps"
           + (f", best of {args.reps} alternating runs per side" if args.baseline else "") + "\n")  # fmt: skip
