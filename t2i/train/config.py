@@ -49,8 +49,9 @@ class RunConfig:
     threads: int = 0  # torch CPU threads (0: torch's default)
     deterministic: bool = False  # deterministic kernels: needed for bit-exact resume on GPUs (CPU kernels are)
     compile: bool = False  # torch.compile the training forward/backward (minutes to compile; then faster steps)
-    # bf16 runs only: train the model's convolutions in channels-last layout (oneDNN's fastest bf16 path for the
-    # unCLIP Unets: 1.4x a decoder step; slower for the VAE, so off unless a config asks; docs/performance.md)
+    # bf16 runs only: train the model's convolutions in channels-last layout. 1.4x the unCLIP decoder's bare
+    # forward + backward + AdamW, but no gain inside the trainer's full step (EMA, clipping, the task's CLIP) and
+    # slower for the VAE, so no default config asks for it (docs/performance.md)
     channels_last: bool = False
     # Scores on the shapes benchmark while training (tasks that draw from captions: sd3): the EMA weights (else the
     # model) draw the first ``eval_per_category`` prompts of each category of ``eval_split`` every ``eval_every``

@@ -111,8 +111,8 @@ class Trainer:
             load_into(self.model, cfg.model.init_from, allow_pickle=allow_pickle)
         self.task.setup_model(self.model)
         if cfg.run.channels_last and cfg.run.precision == "bf16":
-            # oneDNN's bf16 convolutions in channels-last: 1.4x on the unCLIP decoder's training step, but slower
-            # for the VAE and for fp32 (1.3x), hence opt-in and bf16 only. Saved weights are made contiguous.
+            # oneDNN's bf16 convolutions in channels-last (1.4x a bare decoder step; see RunConfig.channels_last
+            # for why it is opt-in); fp32 convolutions are 1.3x slower so. Saved weights are made contiguous.
             self.model.to(memory_format=torch.channels_last)
         self.ema: EMA | None = None
         if cfg.ema.enabled:
