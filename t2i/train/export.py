@@ -22,7 +22,13 @@ from t2i.errors import check_choice
 from t2i.io import read_config, read_metadata
 from t2i.io.runs import checkpoint_step, trained_weights_file
 from t2i.models.files import clip_extra, load_model_file, save_model_file
-from t2i.pipelines.folders import component_file, read_model_json, upgrade_settings_keys, write_model_json
+from t2i.pipelines.folders import (
+    PRECISIONS,
+    component_file,
+    read_model_json,
+    upgrade_settings_keys,
+    write_model_json,
+)
 
 from .report import read_metrics
 from .trained import load_trained
@@ -182,7 +188,7 @@ def export_sd3(out: str | Path, *, transformer: str, vae: str, clip: str, name: 
 def _precision(precision: str) -> str:
     """How the exported folder runs its denoisers (``t2i.pipelines.folders``): bf16 unless asked otherwise, since
     the shipped models score the same in bf16 at twice the speed (docs/performance.md)."""
-    check_choice("precision", precision, ("fp32", "bf16"))
+    check_choice("precision", precision, PRECISIONS)
     return precision
 
 
