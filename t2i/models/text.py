@@ -238,6 +238,16 @@ def quoted_text(prompt: str) -> str:
     return " ".join(m.strip() for m in _QUOTED.findall(prompt) if m.strip())
 
 
+def sincos_positions(length: int, width: int, max_period: float = 100.0) -> Tensor:
+    """``(length, width)`` 1-D sincos codes of positions 0..length-1 with unit RMS: cosines in the first half, sines
+    in the second, periods from 2 pi up to ``max_period`` (a caption is a few dozen tokens, not thousands)."""
+    if width % 2:
+        raise ValueError(f"a sincos position code needs an even width, got {width}")
+    freqs = max_period ** (-torch.arange(width // 2, dtype=torch.float64) / (width // 2))
+    angles = torch.arange(length, dtype=torch.float64)[:, None] * freqs[None]
+    return (torch.cat([angles.cos(), angles.sin()], 1) * 2**0.5).float()  # each (cos, sin) pair has mean square 1/2
+
+
 def glyph_tokens(prompts: Sequence[str], count: int, width: int) -> Tensor:
     """``(B, count, width)`` character tokens of each prompt's quoted text: token ``k`` is one-hot in its
     character (``GLYPHS``, case-folded; dimension 36 marks any other character, e.g. a space) plus one-hot in
@@ -276,11 +286,21 @@ class ClipTextConditioner(nn.Module):
     layer on, and the tokens after them 0.999, so the penultimate states barely say which way a relation points
     (nor does the pooled vector). The input embeddings still do, and the MMDiT's joint attention contextualises
     them itself, the way SD3's T5 tokens complement its CLIPs. They sit in T5's slot and share its dropout.
+
+    ``word_positions > 0`` adds a 1-D sincos code of each word token's index, scaled to that RMS, to the word tokens.
+    The MMDiT has no positions on its context, and the CLIP's learned position embeddings, trained by a bag-of-words
+    objective, are unordered vectors: with them the shapes MMDiT put "A left of B"'s objects on the right axis but
+    either way round. A sincos code makes "this word comes before that one" a linear feature of a key-query pair.
     """
 
-    def __init__(self, clip: nn.Module, layer: int = -2, chars: int = 0, words: bool = False):
+    def __init__(self, clip: nn.Module, layer: int = -2, chars: int = 0, words: bool = False,
+                 word_positions: float = 0.0):  # fmt: skip
         super().__init__()
         self.clip, self.layer, self.chars, self.words = clip, layer, int(chars), bool(words)
+        self.word_positions = float(word_positions)
+        if self.word_positions < 0 or (self.word_positions and not self.words):
+            raise ValueError(f"word_positions must be >= 0 and needs words=True, got {word_positions} "
+                             f"with words={words}")  # fmt: skip
         text_cfg = clip.model.config.text_config
         if not -text_cfg.num_hidden_layers - 1 <= layer <= text_cfg.num_hidden_layers:
             raise ValueError(f"layer {layer} is outside the text tower's {text_cfg.num_hidden_layers} layers")
@@ -302,6 +322,9 @@ class ClipTextConditioner(nn.Module):
         if self.words:
             embedded = out.hidden_states[0].float()
             embedded = embedded * torch.rsqrt(embedded.square().mean(-1, keepdim=True) + 1e-12)
+            if self.word_positions:
+                code = sincos_positions(embedded.shape[1], embedded.shape[2]).to(embedded.device)
+                embedded = embedded + self.word_positions * code
             context = torch.cat([context, embedded * mask[..., None]], 1)
         if self.chars:
             glyphs = glyph_tokens(prompts, self.chars, context.shape[-1]).to(context.device)

@@ -108,6 +108,8 @@ def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str
         lines[-1] += (" Where SD3 puts T5's tokens, the text encoder also passes the CLIP's input embeddings of the "
                       "prompt's words, which keep apart the relation words (left, right, above, below) that the "
                       "small CLIP's later layers blur together.")  # fmt: skip
+        if spec.get("text_word_positions"):
+            lines[-1] += " Each word token carries a sincos code of its place in the prompt, so word order survives."
     if kind == "sd3" and spec.get("text_chars"):
         lines[-1] += (f" The text encoder also spells the prompt's quoted text as {spec['text_chars']} character "
                       "tokens, where SD3 puts T5's tokens.")  # fmt: skip

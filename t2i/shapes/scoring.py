@@ -47,6 +47,38 @@ def check(spec: Spec, detections: Sequence[Detection]) -> bool:
     return not any(sum(_matches(c, d) for d in detections) >= c.count for c in spec.exclude)
 
 
+_OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+LAYOUTS = ("holds", "reversed", "other", "missing")
+
+
+def _candidates(clause, detections: Sequence[Detection]) -> list[Detection]:
+    """The objects that match the clause, or failing that the objects of its colour (the shape drawn wrong)."""
+    return [d for d in detections if _matches(clause, d)] or [d for d in detections if d.color == clause.color]
+
+
+def layout_outcome(spec: Spec, detections: Sequence[Detection]) -> str | None:
+    """Where a relation prompt's two objects ended up (None for prompts without a relation), judged on the objects
+    that match each clause, or on those of its colour where none does.
+
+    "holds": some pair of the two objects stands as asked and none the opposite way; "reversed": the opposite way
+    only, which is what a model does that puts the objects on the right axis but cannot tell which of them the
+    sentence puts first; "other": both or neither (side by side for "above", the wrong axis); "missing": an object
+    is absent in both shape and colour. A model that ignores the relation word scores "holds" and "reversed" about
+    equally. GenEval's verdict (``check``) also asks for the right shapes, so it can be lower than "holds".
+    """
+    clause = next((c for c in spec.include if c.relation is not None), None)
+    if clause is None or clause.relation not in _OPPOSITE:
+        return None
+    target = spec.include[clause.target]
+    a, b = _candidates(clause, detections), _candidates(target, detections)
+    if not a or not b:
+        return "missing"
+    pairs = [(x.box, y.box) for x in a for y in b if x != y]
+    asked = any(relation_holds_boxes(x, y, clause.relation) for x, y in pairs)
+    opposite = any(relation_holds_boxes(x, y, _OPPOSITE[clause.relation]) for x, y in pairs)
+    return "holds" if asked and not opposite else "reversed" if opposite and not asked else "other"
+
+
 ################################################################################################################
 # Reports
 ################################################################################################################
@@ -62,6 +94,7 @@ class Result:
     found: str  # what the detector saw: "red circle, blue square" or the word read
     letters: float | None = None  # text track only: per-letter accuracy
     file: str | None = None
+    layout: str | None = None  # relation prompts only: ``layout_outcome``
 
 
 @dataclass
@@ -84,6 +117,11 @@ class Report:
             out[r.category] = out.get(r.category, 0) + 1
         return out
 
+    def layouts(self) -> dict[str, int]:
+        """How often the relation prompts' objects stood as asked, reversed, otherwise, or were missing."""
+        found = [r.layout for r in self.results if r.layout is not None]
+        return {k: found.count(k) for k in LAYOUTS} if found else {}
+
     @property
     def overall(self) -> float | None:
         """Mean accuracy over the GenEval categories present (the text track is not part of it)."""
@@ -104,6 +142,7 @@ class Report:
             "overall": self.overall,
             "text_word_accuracy": self.accuracy().get(TEXT_CATEGORY),
             "text_letter_accuracy": self.text_letters,
+            "layouts": self.layouts(),
             **self.extra,
             "results": [r.__dict__ for r in self.results],
         }
@@ -123,6 +162,8 @@ class Report:
         if TEXT_CATEGORY in acc:
             lines.append(f"{'text: words':<20}{n[TEXT_CATEGORY]:>6}{acc[TEXT_CATEGORY]:>10.3f}")
             lines.append(f"{'text: letters':<20}{n[TEXT_CATEGORY]:>6}{self.text_letters:>10.3f}")
+        if layouts := self.layouts():
+            lines.append("position layout: " + ", ".join(f"{k} {v}" for k, v in layouts.items()))
         for k, v in self.extra.items():
             lines.append(f"{k:<26}{v:>10.3f}" if isinstance(v, float) else f"{k:<26}{v!s:>10}")
         return "\n".join(lines)
@@ -135,7 +176,7 @@ def score_image(spec: Spec, image: ImageLike, caption: str = "", file: str | Non
         return Result(spec.category, caption, word == spec.word, word, letter_accuracy(spec.word, word), file)
     dets = detect(image)
     found = ", ".join(f"{d.color} {d.shape}" for d in dets)
-    return Result(spec.category, caption, check(spec, dets), found, None, file)
+    return Result(spec.category, caption, check(spec, dets), found, None, file, layout_outcome(spec, dets))
 
 
 def evaluate_images(

@@ -179,6 +179,8 @@ def export_sd3(out: str | Path, *, transformer: str, vae: str, clip: str, name: 
         spec["text_chars"] = task["text_chars"]
     if task.get("text_words"):
         spec["text_words"] = True
+    if task.get("text_word_positions"):
+        spec["text_word_positions"] = task["text_word_positions"]
     if components:
         spec["components"] = components
     write_model_json(out, spec)

@@ -203,3 +203,33 @@ def test_clip_text_conditioner_with_word_tokens():
     cos = torch.nn.functional.cosine_similarity(words[mask], emb[mask], dim=-1)
     torch.testing.assert_close(cos, torch.ones_like(cos))
     assert ctx[2].abs().max() == 0  # the empty prompt stays the all-zero unconditional input
+
+
+def test_word_tokens_with_a_sincos_position_code():
+    """``word_positions`` adds the index code (unit RMS, times the scale) to the word tokens only; the code tells
+    near positions from far ones smoothly, which the CLIP's learned position embeddings do not."""
+    import dataclasses
+
+    from model_folders import shapes_clip
+
+    from t2i.models.clip import CLIP_PRESETS
+    from t2i.models.text import ClipTextConditioner, sincos_positions
+
+    code = sincos_positions(24, 64)
+    torch.testing.assert_close(code.square().mean(-1), torch.ones(24))
+    sim = code @ code.T / 64
+    assert sim[0, 1] > sim[0, 2] > sim[0, 3] > 0.5 > sim[0, 12]  # nearer tokens look more alike, monotonically
+    torch.manual_seed(0)
+    clip = shapes_clip(dataclasses.replace(CLIP_PRESETS["tiny"], text_width=64)).eval()
+    words, ordered = ClipTextConditioner(clip, words=True), ClipTextConditioner(clip, words=True, word_positions=0.5)
+    prompts = ["a red circle left of a blue square", ""]
+    ctx, pooled = ordered(prompts)
+    ref_ctx, ref_pooled = words(prompts)
+    torch.testing.assert_close(ctx[:, :24], ref_ctx[:, :24])
+    torch.testing.assert_close(pooled, ref_pooled)
+    _, mask = clip.tokenize(prompts[:1])
+    n = int(mask.sum())
+    torch.testing.assert_close(ctx[0, 24 : 24 + n], ref_ctx[0, 24 : 24 + n] + 0.5 * code[:n])
+    assert ctx[0, 24 + n :].abs().max() == 0 and ctx[1].abs().max() == 0  # padding and the empty prompt stay zero
+    with pytest.raises(ValueError, match="words=True"):
+        ClipTextConditioner(clip, word_positions=0.5)

@@ -16,7 +16,7 @@ from t2i.shapes.captions import split_prompts
 from t2i.shapes.detect import Detection
 from t2i.shapes.folders import write_folder, write_prompts
 from t2i.shapes.scenes import failure_scene, ground_truth, render
-from t2i.shapes.scoring import check, evaluate_folder, evaluate_generator, evaluate_images
+from t2i.shapes.scoring import check, evaluate_folder, evaluate_generator, evaluate_images, layout_outcome
 from t2i.shapes.specs import ALL_CATEGORIES, CATEGORIES, Clause, Spec
 from t2i.shapes.world import BACKGROUND
 
@@ -88,6 +88,28 @@ def test_rules_follow_geneval():
     attr = Spec("color_attribution", (Clause("circle", 1, "red"), Clause("square", 1, "blue")))
     swapped = [Detection("circle", "blue", 0.2, 0.5, 0.2, 0.2, 1.0), Detection("square", "red", 0.8, 0.5, 0.2, 0.2, 1)]
     assert check(attr, [red, blue]) and not check(attr, swapped)
+
+
+def test_layout_outcome_tells_a_reversed_relation_from_a_missing_object():
+    red = Detection("circle", "red", 0.2, 0.5, 0.2, 0.2, 1.0)
+    blue = Detection("square", "blue", 0.8, 0.5, 0.2, 0.2, 1.0)
+    left = Spec("position", (Clause("square", 1, "blue"), Clause("circle", 1, "red", "left of", 0)))
+    right = Spec("position", (Clause("square", 1, "blue"), Clause("circle", 1, "red", "right of", 0)))
+    above = Spec("position", (Clause("square", 1, "blue"), Clause("circle", 1, "red", "above", 0)))
+    assert layout_outcome(left, [red, blue]) == "holds"
+    assert layout_outcome(right, [red, blue]) == "reversed"
+    assert layout_outcome(above, [red, blue]) == "other"  # side by side: neither above nor below
+    assert layout_outcome(left, [red]) == "missing"
+    # an object of the right colour but the wrong shape stands in for it
+    assert layout_outcome(left, [Detection("square", "red", 0.2, 0.5, 0.2, 0.2, 1.0), blue]) == "holds"
+    assert layout_outcome(Spec("single_object", (Clause("circle"),)), [red]) is None
+    # the report counts them over the relation prompts only, and ground truth always holds
+    prompts = [p for p in split_prompts("eval") if p.spec.category in ("position", "colors")][:200]
+    images = [ground_truth(p, 64).image for p in prompts]
+    report = evaluate_images(images, [p.spec for p in prompts])
+    n = sum(p.spec.category == "position" for p in prompts)
+    assert n > 0 and report.layouts() == {"holds": n, "reversed": 0, "other": 0, "missing": 0}
+    assert "position layout: holds" in report.table() and report.to_dict()["layouts"]["holds"] == n
 
 
 def test_generator_api_accepts_tensors_and_pil():

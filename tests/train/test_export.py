@@ -17,20 +17,22 @@ def test_export_with_glyph_tokens_and_an_existing_folders_components(tmp_path):
 
     from t2i.pipelines.model_card import card_text
 
-    sd3, vae, clip = train_tiny_sd3(tmp_path, text_chars=8, text_words=True)
+    sd3, vae, clip = train_tiny_sd3(tmp_path, text_chars=8, text_words=True, word_positions=0.5)
     Image.new("RGB", (8, 8), "white").save(f"{sd3}/eval_curve.png")  # as a run scored while training leaves it
     first = export_sd3(tmp_path / "first", transformer=sd3, vae=vae, clip=clip, defaults={"steps": 2})
     spec = json.loads((first / "model.json").read_text())
-    assert spec["text_chars"] == 8 and spec["text_words"] is True
+    assert spec["text_chars"] == 8 and spec["text_words"] is True and spec["text_word_positions"] == 0.5
     assert spec["training"]["transformer"]["cpu_seconds"] > 0  # the loop's CPU-seconds reach the record
     assert (first / "learning_curve.png").is_file()
     card = card_text(first, None)
     assert (
         "8 character tokens" in card and "input embeddings" in card and "![learning curve](learning_curve.png)" in card
     )
+    assert "sincos code" in card
     assert "| threads | time | CPU time |" in card
     gen = load_generator(str(first))
     assert gen.pipe.text_encoder.chars == 8 and gen.pipe.text_encoder.words
+    assert gen.pipe.text_encoder.word_positions == 0.5
     context, _ = gen.pipe.encode_prompt(['the word "CAT"'])
     assert context.shape[1] == 24 + 24 + 8  # the CLIP's states, its input embeddings, then the spelled-out word
     image = gen.generate(['the word "CAT"'], [0], gen.defaults)

@@ -63,6 +63,7 @@ class SD3TaskConfig:
     text_layer: int = -2  # a CLIP trained by t2i as the text encoder: the hidden layer used as context
     text_chars: int = 0  # with such a CLIP: character tokens of the quoted text after its tokens (T5's slot)
     text_words: bool = False  # with such a CLIP: its input embeddings of the prompt's tokens too (T5's slot)
+    text_word_positions: float = 0.0  # > 0: a sincos code of each word token's index at this RMS (word order)
 
 
 class SD3Task(Task):
@@ -98,7 +99,7 @@ class SD3Task(Task):
                 from t2i.models.text import ClipTextConditioner
 
                 self.text_encoder = ClipTextConditioner(load_trained(p.text, "clip").eval(), p.text_layer,
-                                                        p.text_chars, p.text_words)  # fmt: skip
+                                                        p.text_chars, p.text_words, p.text_word_positions)  # fmt: skip
                 self.params.clip_widths, self.params.clip_tokens = self.text_encoder.widths, self.text_encoder.tokens
             else:
                 from t2i.models.sd3_loading import load_text_encoder
