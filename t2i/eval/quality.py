@@ -244,6 +244,10 @@ def markdown(data: dict[str, Any], out_dir: str | Path | None = None) -> str:
     lines.append("| text: letter accuracy | " + " | ".join(_f(rep.get("text_letter_accuracy")) for _, _, rep in cols)
                  + " |")  # fmt: skip
     lines.append("| images | " + " | ".join(str(rep["n_images"]) for _, _, rep in cols) + " |")
+    if any(rep.get("layouts") for _, _, rep in cols):  # reports written before layouts existed have none
+        lines.append("| position: objects as asked / reversed / otherwise / missing | "
+                     + " | ".join("/".join(str(v) for v in rep["layouts"].values()) if rep.get("layouts") else "-"
+                                  for _, _, rep in cols) + " |")  # fmt: skip
     lines += ["", "## Distribution metric (`eval`, probe features vs fresh ground truth)", "",
               "| model | FD-probe | KID-probe |", "|---|---:|---:|"]  # fmt: skip
     for name, rep in [(r["model"], r["eval"]) for r in data["models"]] + [

@@ -27,6 +27,8 @@ def test_report_tables_json_and_card(tmp_path):
     for heading in ("## Shapes benchmark per category", "## Distribution metric", "## Score vs steps: tiny-sd3"):
         assert heading in md
     assert "| **overall** (mean of the 6 GenEval categories) |" in md
+    assert sum(m["eval"]["layouts"].values()) == 1  # the one position prompt's objects, wherever they ended up
+    assert "| position: objects as asked / reversed / otherwise / missing |" in md and "| 1/0/0/0 |" in md
     assert "## Learning curves" in md and "![tiny-sd3 learning curve](m/learning_curve.png)" in md  # relative link
     assert json.loads((tmp_path / "q.json").read_text())["models"][0]["model"] == "tiny-sd3"
     assert (tmp_path / "grids" / "tiny-sd3_eval.png").exists()
