@@ -7,7 +7,7 @@ this module only turns it into training items.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ import torch
 from t2i.errors import unknown_choice
 from t2i.shapes.captions import focus_prompt, split_prompts, train_prompt
 from t2i.shapes.scenes import Sample, ground_truth
-from t2i.shapes.specs import SPLITS, Prompt
+from t2i.shapes.specs import RELATIONS, SPLITS, Prompt
 from t2i.shapes.world import check_size
 
 
@@ -37,6 +37,8 @@ class ShapesDataset(torch.utils.data.Dataset):
         weights: category weights of the train stream, e.g. ``{"position": 2, "text": 0}``.
         focus: a (colour, shape) pair: the train stream then only holds prompts naming it (``focus_prompt``), the
             data of a fine-tune on one combination.
+        relations: the relations the train stream's position prompts may use, e.g. ``("left of", "above")`` for
+            the first stage of a curriculum (default: all four).
 
     Items are dicts: ``image`` (3, H, W) float in [-1, 1], ``caption``, ``category``, ``index`` and ``meta`` (the
     JSON metadata line: spec, scene, seed).
@@ -51,11 +53,22 @@ class ShapesDataset(torch.utils.data.Dataset):
         length: int | None = None,
         weights: dict[str, float] | None = None,
         focus: tuple[str, str] | None = None,
+        relations: Sequence[str] | None = None,
     ) -> None:
         if split not in SPLITS:
             raise unknown_choice("split", split, SPLITS)
         self.split, self.size, self.seed, self.weights = split, check_size(size), int(seed), weights
         self.focus = tuple(focus) if focus is not None else None
+        self.relations = tuple(relations) if relations is not None else None
+        if self.relations is not None:
+            bad = sorted(set(self.relations) - set(RELATIONS))
+            if bad or not self.relations:
+                raise ValueError(
+                    f"relations must be a non-empty list of {', '.join(RELATIONS)}; got {list(relations)}"
+                )
+            if split != "train" or focus is not None:
+                raise ValueError("relations limit the train stream's position prompts; they need split='train' and "
+                                 "no focus pair")  # fmt: skip
         if self.focus is not None and (split != "train" or weights is not None):
             raise ValueError("focus=(colour, shape) selects train prompts naming that pair; it needs split='train' "
                              "and no category weights")  # fmt: skip
@@ -78,7 +91,7 @@ class ShapesDataset(torch.utils.data.Dataset):
             return self.prompts[index]
         if self.focus is not None:
             return focus_prompt(self.seed, index, self.focus)
-        return train_prompt(self.seed, index, weights=self.weights)
+        return train_prompt(self.seed, index, weights=self.weights, relations=self.relations)
 
     def sample(self, index: int) -> Sample:
         return ground_truth(self.prompt(index), self.size)

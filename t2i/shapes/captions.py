@@ -134,9 +134,15 @@ def counterfactual_captions(caption: str) -> list[str]:
 
 
 def sample_prompt(
-    rng: np.random.Generator, *, weights: dict[str, float] | None = None, split: str = "train", index: int = 0
+    rng: np.random.Generator,
+    *,
+    weights: dict[str, float] | None = None,
+    split: str = "train",
+    index: int = 0,
+    relations: tuple[str, ...] | None = None,
 ) -> Prompt:
-    """One training prompt: a category drawn by ``weights`` (default: uniform over the seven), spec and caption."""
+    """One training prompt: a category drawn by ``weights`` (default: uniform over the seven), spec and caption;
+    ``relations`` limits the position prompts' relations (``random_spec``)."""
     weights = weights or {c: 1.0 for c in ALL_CATEGORIES}
     unknown = set(weights) - set(ALL_CATEGORIES)
     if unknown:
@@ -146,15 +152,16 @@ def sample_prompt(
     if (p < 0).any() or p.sum() <= 0:
         raise ValueError(f"category weights must be >= 0 with a positive sum, got {weights}")
     category = names[int(rng.choice(len(names), p=p / p.sum()))]
-    spec = random_spec(category, rng)
+    spec = random_spec(category, rng, relations=relations)
     return Prompt(caption_for(spec, rng), spec, seed=int(rng.integers(2**31)), split=split, index=index)
 
 
-def train_prompt(seed: int, index: int, *, weights: dict[str, float] | None = None) -> Prompt:
+def train_prompt(seed: int, index: int, *, weights: dict[str, float] | None = None,
+                 relations: tuple[str, ...] | None = None) -> Prompt:  # fmt: skip
     """Item ``index`` of the train stream of base ``seed``: independent of every other index, so any worker or
     shard can render it."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
-    return sample_prompt(rng, weights=weights, split="train", index=index)
+    return sample_prompt(rng, weights=weights, split="train", index=index, relations=relations)
 
 
 def focus_prompt(seed: int, index: int, pair: tuple[str, str]) -> Prompt:

@@ -7,6 +7,7 @@ each category's failure mode at ground-truth quality, which calibrates the evalu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,8 +64,12 @@ def _pairs(heldout: bool) -> list[tuple[str, str]]:
     return [(c, s) for c in COLORS for s in SHAPES if ((c, s) in HELDOUT_PAIRS) == heldout]
 
 
-def random_spec(category: str, rng: np.random.Generator, *, heldout: bool = False) -> Spec:
-    """A random spec of ``category``. With ``heldout`` it uses at least one held-out pair or relation, else none."""
+def random_spec(category: str, rng: np.random.Generator, *, heldout: bool = False,
+                relations: Sequence[str] | None = None) -> Spec:  # fmt: skip
+    """A random spec of ``category``. With ``heldout`` it uses at least one held-out pair or relation, else none.
+
+    ``relations`` limits the position prompts to these relations (a curriculum: ``("left of", "above")`` first),
+    redrawing among them; the default draws stay exactly those of the fixed splits."""
     if heldout and category not in HELDOUT_CATEGORIES:
         raise ValueError(f"{category} names no colour, so it has no held-out form; use one of {HELDOUT_CATEGORIES}")
     allowed = _pairs(False)
@@ -100,6 +105,8 @@ def random_spec(category: str, rng: np.random.Generator, *, heldout: bool = Fals
             if heldout and rng.random() < 0.5:
                 (ca, sa), (cb, sb) = pair(_pairs(True)), pair()
             rel = RELATIONS[int(rng.integers(4))]
+            if relations is not None and rel not in relations:
+                rel = relations[int(rng.integers(len(relations)))]
             held = canonical_relation(sa, rel, sb) in HELDOUT_RELATIONS
             uses_held = held or (ca, sa) in HELDOUT_PAIRS
             if (ca, sa) != (cb, sb) and uses_held == heldout:

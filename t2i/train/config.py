@@ -92,6 +92,10 @@ class DataConfig:
     # shapes source: category weights of the train stream, e.g. {position: 2, colors: 0.5}; unnamed categories
     # keep weight 1 (a curriculum lever: spend the samples where the model is weakest)
     shapes_weights: dict[str, float] | None = None
+    # shapes source: the relations position prompts may use, e.g. ["left of", "above"] (default: all four). A
+    # curriculum lever: "A left of B" alone lets a model learn which object a sentence names first before it must
+    # learn that "right of" flips it (docs/quality_analysis.md)
+    shapes_relations: list[str] | None = None
 
 
 @dataclass

@@ -59,7 +59,9 @@ def build_dataset(cfg: DataConfig, seed: int = 0) -> Dataset | IterableDataset:
                     f'data.shapes_focus must be "colour shape", e.g. "purple circle"; got {cfg.shapes_focus!r}'
                 )
         weights = _shapes_weights(cfg.shapes_weights, focus)
-        return ShapesDataset("train", cfg.image_size, seed=seed, length=cfg.num_samples, weights=weights, focus=focus)
+        relations = None if cfg.shapes_relations is None else tuple(cfg.shapes_relations)
+        return ShapesDataset("train", cfg.image_size, seed=seed, length=cfg.num_samples, weights=weights, focus=focus,
+                             relations=relations)  # fmt: skip
     if cfg.source in ("folder", "tar", "embeddings") and not cfg.path:
         raise ValueError(f"data.source={cfg.source} needs data.path (a folder, shard list or embeddings file)")
     if cfg.source == "folder":

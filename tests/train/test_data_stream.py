@@ -174,3 +174,27 @@ def test_cli_smoke_tiny_configs(tmp_path, capsys, name):
     assert main(["train", str(ROOT / "configs" / "tiny" / f"{name}.yaml"), *args]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 3 and Path(summary["grid"]).exists()
+
+
+def test_shapes_relations_limit_the_position_prompts_and_leave_the_rest():
+    """``data.shapes_relations`` (a curriculum's first stage) draws only the named relations; other categories and
+    the default stream are untouched."""
+    from t2i.shapes.detect import detect
+    from t2i.shapes.scoring import check
+    from t2i.shapes.specs import RELATIONS
+
+    def relations(ds, n=200):
+        return [c.relation for i in range(n) for c in ds.prompt(i).spec.include if c.relation]
+
+    base = ["data.source=shapes", "data.image_size=32", "data.num_samples=400", "data.shapes_weights={position: 1}"]
+    canonical = build_dataset(load_config(None, [*base, 'data.shapes_relations=["left of", "above"]']).data)
+    assert set(relations(canonical)) == {"left of", "above"}
+    assert set(relations(build_dataset(load_config(None, base).data))) == set(RELATIONS)
+    sample = canonical.sample(0)  # the scene still stands as its caption says
+    assert check(sample.prompt.spec, detect(sample.image))
+    mixed = build_dataset(load_config(None, [*base[:2], 'data.shapes_relations=["below"]']).data)
+    assert any(mixed.prompt(i).spec.category != "position" for i in range(50))
+    for bad in ('["left"]', "[]"):
+        cfg = load_config(None, [*base[:2], f"data.shapes_relations={bad}"]).data
+        with pytest.raises(ValueError, match="relations must be a non-empty list"):
+            build_dataset(cfg)
