@@ -59,6 +59,8 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise unknown_choice("split", split, SPLITS)
         self.split, self.size, self.seed, self.weights = split, check_size(size), int(seed), weights
         self.focus = tuple(focus) if focus is not None else None
+        if isinstance(relations, str):  # tuple("left of") would be its letters
+            relations = [relations]
         self.relations = tuple(relations) if relations is not None else None
         if self.relations is not None:
             bad = sorted(set(self.relations) - set(RELATIONS))

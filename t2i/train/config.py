@@ -93,8 +93,8 @@ class DataConfig:
     # keep weight 1 (a curriculum lever: spend the samples where the model is weakest)
     shapes_weights: dict[str, float] | None = None
     # shapes source: the relations position prompts may use, e.g. ["left of", "above"] (default: all four). A
-    # curriculum lever: "A left of B" alone lets a model learn which object a sentence names first before it must
-    # learn that "right of" flips it (docs/quality_analysis.md)
+    # curriculum lever: with one direction per axis a model learns which object a sentence names first
+    # (docs/quality_analysis.md measured that, and that the flip for "right of" was not learned after it)
     shapes_relations: list[str] | None = None
 
 

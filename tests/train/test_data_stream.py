@@ -192,8 +192,12 @@ def test_shapes_relations_limit_the_position_prompts_and_leave_the_rest():
     assert set(relations(build_dataset(load_config(None, base).data))) == set(RELATIONS)
     sample = canonical.sample(0)  # the scene still stands as its caption says
     assert check(sample.prompt.spec, detect(sample.image))
+    # every other category draws exactly what it draws without the option (each item has its own generator)
+    plain = build_dataset(load_config(None, base[:2]).data)
     mixed = build_dataset(load_config(None, [*base[:2], 'data.shapes_relations=["below"]']).data)
-    assert any(mixed.prompt(i).spec.category != "position" for i in range(50))
+    others = [i for i in range(60) if plain.prompt(i).spec.category != "position"]
+    assert others and all(mixed.prompt(i) == plain.prompt(i) for i in others)
+    assert {c.relation for i in range(60) for c in mixed.prompt(i).spec.include if c.relation} == {"below"}
     for bad in ('["left"]', "[]"):
         cfg = load_config(None, [*base[:2], f"data.shapes_relations={bad}"]).data
         with pytest.raises(ValueError, match="relations must be a non-empty list"):
