@@ -116,10 +116,12 @@ TINY_MMDIT = ["model.params.depth=1", "model.params.x_block_self_attn_layers=[0]
 
 
 def train_tiny_sd3(tmp_path: str | Path, text_chars: int = 0, text_words: bool = False,
-                   word_positions: float = 0.0) -> tuple[str, str, str]:  # fmt: skip
+                   word_positions: float = 0.0, word_prefix: float = 0.0,
+                   caption: bool = False) -> tuple[str, str, str]:  # fmt: skip
     """(mmdit, vae, clip) runs of a tiny sd3-shapes trained for two steps; ``text_chars`` > 0 adds character
     tokens of the quoted text, which need a wider (64) text tower; ``text_words`` the CLIP's input embeddings,
-    ``word_positions`` their sincos index code."""
+    ``word_positions`` their sincos index code, ``word_prefix`` their left context, ``caption`` a caption encoder
+    trained on the CLIP (two steps) that turns them into its states."""
     width = 64 if text_chars else 32
     clip = train_default(tmp_path, "clip", [TINY_CLIP.replace("text_width: 32", f"text_width: {width}"),
                                             "data.batch_size=4"])  # fmt: skip
@@ -127,6 +129,11 @@ def train_tiny_sd3(tmp_path: str | Path, text_chars: int = 0, text_words: bool =
     task = [f"task.params.vae={vae}", f"task.params.text={clip}", "task.params.latent_scale=1.5",
             "task.params.latent_shift=0.1", f"task.params.text_chars={text_chars}",
             f"task.params.text_words={str(text_words).lower()}",
-            f"task.params.text_word_positions={word_positions}"]  # fmt: skip
+            f"task.params.text_word_positions={word_positions}",
+            f"task.params.text_word_prefix={word_prefix}"]  # fmt: skip
+    if caption:
+        run = train_default(tmp_path, "caption", [f"task.params.clip={clip}", f"model.params.width={width}",
+                                                  "model.params.depth=1", "data.batch_size=4"])  # fmt: skip
+        task.append(f"task.params.caption_encoder={run}")
     mmdit = [*TINY_MMDIT, f"model.params.context_dim={width}"]
     return train_default(tmp_path, "sd3", [*task, *mmdit, "data.batch_size=2"]), vae, clip

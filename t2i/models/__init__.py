@@ -14,6 +14,7 @@ from torch import nn
 
 from t2i.errors import check_choice, unknown_choice
 
+from .caption import CaptionEncoder, CaptionEncoderConfig
 from .clip import ClipConfig, ScratchClip
 from .controlnet import ControlNet, ControlNetConfig
 from .mmdit import MMDiT, MMDiTConfig
@@ -30,6 +31,7 @@ MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "unclip_prior": (PriorConfig, PriorNetwork),
     "vqgan": (VQGANConfig, VQGAN),
     "clip": (ClipConfig, ScratchClip),  # from-scratch CLIP; build_model("clip", params, tokenizer=...)
+    "caption_encoder": (CaptionEncoderConfig, CaptionEncoder),  # word roles for the MMDiT (t2i.models.caption)
     "mmdit": (MMDiTConfig, MMDiT),  # SD3 / SD3.5 MMDiT(-X); PRESETS in t2i.models.mmdit
     "sd3_vae": (VAEConfig, AutoencoderKL),  # the SD3 KL autoencoder at any width; PRESETS in t2i.models.vae
     "sd3_controlnet": (ControlNetConfig, ControlNet),  # SD3 ControlNet; PRESETS in t2i.models.controlnet

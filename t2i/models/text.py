@@ -248,6 +248,22 @@ def sincos_positions(length: int, width: int, max_period: float = 100.0) -> Tens
     return (torch.cat([angles.cos(), angles.sin()], 1) * 2**0.5).float()  # each (cos, sin) pair has mean square 1/2
 
 
+def left_context(tokens: Tensor, mask: Tensor) -> Tensor:
+    """``(B, L, D)``: at each position the mean of the (unmasked) tokens strictly before it, rescaled to unit RMS;
+    zeros at the first position. ``mask`` is ``(B, L)``, true where a token is real."""
+    kept = tokens * mask[..., None].to(tokens.dtype)
+    before = kept.cumsum(1) - kept  # exclusive prefix sums
+    mean = before / (mask.to(tokens.dtype).cumsum(1) - mask.to(tokens.dtype)).clamp(min=1)[..., None]
+    return mean * torch.rsqrt(mean.square().mean(-1, keepdim=True) + 1e-12) * (mean.abs().sum(-1, keepdim=True) > 0)
+
+
+def word_embeddings(clip: nn.Module, ids: Tensor) -> Tensor:
+    """``(B, L, width)``: a from-scratch CLIP's input embeddings (word plus position, its hidden state 0) of token
+    ids, each scaled to unit RMS; what ``ClipTextConditioner(words=True)`` passes and a caption encoder reads."""
+    embedded = clip.model.text_model.embeddings(input_ids=ids).float()
+    return embedded * torch.rsqrt(embedded.square().mean(-1, keepdim=True) + 1e-12)
+
+
 def glyph_tokens(prompts: Sequence[str], count: int, width: int) -> Tensor:
     """``(B, count, width)`` character tokens of each prompt's quoted text: token ``k`` is one-hot in its
     character (``GLYPHS``, case-folded; dimension 36 marks any other character, e.g. a space) plus one-hot in
@@ -291,17 +307,38 @@ class ClipTextConditioner(nn.Module):
     The MMDiT has no positions on its context, and the CLIP's learned position embeddings, trained by a bag-of-words
     objective, are unordered vectors: with them the shapes MMDiT put "A left of B"'s objects on the right axis but
     either way round. A sincos code makes "this word comes before that one" a linear feature of a key-query pair.
+
+    ``word_prefix > 0`` adds to each word token the mean of the word tokens before it (its left context, a causal
+    bag of words), rescaled to that RMS. Where a relation goes is a conjunction of two facts: which way the relation
+    word points and which object the sentence names first ("A left of B" and "B right of A" draw the same scene).
+    Neither alone says where a colour goes, so a denoiser that must find the conjunction by attention gets no
+    first-order gradient towards it (the shapes MMDiT picked the side at random). With its left context in it, every
+    word after "left of" says so: the second-named object's tokens carry the relation, the first-named object's
+    do not, and "the object after 'left of' goes right" is a linear feature. A causal text encoder such as CLIP is
+    meant to give its states this context, but the small shapes CLIP, trained as a bag of words, washes it out.
+
+    ``caption`` (a trained ``t2i.models.caption.CaptionEncoder``, needs ``words=True``) replaces the word tokens
+    by its states: a bidirectional encoder of the same input embeddings trained to predict where each word's
+    object goes, so the relation's direction reaches the denoiser as a per-token feature (see that module).
     """
 
     def __init__(self, clip: nn.Module, layer: int = -2, chars: int = 0, words: bool = False,
-                 word_positions: float = 0.0):  # fmt: skip
+                 word_positions: float = 0.0, word_prefix: float = 0.0,
+                 caption: nn.Module | None = None):  # fmt: skip
         super().__init__()
         self.clip, self.layer, self.chars, self.words = clip, layer, int(chars), bool(words)
-        self.word_positions = float(word_positions)
-        if self.word_positions < 0 or (self.word_positions and not self.words):
-            raise ValueError(f"word_positions must be >= 0 and needs words=True, got {word_positions} "
-                             f"with words={words}")  # fmt: skip
+        self.word_positions, self.word_prefix = float(word_positions), float(word_prefix)
+        for name, value in (("word_positions", self.word_positions), ("word_prefix", self.word_prefix)):
+            if value < 0 or (value and not self.words):
+                raise ValueError(f"{name} must be >= 0 and needs words=True, got {value} with words={words}")
+        self.caption = caption.eval().requires_grad_(False) if caption is not None else None
         text_cfg = clip.model.config.text_config
+        if caption is not None:
+            if not self.words:
+                raise ValueError("a caption encoder reads the word tokens: it needs words=True")
+            if caption.cfg.width != text_cfg.hidden_size:
+                raise ValueError(f"the caption encoder is {caption.cfg.width} wide but the CLIP's text tower "
+                                 f"{text_cfg.hidden_size}: train it on this CLIP")  # fmt: skip
         if not -text_cfg.num_hidden_layers - 1 <= layer <= text_cfg.num_hidden_layers:
             raise ValueError(f"layer {layer} is outside the text tower's {text_cfg.num_hidden_layers} layers")
         if self.chars < 0:
@@ -322,6 +359,10 @@ class ClipTextConditioner(nn.Module):
         if self.words:
             embedded = out.hidden_states[0].float()
             embedded = embedded * torch.rsqrt(embedded.square().mean(-1, keepdim=True) + 1e-12)
+            if self.caption is not None:  # it was trained on exactly these inputs (word_embeddings)
+                embedded = self.caption(embedded, mask).float()
+            if self.word_prefix:
+                embedded = embedded + self.word_prefix * left_context(embedded, mask)
             if self.word_positions:
                 code = sincos_positions(embedded.shape[1], embedded.shape[2]).to(embedded.device)
                 embedded = embedded + self.word_positions * code

@@ -111,8 +111,10 @@ def _sd3_from_folder(folder: Path, spec: dict[str, Any], quantize: str | None = 
     vae, vae_extra = load_model_file(component_file(folder, spec, "vae"))
     vae.latent_format = LatentFormat(**vae_extra["latent_format"])
     clip, _ = load_model_file(component_file(folder, spec, "clip"))
+    caption = load_model_file(component_file(folder, spec, "caption"))[0] if spec.get("caption_encoder") else None
     text = ClipTextConditioner(clip, spec["text_layer"], spec.get("text_chars", 0), spec.get("text_words", False),
-                               spec.get("text_word_positions", 0.0))  # fmt: skip
+                               spec.get("text_word_positions", 0.0), spec.get("text_word_prefix", 0.0),
+                               caption)  # fmt: skip
     d = Settings.from_dict(spec["defaults"])
     preset = SD3Preset(steps=d.steps, guidance=d.guidance, sampler=d.sampler, shift=d.options.get("shift", 3.0))
     pipe = SD3Pipeline(transformer, vae, text, preset=preset, device="cpu", quantize=quantize,

@@ -17,7 +17,8 @@ from .generator import Settings
 
 _PARTS = {
     "sd3": [("transformer", "MMDiT-X (QK-norm) denoiser", "sd3"), ("vae", "KL autoencoder (SD3 VAE design)", "vae"),
-            ("clip", "CLIP (text tower used)", "clip")],
+            ("clip", "CLIP (text tower used)", "clip"),
+            ("caption", "caption encoder (word roles, T5's slot)", "caption")],
     "unclip": [("clip", "CLIP (text and image towers)", "clip"), ("prior", "diffusion prior", "prior"),
                ("decoder", "32 px base decoder Unet", "decoder"), ("sr", "32 -> 64 px upsampler Unet", "sr")],
 }  # fmt: skip
@@ -110,6 +111,13 @@ def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str
                       "small CLIP's later layers blur together.")  # fmt: skip
         if spec.get("text_word_positions"):
             lines[-1] += " Each word token carries a sincos code of its place in the prompt, so word order survives."
+        if spec.get("caption_encoder"):
+            lines[-1] += (" A small bidirectional caption encoder, trained to predict each caption's coarse "
+                          "picture, turns those word tokens into states that say where each named object goes "
+                          "(`caption.safetensors`, t2i.models.caption).")  # fmt: skip
+        if spec.get("text_word_prefix"):
+            lines[-1] += (" Each word token also carries the mean of the words before it, so the words after a "
+                          "relation say which way it points.")  # fmt: skip
     if kind == "sd3" and spec.get("text_chars"):
         lines[-1] += (f" The text encoder also spells the prompt's quoted text as {spec['text_chars']} character "
                       "tokens, where SD3 puts T5's tokens.")  # fmt: skip
@@ -126,6 +134,8 @@ def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str
               "| file |",
               "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for key, what, cfgname in _PARTS[kind]:
+        if key == "caption" and not spec.get("caption_encoder"):
+            continue
         r = train.get(key, {})
         fname = f"{key}.safetensors"
         size = f"`{fname}` ({files[fname] / 1e6:.1f} MB)" if fname in files else "-"

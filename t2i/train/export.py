@@ -146,6 +146,11 @@ def export_sd3(out: str | Path, *, transformer: str, vae: str, clip: str, name: 
         raise ValueError(f"{transformer}: pin task.params.latent_scale/latent_shift in its config before export")
     fmt = LatentFormat(task["latent_scale"], task["latent_shift"])
     clip_net, _, clip_rec = _run_part(clip, "clip")
+    parts = [("vae", vae_net), ("clip", clip_net)]
+    caption_rec = None
+    if task.get("caption_encoder"):  # the run names its caption encoder; the folder carries it as a component
+        caption_net, _, caption_rec = _run_part(task["caption_encoder"], "caption_encoder")
+        parts.append(("caption", caption_net))
     out.mkdir(parents=True, exist_ok=True)
     save_model_file(out / "transformer.safetensors", "mmdit", net)
     curve = Path(transformer) / "eval_curve.png"  # the run's learning curve, when it was scored while training
@@ -155,7 +160,9 @@ def export_sd3(out: str | Path, *, transformer: str, vae: str, clip: str, name: 
     if share_from is not None:
         shared = Path(share_from)
         shared_spec = read_model_json(shared)
-        for part, module in (("vae", vae_net), ("clip", clip_net)):
+        for part, module in parts:
+            if part == "caption" and not shared_spec.get("caption_encoder"):
+                raise ValueError(f"{shared} has no caption encoder to share; export without sharing")
             f = component_file(shared, shared_spec, part)
             theirs, extra = load_model_file(f)
             ours = {k: v.half().float() for k, v in module.state_dict().items()}  # as stored: fp16
@@ -169,6 +176,8 @@ def export_sd3(out: str | Path, *, transformer: str, vae: str, clip: str, name: 
     else:
         save_model_file(out / "vae.safetensors", "sd3_vae", vae_net, latent_format=dataclasses.asdict(fmt))
         save_model_file(out / "clip.safetensors", "clip", clip_net, **clip_extra(clip_net))
+        if caption_rec is not None:
+            save_model_file(out / "caption.safetensors", "caption_encoder", caption_net)
     d = {"steps": cfg["run"]["sample_steps"], "guidance": task["guidance"], "sampler": task["sampler"],
          "size": cfg["data"]["image_size"], "shift": task["shift"], **student,
          **upgrade_settings_keys(defaults or {})}  # fmt: skip
@@ -181,6 +190,11 @@ def export_sd3(out: str | Path, *, transformer: str, vae: str, clip: str, name: 
         spec["text_words"] = True
     if task.get("text_word_positions"):
         spec["text_word_positions"] = task["text_word_positions"]
+    if task.get("text_word_prefix"):
+        spec["text_word_prefix"] = task["text_word_prefix"]
+    if caption_rec is not None:
+        spec["caption_encoder"] = True
+        spec["training"]["caption"] = caption_rec
     if components:
         spec["components"] = components
     write_model_json(out, spec)

@@ -233,3 +233,50 @@ def test_word_tokens_with_a_sincos_position_code():
     assert ctx[0, 24 + n :].abs().max() == 0 and ctx[1].abs().max() == 0  # padding and the empty prompt stay zero
     with pytest.raises(ValueError, match="words=True"):
         ClipTextConditioner(clip, word_positions=0.5)
+
+
+def test_left_context_is_the_mean_of_the_tokens_before():
+    """Each position gets the unit-RMS mean of the real tokens strictly before it: zero at the first, padding never
+    counted, so a padded prompt's real tokens see what an unpadded one's see."""
+    from t2i.models.text import left_context
+
+    torch.manual_seed(0)
+    tokens, mask = torch.randn(2, 5, 8), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
+    ctx = left_context(tokens, mask)
+    assert ctx[:, 0].abs().max() == 0
+    for b, i in ((0, 1), (0, 2), (1, 2), (1, 4)):
+        mean = tokens[b, :i].mean(0)
+        torch.testing.assert_close(ctx[b, i], mean / mean.square().mean().sqrt())
+    padded = torch.cat([tokens[:1, :3], torch.randn(1, 2, 8)], 1)  # other values in the padding change nothing
+    torch.testing.assert_close(left_context(padded, mask[:1])[:, :3], ctx[:1, :3])
+
+
+def test_word_prefix_makes_the_words_after_a_relation_say_which_way_it_points():
+    """``word_prefix`` adds each word token's left context to it: the tokens of the object named after "left of"
+    differ from those after "right of", the tokens before the relation word do not (the word tokens alone differ at
+    the relation word only), and the CLIP's states, the pooled vector and the empty prompt are untouched."""
+    import dataclasses
+
+    from model_folders import shapes_clip
+
+    from t2i.models.clip import CLIP_PRESETS
+    from t2i.models.text import ClipTextConditioner
+
+    torch.manual_seed(0)
+    clip = shapes_clip(dataclasses.replace(CLIP_PRESETS["tiny"], text_width=64)).eval()
+    words, prefixed = ClipTextConditioner(clip, words=True), ClipTextConditioner(clip, words=True, word_prefix=0.5)
+    prompts = ["a red circle left of a blue square", "a red circle right of a blue square", ""]
+    ctx, pooled = prefixed(prompts)
+    ref_ctx, ref_pooled = words(prompts)
+    torch.testing.assert_close(ctx[:, :24], ref_ctx[:, :24])
+    torch.testing.assert_close(pooled, ref_pooled)
+    ids, mask = clip.tokenize(prompts[:2])
+    at = int((ids[0] != ids[1]).nonzero()[0])  # the relation word
+    n = int(mask[0].sum())
+    plain, context = ref_ctx[:2, 24 : 24 + n], ctx[:2, 24 : 24 + n]
+    assert (plain[0] - plain[1]).abs().amax(-1)[at + 1 :].max() == 0  # without the prefix: same after the relation
+    assert (context[0] - context[1]).abs().amax(-1)[:at].max() == 0  # the words before it cannot know it
+    assert (context[0] - context[1]).abs().amax(-1)[at + 1 :].min() > 1e-3  # with it: every later word differs
+    assert ctx[0, 24 + n :].abs().max() == 0 and ctx[2].abs().max() == 0  # padding and the empty prompt stay zero
+    with pytest.raises(ValueError, match="words=True"):
+        ClipTextConditioner(clip, word_prefix=0.5)

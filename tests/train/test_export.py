@@ -17,22 +17,27 @@ def test_export_with_glyph_tokens_and_an_existing_folders_components(tmp_path):
 
     from t2i.pipelines.model_card import card_text
 
-    sd3, vae, clip = train_tiny_sd3(tmp_path, text_chars=8, text_words=True, word_positions=0.5)
+    sd3, vae, clip = train_tiny_sd3(tmp_path, text_chars=8, text_words=True, word_positions=0.5,
+                                     word_prefix=0.25, caption=True)  # fmt: skip
     Image.new("RGB", (8, 8), "white").save(f"{sd3}/eval_curve.png")  # as a run scored while training leaves it
     first = export_sd3(tmp_path / "first", transformer=sd3, vae=vae, clip=clip, defaults={"steps": 2})
     spec = json.loads((first / "model.json").read_text())
     assert spec["text_chars"] == 8 and spec["text_words"] is True and spec["text_word_positions"] == 0.5
+    assert spec["text_word_prefix"] == 0.25 and spec["caption_encoder"] is True
+    assert (first / "caption.safetensors").is_file() and spec["training"]["caption"]["step"] == 2
     assert spec["training"]["transformer"]["cpu_seconds"] > 0  # the loop's CPU-seconds reach the record
     assert (first / "learning_curve.png").is_file()
     card = card_text(first, None)
     assert (
         "8 character tokens" in card and "input embeddings" in card and "![learning curve](learning_curve.png)" in card
     )
-    assert "sincos code" in card
+    assert "sincos code" in card and "the mean of the words before it" in card
+    assert "caption encoder" in card and "configs/default/caption.yaml" in card
     assert "| threads | time | CPU time |" in card
     gen = load_generator(str(first))
     assert gen.pipe.text_encoder.chars == 8 and gen.pipe.text_encoder.words
-    assert gen.pipe.text_encoder.word_positions == 0.5
+    assert gen.pipe.text_encoder.word_positions == 0.5 and gen.pipe.text_encoder.word_prefix == 0.25
+    assert gen.pipe.text_encoder.caption is not None and not gen.pipe.text_encoder.caption.training
     context, _ = gen.pipe.encode_prompt(['the word "CAT"'])
     assert context.shape[1] == 24 + 24 + 8  # the CLIP's states, its input embeddings, then the spelled-out word
     image = gen.generate(['the word "CAT"'], [0], gen.defaults)
@@ -43,6 +48,11 @@ def test_export_with_glyph_tokens_and_an_existing_folders_components(tmp_path):
     for part in ("vae", "clip"):
         assert spec2["training"][part] == spec["training"][part]
     torch.testing.assert_close(load_generator(str(again)).generate(['the word "CAT"'], [0], gen.defaults), image)
+    # sharing the first folder's files shares its caption encoder too
+    twin = export_sd3(tmp_path / "twin", transformer=sd3, vae=vae, clip=clip, defaults={"steps": 2},
+                      share_from=first)  # fmt: skip
+    assert json.loads((twin / "model.json").read_text())["components"]["caption"] == "../first/caption.safetensors"
+    torch.testing.assert_close(load_generator(str(twin)).generate(['the word "CAT"'], [0], gen.defaults), image)
 
 
 def test_export_from_training_runs_round_trips(tmp_path):

@@ -91,6 +91,7 @@ class Task(ABC):
 
 
 def _registry() -> dict[str, type[Task]]:
+    from .caption import CaptionTask
     from .controlnet import ControlNetTask
     from .diffusion import DiffusionTask
     from .distill import DistillTask
@@ -100,6 +101,7 @@ def _registry() -> dict[str, type[Task]]:
     from .vae import VAETask
 
     return {
+        "caption": CaptionTask,
         "controlnet": ControlNetTask,
         "diffusion": DiffusionTask,
         "distill": DistillTask,

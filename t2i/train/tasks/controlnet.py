@@ -59,6 +59,8 @@ def _folder_params(folder: Path) -> dict[str, Any]:
     params = {"vae": part("vae"), "text": part("clip"), "text_layer": spec.get("text_layer", -2),
               "text_chars": spec.get("text_chars", 0), "text_words": spec.get("text_words", False),
               "text_word_positions": spec.get("text_word_positions", 0.0),
+              "text_word_prefix": spec.get("text_word_prefix", 0.0),
+              "caption_encoder": part("caption") if spec.get("caption_encoder") else None,
               "shift": d.get("shift", 3.0), "guidance": d.get("guidance", d.get("cfg", 4.5)),
               "sampler": d.get("sampler", "euler")}  # fmt: skip
     if fmt:

@@ -64,6 +64,8 @@ class SD3TaskConfig:
     text_chars: int = 0  # with such a CLIP: character tokens of the quoted text after its tokens (T5's slot)
     text_words: bool = False  # with such a CLIP: its input embeddings of the prompt's tokens too (T5's slot)
     text_word_positions: float = 0.0  # > 0: a sincos code of each word token's index at this RMS (word order)
+    text_word_prefix: float = 0.0  # > 0: each word token plus its left context's mean at this RMS (relations)
+    caption_encoder: str | None = None  # a trained caption encoder (task `caption`): its states replace the words
 
 
 class SD3Task(Task):
@@ -85,7 +87,7 @@ class SD3Task(Task):
         self.seed = cfg.run.seed
         self.vae: nn.Module | None = None
         self.text_encoder: nn.Module | None = None
-        for name, path in (("vae", p.vae), ("text", p.text)):
+        for name, path in (("vae", p.vae), ("text", p.text), ("caption_encoder", p.caption_encoder)):
             if path is not None and not Path(path).exists():
                 raise FileNotFoundError(
                     f"task.params.{name}={path} does not exist: train that component first (configs/default/ holds "
@@ -98,8 +100,10 @@ class SD3Task(Task):
             if stored_model_name(p.text) == "clip":  # a small CLIP trained by `t2i train` (the shapes models)
                 from t2i.models.text import ClipTextConditioner
 
+                caption = load_trained(p.caption_encoder, "caption_encoder") if p.caption_encoder else None
                 self.text_encoder = ClipTextConditioner(load_trained(p.text, "clip").eval(), p.text_layer,
-                                                        p.text_chars, p.text_words, p.text_word_positions)  # fmt: skip
+                                                        p.text_chars, p.text_words, p.text_word_positions,
+                                                        p.text_word_prefix, caption)  # fmt: skip
                 self.params.clip_widths, self.params.clip_tokens = self.text_encoder.widths, self.text_encoder.tokens
             else:
                 from t2i.models.sd3_loading import load_text_encoder

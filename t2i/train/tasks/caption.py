@@ -1,0 +1,112 @@
+"""The caption task: train a ``CaptionEncoder`` (t2i.models.caption) to predict the coarse picture of a caption.
+
+Each batch's captions are tokenized by a trained, frozen CLIP (``task.params.clip``) and read as its input
+embeddings; the encoder's states go through its picture head, and the loss is the mean squared error against the
+batch images averaged over a ``grid`` x ``grid`` partition. The sample grids show what the encoder predicts for
+the sample prompts, each cell blown up to the image size: for "a red circle to the left of a blue square" a red
+smudge on the left and a blue one on the right once it reads the relation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..distributed import unwrap
+from ..trained import load_trained
+from . import Task
+
+DEFAULT_PROMPTS = ("a red circle to the left of a blue square|a red circle to the right of a blue square|"
+                   "a green triangle above a yellow diamond|a green triangle below a yellow diamond")  # fmt: skip
+
+
+@dataclass
+class CaptionTaskConfig:
+    clip: str | None = None  # the trained CLIP (run, checkpoint or model file) whose tokens the encoder reads
+    caption_key: str = "caption"
+    sample_prompts: str = DEFAULT_PROMPTS  # "|"-separated prompts of the sample grids
+
+
+class CaptionTask(Task):
+    """Coarse-picture regression of a caption encoder (model ``caption_encoder``) on a frozen CLIP's tokens."""
+
+    params_cls = CaptionTaskConfig
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        p = self.params
+        if p.clip is None:
+            raise ValueError("task.params.clip is required: the caption encoder reads a trained CLIP's input "
+                             "embeddings (e.g. runs/default_clip or models/sd3-shapes/clip.safetensors)")  # fmt: skip
+        if not Path(p.clip).exists():
+            raise FileNotFoundError(f"task.params.clip={p.clip} does not exist: train the CLIP first "
+                                    "(configs/default/clip.yaml) or point it at a model folder's "
+                                    "clip.safetensors")  # fmt: skip
+        self.clip = load_trained(p.clip, "clip").eval().requires_grad_(False)
+
+    def build_model(self) -> nn.Module:
+        model = super().build_model()
+        width = self.clip.model.config.text_config.hidden_size
+        if model.cfg.width != width:
+            raise ValueError(f"model.params.width={model.cfg.width} must equal the CLIP's text width ({width})")
+        return model
+
+    def _tokens(self, captions: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
+        from t2i.models.text import word_embeddings
+
+        self.clip.to(device)
+        ids, mask = self.clip.tokenize(list(captions), device=device)
+        with torch.no_grad():
+            return word_embeddings(self.clip, ids), mask
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
+        from t2i.models.caption import coarse_picture
+
+        net = unwrap(model)
+        device = net.cells.device
+        tokens, mask = self._tokens(batch[self.params.caption_key], device)
+        target = coarse_picture(batch["image"].to(device).float(), net.cfg.grid)
+        picture = net.picture(model(tokens, mask), mask)
+        return (picture.float() - target).square().mean((1, 2, 3))
+
+    @torch.no_grad()
+    def sample(self, model: nn.Module, n: int, *, seed: int, device: torch.device, steps: int | None = None):
+        net = unwrap(model)
+        prompts = [s.strip() for s in self.params.sample_prompts.split("|") if s.strip()]
+        if not prompts:
+            return None
+        prompts = [prompts[i % len(prompts)] for i in range(n)]
+        was_training = net.training
+        net.eval()
+        try:
+            tokens, mask = self._tokens(prompts, device)
+            pictures = net.picture(net(tokens, mask), mask).float()
+        finally:
+            net.train(was_training)
+        size = self.cfg.data.image_size
+        return F.interpolate(pictures, size=(size, size), mode="nearest").clamp(-1, 1)
+
+
+@torch.no_grad()
+def score_caption_encoder(encoder: nn.Module, clip: nn.Module, *, split: str = "eval", size: int = 64) -> dict:
+    """How well a caption encoder's pictures follow the relation prompts of a benchmark split: the share whose
+    predicted coarse picture is closer to the prompt's ground-truth scene than to that scene mirrored along the
+    relation's axis (``relation_accuracy``; 0.5 for an encoder blind to the direction), and the picture error."""
+    from t2i.data.dataset import ShapesDataset
+    from t2i.models.caption import coarse_picture, relation_accuracy
+    from t2i.models.text import word_embeddings
+
+    ds = ShapesDataset(split, size)
+    items = [ds[i] for i in range(len(ds)) if ds.prompt(i).spec.category == "position"]
+    captions = [it["caption"] for it in items]
+    relations = [next((c.relation for c in ds.prompt(it["index"]).spec.include if c.relation), None) for it in items]
+    ids, mask = clip.tokenize(captions)
+    pictures = encoder.picture(encoder(word_embeddings(clip, ids), mask), mask).float()
+    targets = coarse_picture(torch.stack([it["image"] for it in items]).float(), encoder.cfg.grid)
+    return {"prompts": len(items), "relation_accuracy": relation_accuracy(pictures, targets, relations),
+            "mse": float((pictures - targets).square().mean())}  # fmt: skip

@@ -1,0 +1,54 @@
+"""The caption encoder (t2i.models.caption): masking, the picture head, the relation score, save/load, and that
+its training task learns which side a relation puts each object on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from t2i.models.caption import CaptionEncoder, coarse_picture, relation_accuracy
+
+
+def test_states_ignore_padding_and_have_unit_rms():
+    torch.manual_seed(0)
+    enc = CaptionEncoder(width=32, depth=2, heads=4, grid=4).eval()
+    tokens, mask = torch.randn(2, 6, 32), torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]]).bool()
+    states = enc(tokens, mask)
+    assert states.shape == (2, 6, 32) and states[0, 4:].abs().max() == 0
+    torch.testing.assert_close(states[mask].square().mean(-1), torch.ones(int(mask.sum())), atol=1e-4, rtol=0)
+    other = tokens.clone()
+    other[0, 4:] = torch.randn(2, 32)  # what sits in the padding changes nothing
+    torch.testing.assert_close(enc(other, mask), states)
+    torch.testing.assert_close(enc.picture(enc(other, mask), mask), enc.picture(states, mask))
+    assert enc.picture(states, mask).shape == (2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"\(B, L, 32\)"):
+        enc(torch.randn(2, 6, 16), mask)
+    with pytest.raises(ValueError, match="divisible"):
+        CaptionEncoder(width=30, heads=4)
+
+
+def test_save_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    enc = CaptionEncoder(width=32, depth=1, heads=2, grid=4).eval()
+    enc.save(tmp_path / "caption.safetensors")
+    again = CaptionEncoder.load(tmp_path / "caption.safetensors").eval()
+    tokens, mask = torch.randn(1, 5, 32), torch.ones(1, 5, dtype=torch.bool)
+    torch.testing.assert_close(again(tokens, mask), enc(tokens, mask))
+
+
+def test_coarse_picture_and_relation_accuracy():
+    """The target is the cell-mean colour; a picture scores a hit when it is nearer the truth than the truth
+    mirrored along the relation's axis, and captions without a relation are skipped."""
+    image = torch.zeros(1, 3, 8, 8)
+    image[..., :, :4] = 1.0  # white left half
+    torch.testing.assert_close(coarse_picture(image, 2), torch.tensor([[1.0, 0.0], [1.0, 0.0]]).expand(1, 3, 2, 2))
+    with pytest.raises(ValueError, match="3 x 3"):
+        coarse_picture(image, 3)
+    truth = coarse_picture(image, 2)
+    assert relation_accuracy(truth, truth, ["left of"]) == 1.0
+    assert relation_accuracy(truth.flip(-1), truth, ["right of"]) == 0.0
+    top = coarse_picture(image.transpose(-1, -2), 2)  # white top half
+    assert relation_accuracy(torch.cat([top, top.flip(-2)]), torch.cat([top, top]), ["above", "below"]) == 0.5
+    assert relation_accuracy(torch.cat([truth, truth.flip(-1)]), torch.cat([truth, truth]), ["left of", None]) == 1.0
+    with pytest.raises(ValueError, match="at least one"):
+        relation_accuracy(truth, truth, [None])
