@@ -55,8 +55,8 @@ def test_learns_which_side_a_relation_puts_each_object(tmp_path):
                "text: 0}")  # fmt: skip
     cfg = load_config("configs/default/caption.yaml", [
         f"run.out_dir={tmp_path}", "run.steps=1000", "ema.enabled=false", "run.sample_every=0", "run.ckpt_every=0",
-        "run.threads=0", "run.log_every=100", "model.params.depth=2", f"task.params.clip={SHIPPED_CLIP}", "data.batch_size=64",
-        f"data.shapes_weights={weights}"])  # fmt: skip
+        "run.threads=0", "run.log_every=100", "model.params.depth=2", f"task.params.clip={SHIPPED_CLIP}",
+        "data.batch_size=64", f"data.shapes_weights={weights}"])  # fmt: skip
     train(cfg)
     encoder = load_trained(tmp_path / cfg.run.name, "caption_encoder").eval()
     clip = load_trained(SHIPPED_CLIP, "clip").eval()
