@@ -15,9 +15,9 @@ from t2i.pipelines.folders import SHIPPED, load_generator, model_folder
 PROMPT = "a red circle above a blue square"
 # (steps, seed, pixels [0, 1] of rows 30-31, columns 30-33 of each channel of the 64 px image)
 GOLDEN = {
-    "sd3-shapes": (4, 7, [0.1372, 0.1335, 0.148, 0.3989, 0.1355, 0.1406, 0.1174, 0.2951, 0.2751, 0.2788,
-                          0.2899, 0.4202, 0.2766, 0.2754, 0.2894, 0.346, 0.8665, 0.8441, 0.8499, 0.8355,
-                          0.8756, 0.8564, 0.8641, 0.8146]),
+    "sd3-shapes": (4, 7, [0.9057, 0.9126, 0.9208, 0.9266, 0.7785, 0.8297, 0.8918, 0.9325, 0.9411, 0.9275,
+                          0.9316, 0.9216, 0.858, 0.9023, 0.9269, 0.9277, 0.9212, 0.915, 0.9176, 0.9113,
+                          0.9707, 0.9535, 0.9324, 0.9144]),
     "unclip-shapes": (4, 7, [0.7566, 0.7848, 0.7961, 0.8354, 0.8124, 0.8212, 0.853, 0.8576, 0.119, 0.1771, 0.223,
                              0.2035, 0.1633, 0.1936, 0.2075, 0.2219, 0.174, 0.1398, 0.2163, 0.1948, 0.178, 0.1736,
                              0.174, 0.2123]),
@@ -65,4 +65,5 @@ def test_shipped_model_runs_bf16_by_default_close_to_fp32_and_batch_invariant(na
     # a pixel here and there, hence no bound on the maximum)
     assert diff.mean() < 0.01 and diff.quantile(0.99) < 0.06, (diff.mean(), diff.quantile(0.99))
     alone = gen.generate(prompts[:1], seeds[:1], s)
-    torch.testing.assert_close(alone[0], fast[0], atol=0.03, rtol=0)  # measured <= 9.4e-3: a seed keeps its image
+    # measured <= 3.1e-2 (2 of 12288 values above 0.02, sd3-shapes with the caption encoder): a seed keeps its image
+    torch.testing.assert_close(alone[0], fast[0], atol=0.04, rtol=0)
