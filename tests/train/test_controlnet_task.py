@@ -130,3 +130,15 @@ def test_placement_scoring_by_hand():
     (iou_a, err_a), (iou_b, err_b) = bench.placement(truth, found)
     assert iou_a == pytest.approx(0.15 / 0.25) and err_a == pytest.approx(0.05)  # shifted by a quarter of its side
     assert (iou_b, err_b) == (0.0, 0.5)  # no blue object: unmatched
+
+
+def test_a_controlnet_reads_the_text_the_way_its_base_folder_does():
+    """The task's sd3 params come from the folder's model.json: the shipped sd3-shapes' caption encoder and shift
+    included, so a ControlNet trains on the context the base model is sampled with."""
+    from pathlib import Path
+
+    from t2i.train.tasks.controlnet import _folder_params
+
+    params = _folder_params(Path("models/sd3-shapes"))
+    assert params["caption_encoder"] == "models/sd3-shapes/caption.safetensors"
+    assert params["text_words"] is True and params["text_chars"] == 8 and params["shift"] == 3.0

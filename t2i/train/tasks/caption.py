@@ -102,9 +102,10 @@ def score_caption_encoder(encoder: nn.Module, clip: nn.Module, *, split: str = "
     from t2i.models.text import word_embeddings
 
     ds = ShapesDataset(split, size)
-    items = [ds[i] for i in range(len(ds)) if ds.prompt(i).spec.category == "position"]
+    chosen = [i for i in range(len(ds)) if ds.prompt(i).spec.category == "position"]  # render only these
+    items = [ds[i] for i in chosen]
     captions = [it["caption"] for it in items]
-    relations = [next((c.relation for c in ds.prompt(it["index"]).spec.include if c.relation), None) for it in items]
+    relations = [next((c.relation for c in ds.prompt(i).spec.include if c.relation), None) for i in chosen]
     ids, mask = clip.tokenize(captions)
     pictures = encoder.picture(encoder(word_embeddings(clip, ids), mask), mask).float()
     targets = coarse_picture(torch.stack([it["image"] for it in items]).float(), encoder.cfg.grid)
