@@ -38,13 +38,27 @@ def build_parser() -> argparse.ArgumentParser:
 QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, letting dotted overrides follow a flag (``t2i train CFG --resume run.steps=100``).
+
+    argparse ends a ``nargs="*"`` positional at the first optional, so overrides written after ``--resume`` would
+    be "unrecognized"; the leftovers that look like ``key=value`` are handed to commands that take overrides.
+    """
+    args, extras = parser.parse_known_args(argv)
+    if extras and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extras):
+        args.overrides = [*(args.overrides or []), *extras]
+    elif extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     import logging
 
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.command is None:
         parser.print_help()
         return 0
