@@ -243,7 +243,9 @@ class ClipEncoder(nn.Module):
         dev = device or self.image_mean.device
         return ids.to(dev), mask.to(dev)
 
-    def encode_text(self, ids: Tensor, mask: Tensor | None = None, *, words: bool = False) -> tuple[Tensor, Tensor]:
+    def encode_text(
+        self, ids: Tensor, mask: Tensor | None = None, *, words: bool = False, caption: nn.Module | None = None
+    ) -> tuple[Tensor, Tensor]:
         """(text_embed (B, E) unit-norm, per-token encodings (B, L, W)) for token ids from ``tokenize``.
 
         ``words=True`` appends the tower's input embeddings of the same tokens (word plus position, each scaled to
@@ -251,7 +253,13 @@ class ClipEncoder(nn.Module):
         words (in the shapes CLIP "left" and "right" have cosine 0.99 from the first layer on), so its encodings
         barely say which way a relation points; the input embeddings still do, and a decoder that attends to them
         can contextualise them itself (``t2i.models.text.ClipTextConditioner`` does the same for SD3).
+
+        ``caption`` (a trained ``t2i.models.caption.CaptionEncoder``, with ``words=True``) replaces those input
+        embeddings by its per-token states, which it was trained to compute from exactly them and which do say
+        where each object goes.
         """
+        if caption is not None and not words:
+            raise ValueError("a caption encoder reads the word tokens: pass words=True with it")
         out = self.model.text_model(
             input_ids=ids, attention_mask=None if mask is None else mask.long(), output_hidden_states=words
         )
@@ -260,14 +268,19 @@ class ClipEncoder(nn.Module):
         if words:
             first = out.hidden_states[0]
             first = first * torch.rsqrt(first.float().square().mean(-1, keepdim=True) + 1e-12).to(first.dtype)
+            if caption is not None:
+                keep = torch.ones(ids.shape, dtype=torch.bool, device=ids.device) if mask is None else mask.bool()
+                first = (caption(first.float(), keep) * keep[..., None]).to(first.dtype)
             tokens = torch.cat([tokens, first], 1)
         return embed, tokens
 
-    def embed_text(self, texts: str | Sequence[str], *, words: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-        """(text_embed, text_tokens, text_mask) for raw strings; ``words``: see ``encode_text`` (the mask is then
-        repeated for the appended tokens)."""
+    def embed_text(
+        self, texts: str | Sequence[str], *, words: bool = False, caption: nn.Module | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(text_embed, text_tokens, text_mask) for raw strings; ``words``, ``caption``: see ``encode_text`` (the
+        mask is then repeated for the appended tokens)."""
         ids, mask = self.tokenize(texts)
-        embed, tokens = self.encode_text(ids, mask, words=words)
+        embed, tokens = self.encode_text(ids, mask, words=words, caption=caption)
         return embed, tokens, torch.cat([mask, mask], 1) if words else mask
 
     # -- images -------------------------------------------------------------------------------------------------

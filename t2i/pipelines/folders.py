@@ -158,7 +158,8 @@ def _unclip_from_folder(folder: Path, spec: dict[str, Any], quantize: str | None
                                    guidance=st["guidance"], lowres=low, tile=st.get("tile"),
                                    tile_overlap=st.get("tile_overlap", 32),
                                    text_words=st.get("text_words", False)))  # fmt: skip
-    pipe = UnCLIPPipeline(clip, prior, stages, autocast=PRECISIONS[precision])
+    caption = load_model_file(component_file(folder, spec, "caption"))[0] if spec.get("caption_encoder") else None
+    pipe = UnCLIPPipeline(clip, prior, stages, autocast=PRECISIONS[precision], caption=caption)
     gen = UnCLIPGenerator(pipe, spec["name"], Settings.from_dict(spec["defaults"]))
     gen._presets = _folder_presets(spec)
     return gen

@@ -20,7 +20,8 @@ _PARTS = {
             ("clip", "CLIP (text tower used)", "clip"),
             ("caption", "caption encoder (word roles, T5's slot)", "caption")],
     "unclip": [("clip", "CLIP (text and image towers)", "clip"), ("prior", "diffusion prior", "prior"),
-               ("decoder", "32 px base decoder Unet", "decoder"), ("sr", "32 -> 64 px upsampler Unet", "sr")],
+               ("decoder", "32 px base decoder Unet", "decoder"), ("sr", "32 -> 64 px upsampler Unet", "sr"),
+               ("caption", "caption encoder (word roles, read by the decoder)", "caption")],
 }  # fmt: skip
 
 _LIMITS = {
@@ -105,6 +106,11 @@ def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str
         lines.append("A small DALL-E 2 (unCLIP) cascade trained by t2i from scratch on the shapes world: CLIP, a "
                      "diffusion prior from text to CLIP image embeddings, a 32 px base decoder conditioned on the "
                      "image embedding and caption, and a 32 -> 64 px upsampler.")  # fmt: skip
+        if spec.get("caption_encoder"):
+            lines[-1] += (" The base decoder also reads the states of a small caption encoder, trained to predict "
+                          "each caption's coarse picture, which say where each named object goes: CLIP's image "
+                          "embedding barely tells a scene from its mirror image (`caption.safetensors`, "
+                          "t2i.models.caption).")  # fmt: skip
     if kind == "sd3" and spec.get("text_words"):
         lines[-1] += (" Where SD3 puts T5's tokens, the text encoder also passes the CLIP's input embeddings of the "
                       "prompt's words, which keep apart the relation words (left, right, above, below) that the "

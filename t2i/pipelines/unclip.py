@@ -23,7 +23,7 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from t2i.diffusion import LowresAugment, Seeds
 from t2i.models.clip import ClipEncoder
@@ -77,6 +77,7 @@ class UnCLIPPipeline:
         device: str | torch.device | None = None,
         offload: bool = False,
         autocast: torch.dtype | None = None,
+        caption: nn.Module | None = None,
     ):
         if not stages:
             raise ValueError("the cascade needs at least one DecoderStage")
@@ -93,11 +94,19 @@ class UnCLIPPipeline:
                 raise ValueError(f"stage {st.size}: Unet image_embed_dim={e} but CLIP embeds in {clip.embed_dim}")
         if prior is not None and prior.net.cfg.embed_dim != clip.embed_dim:
             raise ValueError(f"prior embed_dim={prior.net.cfg.embed_dim} but CLIP embeds in {clip.embed_dim}")
-        self.clip, self.prior, self.stages = clip, prior, list(stages)
+        if caption is not None:
+            if not any(st.text_words for st in stages):
+                raise ValueError("a caption encoder replaces the word tokens: give a stage with text_words=True")
+            width = clip.model.config.text_config.hidden_size
+            if caption.cfg.width != width:
+                raise ValueError(f"the caption encoder is {caption.cfg.width} wide but the CLIP's text tower {width}")
+            caption = caption.eval().requires_grad_(False)
+        self.clip, self.prior, self.stages, self.caption = clip, prior, list(stages), caption
         self.device = None if device is None else torch.device(device)
         self.offload, self.autocast = offload, autocast
         if device is not None and not offload:
-            for m in (clip, prior.net if prior else None, *[s.net for s in stages], *[s.latent for s in stages]):
+            nets = (clip, caption, prior.net if prior else None, *[s.net for s in stages], *[s.latent for s in stages])
+            for m in nets:
                 if m is not None:
                     m.to(self.device)
 
@@ -115,10 +124,11 @@ class UnCLIPPipeline:
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
         """(text embeddings, per-token encodings, mask); with the input embeddings of the tokens appended when a
-        stage reads them (``DecoderStage.text_words``). The prior and the other stages see the encodings only."""
+        stage reads them (``DecoderStage.text_words``), or the caption encoder's states of them when the pipeline
+        has one. The prior and the other stages see the encodings only."""
         words = any(st.text_words for st in self.stages)
-        with self._where(self.clip):
-            embed, tokens, mask = self.clip.embed_text(list(prompts), words=words)
+        with self._where(self.clip), self._where(self.caption):
+            embed, tokens, mask = self.clip.embed_text(list(prompts), words=words, caption=self.caption)
         return embed, tokens, mask
 
     def _text_for(self, text_words: bool, tokens: Tensor | None, mask: Tensor | None):

@@ -241,7 +241,7 @@ def export_unclip(
     out.mkdir(parents=True, exist_ok=True)
     save_model_file(out / "clip.safetensors", "clip", clip_net, **clip_extra(clip_net))
     save_model_file(out / "prior.safetensors", "unclip_prior", prior_net)
-    stages, records = [], {"clip": clip_rec, "prior": prior_rec}
+    stages, records, captions = [], {"clip": clip_rec, "prior": prior_rec}, []
     for key, run in (("decoder", decoder), ("sr", sr)):
         net, cfg, rec = _run_part(run, "unclip_unet")
         records[key] = rec
@@ -253,17 +253,28 @@ def export_unclip(
                      "lowres_size": t.get("lowres_size"), "sample_level": t["sample_level"]}  # fmt: skip
             if t.get("text_words"):
                 stage["text_words"] = True
+            if t.get("caption_encoder"):
+                captions.append(t["caption_encoder"])
         else:  # an existing folder's stage (keep it, retrain another): its spec comes along
             name_in = Path(run).name
             stage = next((dict(s) for s in _folder_spec_of(run)["stages"] if s["file"] == name_in), None)
             if stage is None:
                 raise ValueError(f"{run}: its folder's model.json lists no stage file {name_in!r}")
+            kept = _folder_spec_of(run)
+            if stage.get("text_words") and kept.get("caption_encoder"):  # it keeps the caption encoder it reads
+                captions.append(str(component_file(Path(run).parent, kept, "caption")))
         save_model_file(out / f"{key}.safetensors", "unclip_unet", net)
         stages.append({**stage, "file": f"{key}.safetensors"})
+    spec = {"kind": "unclip", "name": name, "precision": _precision(precision), "prior": prior_spec}
+    if len(set(captions)) > 1:
+        raise ValueError(f"the stages were trained with different caption encoders {sorted(set(captions))}")
+    if captions:  # the stages read its states in place of the word tokens: the folder carries it
+        caption_net, _, records["caption"] = _run_part(captions[0], "caption_encoder")
+        save_model_file(out / "caption.safetensors", "caption_encoder", caption_net)
+        spec["caption_encoder"] = True
     d = {"steps": stages[0]["steps"], "guidance": stages[0]["guidance"], "sampler": stages[0]["sampler"],
          "size": stages[-1]["size"], **upgrade_settings_keys(defaults or {})}  # fmt: skip
-    write_model_json(out, {"kind": "unclip", "name": name, "precision": _precision(precision), "prior": prior_spec,
-                           "stages": stages, "defaults": d, "training": records})  # fmt: skip
+    write_model_json(out, {**spec, "stages": stages, "defaults": d, "training": records})
     return out
 
 

@@ -183,3 +183,50 @@ def test_unclip_decoder_with_word_tokens_exports_beside_an_existing_folders_stag
     assert gen.generate(["a red circle"], [0], gen.defaults).shape == (1, 3, 32, 32)
     with pytest.raises(ValueError, match="reads word tokens too"):
         pipe.decode(torch.randn(1, 32), seeds=Seeds([0]), text_tokens=tokens[:, :n], text_mask=mask[:, :n])
+
+
+def test_unclip_decoder_with_a_caption_encoder_exports_it_and_reads_its_states(tmp_path):
+    """A decoder trained on a caption encoder's states (task.params.caption_encoder) exports with the encoder as a
+    component; the loaded pipeline appends its states, not the raw word embeddings, and a later export that keeps
+    that decoder keeps the encoder too."""
+    from model_folders import tiny_unclip_folder
+
+    from t2i.models.text import word_embeddings
+    from t2i.pipelines.model_card import card_text
+    from t2i.pipelines.unclip import DecoderStage, UnCLIPPipeline
+
+    base = tiny_unclip_folder(tmp_path / "base")
+    clip = f"{base}/clip.safetensors"
+    caption = train_default(tmp_path, "caption", [f"task.params.clip={clip}", "model.params.width=32",
+                                                  "model.params.depth=1", "data.batch_size=4"])  # fmt: skip
+    unet = (
+        "model.params={dim: 8, dim_mults: [1, 2], num_res_blocks: 1, attn_levels: [false, true], "
+        "self_attn: [false, false], heads: 2, head_dim: 8, groups: 4, image_embed_dim: 32, text_embed_dim: 32}"
+    )
+    dec = train_default(tmp_path, "decoder", [f"task.params.clip_path={clip}", unet, "task.params.text_words=true",
+                                              f"task.params.caption_encoder={caption}", "task.params.stage_size=16",
+                                              "data.batch_size=2"])  # fmt: skip
+    out = export_unclip(tmp_path / "m", clip=clip, prior=f"{base}/prior.safetensors", decoder=dec,
+                        sr=f"{base}/sr.safetensors")  # fmt: skip
+    spec = json.loads((out / "model.json").read_text())
+    assert spec["caption_encoder"] is True and spec["training"]["caption"]["run"] == "default_caption"
+    assert (out / "caption.safetensors").is_file() and "| caption | caption encoder" in card_text(out, None)
+    gen = load_generator(str(out))
+    pipe = gen.pipe
+    prompt = ["a red circle to the left of a blue square"]
+    _, tokens, mask = pipe.encode_prompts(prompt)
+    n = pipe.clip.context_length
+    ids, _ = pipe.clip.tokenize(prompt)
+    raw = word_embeddings(pipe.clip, ids)
+    states = pipe.caption(raw, mask[:, :n]) * mask[:, :n, None]
+    torch.testing.assert_close(tokens[:, n:].float(), states, rtol=0, atol=1e-5)
+    assert not torch.allclose(tokens[:, n:].float(), raw * mask[:, :n, None], atol=1e-2)
+    assert gen.generate(["a red circle"], [0], gen.defaults).shape == (1, 3, 32, 32)
+    again = export_unclip(tmp_path / "m2", clip=clip, prior=f"{out}/prior.safetensors",
+                          decoder=f"{out}/decoder.safetensors", sr=f"{out}/sr.safetensors")  # fmt: skip
+    assert json.loads((again / "model.json").read_text())["caption_encoder"] is True
+    plain = DecoderStage(pipe.stages[0].net, 16, pipe.stages[0].path, pipe.stages[0].prediction)
+    with pytest.raises(ValueError, match="give a stage with text_words=True"):
+        UnCLIPPipeline(pipe.clip, pipe.prior, [plain], caption=pipe.caption)
+    with pytest.raises(ValueError, match="pass words=True"):
+        pipe.clip.embed_text(prompt, caption=pipe.caption)

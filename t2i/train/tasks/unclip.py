@@ -101,12 +101,25 @@ class _EmbeddingSource:
     def __init__(self, p):
         self.cache = None
         self.words = bool(getattr(p, "text_words", False))
+        self.caption = None
+        if getattr(p, "caption_encoder", None):
+            if not self.words or getattr(p, "cache_path", None):
+                raise ValueError(
+                    "task.params.caption_encoder needs text_words: true and no cache_path (its states replace "
+                    "the word tokens, computed on the fly)"
+                )
+            self.caption = load_trained(p.caption_encoder, "caption_encoder").eval().requires_grad_(False)
         if getattr(p, "cache_path", None):
             self.cache = load_weights(p.cache_path)
             self.row = {int(i): r for r, i in enumerate(self.cache["index"].tolist())}
             self.clip = None
         else:
             self.clip = load_clip(p.clip_path, p.clip_preset, p.clip_seed)
+            if self.caption is not None and self.caption.cfg.width != self.clip.model.config.text_config.hidden_size:
+                raise ValueError(
+                    f"the caption encoder is {self.caption.cfg.width} wide but the CLIP's text tower is "
+                    f"{self.clip.model.config.text_config.hidden_size}: train it on this CLIP (task `caption`)"
+                )
 
     @property
     def embed_dim(self) -> int:
@@ -129,9 +142,13 @@ class _EmbeddingSource:
             out["text_mask"] = out["text_mask"].bool()
             return out
         self.clip.to(device)
+        if self.caption is not None:
+            self.caption.to(device)
         out: dict[str, Tensor] = {}
         if need_text:
-            text_embed, tokens, mask = self.clip.embed_text(list(batch["caption"]), words=self.words)
+            text_embed, tokens, mask = self.clip.embed_text(
+                list(batch["caption"]), words=self.words, caption=self.caption
+            )
             out.update(text_embed=text_embed, text_tokens=tokens.float(), text_mask=mask)
         if need_image:
             out["image_embed"] = self.clip.embed_image(batch["image"].to(device))
@@ -274,6 +291,10 @@ class DecoderTaskConfig:
     # attend to the CLIP's input embeddings of the caption's tokens too (``ClipEncoder.encode_text(words=True)``):
     # the encodings of a small contrastive CLIP do not say which way a relation points or which colour goes where
     text_words: bool = False
+    # a trained caption encoder (task `caption`, on this CLIP): its per-token states replace the word tokens of
+    # ``text_words``. They say where each object goes, which the CLIP image embedding barely does (a scene and its
+    # mirror image embed at cosine 0.98), so a decoder that reads them can place what the prior's embedding cannot
+    caption_encoder: str | None = None
 
 
 class DecoderTask(Task):
