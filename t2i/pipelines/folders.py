@@ -144,7 +144,8 @@ def _unclip_from_folder(folder: Path, spec: dict[str, Any], quantize: str | None
     p = spec["prior"]
     prior_net, _ = load_model_file(_contained_file(folder, p["file"], "prior.file"))
     prior = PriorSpec(prior_net, VPPath(p["schedule"], p["timesteps"]), p["prediction"], sampler=p["sampler"],
-                      steps=p["steps"], guidance=p["guidance"], num_candidates=p["candidates"])  # fmt: skip
+                      steps=p["steps"], guidance=p["guidance"], num_candidates=p["candidates"],
+                      text_words=p.get("text_words", False))  # fmt: skip
     stages = []
     for st in spec["stages"]:
         net, _ = load_model_file(_contained_file(folder, st["file"], "stages[].file"))

@@ -95,8 +95,10 @@ class UnCLIPPipeline:
         if prior is not None and prior.net.cfg.embed_dim != clip.embed_dim:
             raise ValueError(f"prior embed_dim={prior.net.cfg.embed_dim} but CLIP embeds in {clip.embed_dim}")
         if caption is not None:
-            if not any(st.text_words for st in stages):
-                raise ValueError("a caption encoder replaces the word tokens: give a stage with text_words=True")
+            if not any(st.text_words for st in stages) and not (prior is not None and prior.text_words):
+                raise ValueError(
+                    "a caption encoder replaces the word tokens: give a stage (or the prior) with text_words=True"
+                )
             width = clip.model.config.text_config.hidden_size
             if caption.cfg.width != width:
                 raise ValueError(f"the caption encoder is {caption.cfg.width} wide but the CLIP's text tower {width}")
@@ -125,8 +127,8 @@ class UnCLIPPipeline:
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
         """(text embeddings, per-token encodings, mask); with the input embeddings of the tokens appended when a
         stage reads them (``DecoderStage.text_words``), or the caption encoder's states of them when the pipeline
-        has one. The prior and the other stages see the encodings only."""
-        words = any(st.text_words for st in self.stages)
+        has one. The prior and stages without ``text_words`` see the encodings only."""
+        words = any(st.text_words for st in self.stages) or (self.prior is not None and self.prior.text_words)
         with self._where(self.clip), self._where(self.caption):
             embed, tokens, mask = self.clip.embed_text(list(prompts), words=words, caption=self.caption)
         return embed, tokens, mask
@@ -168,7 +170,7 @@ class UnCLIPPipeline:
             raise ValueError("this pipeline has no prior; pass image embeddings or images instead of prompts")
         spec = _with_settings(self.prior, steps=steps, sampler=sampler, guidance=guidance)
         embed, tokens, mask = self.encode_prompts(prompts)
-        prior_tokens, prior_mask = self._text_for(False, tokens, mask)
+        prior_tokens, prior_mask = self._text_for(spec.text_words, tokens, mask)
         with self._where(spec.net):
             image_embed = sample_prior(
                 spec, embed, text_tokens=prior_tokens, text_mask=prior_mask, seeds=seeds, callback=callback

@@ -81,9 +81,14 @@ class PriorSpec:
     steps: int = 64
     guidance: float = 1.0
     num_candidates: int = 2  # best-of-n reranking by cosine similarity to the text embedding (paper: n = 2)
+    # the net reads the word tokens (or a caption encoder's states of them) after the encodings, as decoder stages
+    # with ``text_words`` do (trained with the prior task's ``text_words``)
+    text_words: bool = False
 
     def __post_init__(self):
         check_sampler(self.sampler)
+        if self.text_words and not self.net.cfg.text_token_dim:
+            raise ValueError("prior text_words needs a prior that reads text tokens (text_token_dim > 0)")
         if self.num_candidates < 1 or self.steps < 1:
             raise ValueError("num_candidates and steps must be at least 1")
 

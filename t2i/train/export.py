@@ -224,6 +224,7 @@ def export_unclip(
     out = Path(out)
     clip_net, _, clip_rec = _run_part(clip, "clip")
     prior_net, pcfg, prior_rec = _run_part(prior, "unclip_prior")
+    captions: list[str] = []  # the caption encoder any part was trained to read
     if pcfg:
         pt = pcfg["task"]["params"]
         prior_spec = {
@@ -235,13 +236,20 @@ def export_unclip(
             "guidance": 2.0,
             "candidates": 2,
         }
+        if pt.get("text_words"):
+            prior_spec["text_words"] = True
+        if pt.get("caption_encoder"):
+            captions.append(pt["caption_encoder"])
     else:  # an existing folder's prior: its sampling spec comes along
-        prior_spec = dict(_folder_spec_of(prior)["prior"])
+        kept = _folder_spec_of(prior)
+        prior_spec = dict(kept["prior"])
+        if prior_spec.get("text_words") and kept.get("caption_encoder"):
+            captions.append(str(component_file(Path(prior).parent, kept, "caption")))
     prior_spec = {**prior_spec, "file": "prior.safetensors", **(prior_settings or {})}
     out.mkdir(parents=True, exist_ok=True)
     save_model_file(out / "clip.safetensors", "clip", clip_net, **clip_extra(clip_net))
     save_model_file(out / "prior.safetensors", "unclip_prior", prior_net)
-    stages, records, captions = [], {"clip": clip_rec, "prior": prior_rec}, []
+    stages, records = [], {"clip": clip_rec, "prior": prior_rec}
     for key, run in (("decoder", decoder), ("sr", sr)):
         net, cfg, rec = _run_part(run, "unclip_unet")
         records[key] = rec

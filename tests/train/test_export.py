@@ -226,7 +226,35 @@ def test_unclip_decoder_with_a_caption_encoder_exports_it_and_reads_its_states(t
                           decoder=f"{out}/decoder.safetensors", sr=f"{out}/sr.safetensors")  # fmt: skip
     assert json.loads((again / "model.json").read_text())["caption_encoder"] is True
     plain = DecoderStage(pipe.stages[0].net, 16, pipe.stages[0].path, pipe.stages[0].prediction)
-    with pytest.raises(ValueError, match="give a stage with text_words=True"):
+    with pytest.raises(ValueError, match="or the prior. with text_words=True"):
         UnCLIPPipeline(pipe.clip, pipe.prior, [plain], caption=pipe.caption)
     with pytest.raises(ValueError, match="pass words=True"):
         pipe.clip.embed_text(prompt, caption=pipe.caption)
+
+
+def test_unclip_prior_reading_caption_states_exports_and_samples(tmp_path):
+    """A prior trained on the encodings plus a caption encoder's states (task.params.text_words +
+    caption_encoder) exports with ``text_words`` in its spec and the encoder as a component; the pipeline feeds
+    it both halves while an upsampler without text reads nothing, and a prior too short for both is refused."""
+    from model_folders import tiny_unclip_folder
+
+    from t2i.diffusion import Seeds
+
+    base = tiny_unclip_folder(tmp_path / "base")
+    clip = f"{base}/clip.safetensors"
+    caption = train_default(tmp_path, "caption", [f"task.params.clip={clip}", "model.params.width=32",
+                                                  "model.params.depth=1", "data.batch_size=4"])  # fmt: skip
+    prior = ("model.params={embed_dim: 32, depth: 1, heads: 2, head_dim: 8, text_token_dim: 32, max_text_len: 48, "
+             "self_cond: true}")  # fmt: skip
+    task = [f"task.params.clip_path={clip}", "task.params.text_words=true", f"task.params.caption_encoder={caption}"]
+    run = train_default(tmp_path, "prior", [*task, prior, "data.batch_size=4"])
+    out = export_unclip(tmp_path / "m", clip=clip, prior=run, decoder=f"{base}/decoder.safetensors",
+                        sr=f"{base}/sr.safetensors")  # fmt: skip
+    spec = json.loads((out / "model.json").read_text())
+    assert spec["prior"]["text_words"] is True and spec["caption_encoder"] is True
+    gen = load_generator(str(out))
+    embed, tokens, mask = gen.pipe.image_embeds_from_text(["a red circle above a blue square"], Seeds([0]))
+    assert embed.shape == (1, 32) and tokens.shape[1] == 48
+    assert gen.generate(["a red circle"], [0], gen.defaults).shape == (1, 3, 32, 32)
+    with pytest.raises(ValueError, match="max_text_len >= 48"):
+        train_default(tmp_path / "short", "prior", [*task, prior.replace("48", "24"), "data.batch_size=4"])

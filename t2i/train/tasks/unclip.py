@@ -214,6 +214,10 @@ class PriorTaskConfig:
     loss_type: str = "l2"
     drop_text_prob: float = 0.1  # classifier-free guidance: train this fraction unconditionally
     self_cond_prob: float = 0.5  # used when the prior has self_cond=True
+    # read the word tokens after the encodings (model.params.max_text_len twice the CLIP's context), or with
+    # ``caption_encoder`` a caption encoder's states of them: see DecoderTaskConfig
+    text_words: bool = False
+    caption_encoder: str | None = None
 
 
 class PriorTask(Task):
@@ -238,6 +242,13 @@ class PriorTask(Task):
         model = super().build_model()
         if model.cfg.embed_dim != self.embeddings.embed_dim:
             raise ValueError(f"model.params.embed_dim must be the CLIP width {self.embeddings.embed_dim}")
+        if self.params.text_words and self.embeddings.clip is not None:
+            need = 2 * self.embeddings.clip.context_length
+            if not model.cfg.text_token_dim or model.cfg.max_text_len < need:
+                raise ValueError(
+                    f"task.params.text_words appends the word tokens: the prior needs text_token_dim > 0 and "
+                    f"model.params.max_text_len >= {need} (twice the CLIP's context length)"
+                )
         return model
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
