@@ -61,9 +61,10 @@ def test_shipped_model_runs_bf16_by_default_close_to_fp32_and_batch_invariant(na
     fast = gen.generate(prompts, seeds, s)
     plain = load_generator(name, precision="fp32").generate(prompts, seeds, s)
     diff = (fast - plain).abs().flatten()
-    # the same images: measured mean 4e-4 to 2.5e-3, 99th percentile 9e-3 to 2.9e-2 (unCLIP's DDPM moves an edge by
-    # a pixel here and there, hence no bound on the maximum)
-    assert diff.mean() < 0.01 and diff.quantile(0.99) < 0.06, (diff.mean(), diff.quantile(0.99))
+    # the same images: measured mean 4e-4 to 2.5e-3, 99th percentile 9e-3 to 2.9e-2 on an Intel CPU with AMX; on an
+    # AMD EPYC (AVX-512 BF16, no AMX: other bf16 kernels) unclip-shapes gives mean 4.9e-3, 99th percentile 7.9e-2.
+    # unCLIP's DDPM moves an edge by a pixel here and there, hence no bound on the maximum
+    assert diff.mean() < 0.01 and diff.quantile(0.99) < 0.12, (diff.mean(), diff.quantile(0.99))
     alone = gen.generate(prompts[:1], seeds[:1], s)
     # measured <= 3.1e-2 (2 of 12288 values above 0.02, sd3-shapes with the caption encoder): a seed keeps its image
     torch.testing.assert_close(alone[0], fast[0], atol=0.04, rtol=0)
