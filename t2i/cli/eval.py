@@ -33,7 +33,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--models", nargs="+", default=["sd3-shapes", "unclip-shapes"], help="shipped names or folders")
     q.add_argument("--out", default="docs/quality.md", help="Markdown report (a .json copy is written beside it)")
     q.add_argument("--per-category", type=int, help="only the first N prompts of each category (a quick subset)")
-    q.add_argument("--sweep-per-category", type=int, default=20, help="prompts per category in the step sweep")
+    q.add_argument(
+        "--sweep-per-category",
+        type=int,
+        default=20,
+        help="prompts per category in the step sweep (0: no sweep; the report is then JSON only, to --merge)",
+    )
     q.add_argument("--steps", type=int, nargs="+", default=[4, 8, 16, 28, 50], help="step counts of the sweep")
     q.add_argument("--precision", choices=("fp32", "bf16"), help="run the models so (default: each folder's own)")
     q.add_argument("--grid-dir", default="docs/images", help="where the per-split sample grids go ('' for none)")
@@ -79,10 +84,12 @@ def run_quality(args: argparse.Namespace) -> int:
         steps=args.steps,
         grid_dir=args.grid_dir or None,
         precision=args.precision,
+        sweep=args.sweep_per_category > 0,
     )
     for r in data["models"]:
         print(f"{r['model']}: eval {r['eval']['overall']:.3f}, heldout {r['heldout']['overall']:.3f}")
-    print(f"wrote {args.out} and {args.out.removesuffix('.md')}.json in {data['seconds']:.0f} s")
+    wrote = args.out if all("sweep" in r for r in data["models"]) else "no Markdown (a partial report, for --merge)"
+    print(f"wrote {wrote} and {args.out.removesuffix('.md')}.json in {data['seconds']:.0f} s")
     return 0
 
 

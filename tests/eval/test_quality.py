@@ -66,3 +66,13 @@ def test_partial_reports_merge(tmp_path):
     run_report([str(a)], out_md=tmp_path / "c.md", **{**kw, "steps": (2,)})
     with pytest.raises(ValueError, match="different settings"):
         merge_reports([tmp_path / "splits.json", tmp_path / "c.json"], out_md=tmp_path / "x.md")
+
+
+def test_cli_without_a_sweep_writes_a_partial_report(tmp_path, capsys):
+    folder = tiny_sd3_folder(tmp_path / "m", size=32)
+    out = tmp_path / "q.md"
+    argv = ["eval", "quality", "--models", str(folder), "--per-category", "1", "--sweep-per-category", "0"]
+    assert main([*argv, "--out", str(out), "--grid-dir", ""]) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert "sweep" not in data["models"][0] and data["models"][0]["eval"]["n_images"] == 7
+    assert not out.exists() and "no Markdown (a partial report" in capsys.readouterr().out
