@@ -122,8 +122,8 @@ def test_export_needs_a_pinned_latent_format(tmp_path):
 
 
 def test_a_second_stage_run_exports_with_both_stages_on_its_card(tmp_path):
-    """configs/default/sd3_refine.yaml continues sd3.yaml's run (model.init_from): the exported record and card
-    carry the first stage's steps and CPU time beside the second's."""
+    """A run that continues another (model.init_from; the previous recipe's sd3_refine stage): the exported record
+    and card carry the first stage's steps and CPU time beside the second's."""
     from model_folders import TINY_MMDIT
 
     from t2i.pipelines.model_card import card_text
@@ -131,8 +131,8 @@ def test_a_second_stage_run_exports_with_both_stages_on_its_card(tmp_path):
     stage1, vae, clip = train_tiny_sd3(tmp_path)
     init = f"{stage1}/checkpoints/step_00000002/ema.safetensors"
     task = [f"task.params.vae={vae}", f"task.params.text={clip}", "task.params.text_chars=0"]
-    stage2 = train_default(tmp_path, "sd3_refine", [*task, *TINY_MMDIT, f"model.init_from={init}",
-                                                    "data.batch_size=2", "run.eval_every=0"])  # fmt: skip
+    stage2 = train_default(tmp_path, "sd3", [*task, *TINY_MMDIT, f"model.init_from={init}", "run.name=default_sd3_refine",
+                                             "task.params.caption_encoder=null", "data.batch_size=2"])  # fmt: skip
     out = export_sd3(tmp_path / "m", transformer=stage2, vae=vae, clip=clip)
     rec = json.loads((out / "model.json").read_text())["training"]["transformer"]
     assert rec["run"] == "default_sd3_refine" and rec["started_from"]["run"] == "default_sd3"
@@ -142,8 +142,8 @@ def test_a_second_stage_run_exports_with_both_stages_on_its_card(tmp_path):
     assert "| transformer, stage 2 |" in card and "`configs/default/sd3_refine.yaml`" in card
     # a third stage continuing the second: the record nests, the card lists all three
     init = f"{stage2}/checkpoints/step_00000002/ema.safetensors"
-    stage3 = train_default(tmp_path, "sd3_refine", [*task, *TINY_MMDIT, f"model.init_from={init}", "run.name=again",
-                                                    "data.batch_size=2", "run.eval_every=0"])  # fmt: skip
+    stage3 = train_default(tmp_path, "sd3", [*task, *TINY_MMDIT, f"model.init_from={init}", "run.name=again",
+                                             "task.params.caption_encoder=null", "data.batch_size=2"])  # fmt: skip
     out = export_sd3(tmp_path / "m3", transformer=stage3, vae=vae, clip=clip)
     rec = json.loads((out / "model.json").read_text())["training"]["transformer"]
     assert [rec["run"], rec["started_from"]["run"], rec["started_from"]["started_from"]["run"]] == [
