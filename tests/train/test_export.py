@@ -131,8 +131,9 @@ def test_a_second_stage_run_exports_with_both_stages_on_its_card(tmp_path):
     stage1, vae, clip = train_tiny_sd3(tmp_path)
     init = f"{stage1}/checkpoints/step_00000002/ema.safetensors"
     task = [f"task.params.vae={vae}", f"task.params.text={clip}", "task.params.text_chars=0"]
-    stage2 = train_default(tmp_path, "sd3", [*task, *TINY_MMDIT, f"model.init_from={init}", "run.name=default_sd3_refine",
-                                             "task.params.caption_encoder=null", "data.batch_size=2"])  # fmt: skip
+    stage2 = train_default(tmp_path, "sd3", [*task, *TINY_MMDIT, f"model.init_from={init}",
+                                             "run.name=default_sd3_refine", "task.params.caption_encoder=null",
+                                             "data.batch_size=2"])  # fmt: skip
     out = export_sd3(tmp_path / "m", transformer=stage2, vae=vae, clip=clip)
     rec = json.loads((out / "model.json").read_text())["training"]["transformer"]
     assert rec["run"] == "default_sd3_refine" and rec["started_from"]["run"] == "default_sd3"
@@ -226,7 +227,7 @@ def test_unclip_decoder_with_a_caption_encoder_exports_it_and_reads_its_states(t
                           decoder=f"{out}/decoder.safetensors", sr=f"{out}/sr.safetensors")  # fmt: skip
     assert json.loads((again / "model.json").read_text())["caption_encoder"] is True
     plain = DecoderStage(pipe.stages[0].net, 16, pipe.stages[0].path, pipe.stages[0].prediction)
-    with pytest.raises(ValueError, match="or the prior. with text_words=True"):
+    with pytest.raises(ValueError, match=r"or the prior\) with text_words=True"):
         UnCLIPPipeline(pipe.clip, pipe.prior, [plain], caption=pipe.caption)
     with pytest.raises(ValueError, match="pass words=True"):
         pipe.clip.embed_text(prompt, caption=pipe.caption)
@@ -253,7 +254,7 @@ def test_unclip_prior_reading_caption_states_exports_and_samples(tmp_path):
     spec = json.loads((out / "model.json").read_text())
     assert spec["prior"]["text_words"] is True and spec["caption_encoder"] is True
     gen = load_generator(str(out))
-    embed, tokens, mask = gen.pipe.image_embeds_from_text(["a red circle above a blue square"], Seeds([0]))
+    embed, tokens, _ = gen.pipe.image_embeds_from_text(["a red circle above a blue square"], Seeds([0]))
     assert embed.shape == (1, 32) and tokens.shape[1] == 48
     assert gen.generate(["a red circle"], [0], gen.defaults).shape == (1, 3, 32, 32)
     with pytest.raises(ValueError, match="max_text_len >= 48"):
