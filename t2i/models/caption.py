@@ -128,3 +128,14 @@ def relation_accuracy(pictures: Tensor, targets: Tensor, relations: list[str | N
     if not hits:
         raise ValueError("relation_accuracy needs at least one caption with a relation")
     return sum(hits) / len(hits)
+
+
+def check_fits_clip(caption: CaptionEncoder, clip: nn.Module) -> None:
+    """Raise a clear error unless ``caption`` reads the width of ``clip``'s text tower (a ``ClipEncoder``): a caption
+    encoder is trained on one CLIP's input embeddings and means nothing on another's."""
+    width = clip.model.config.text_config.hidden_size
+    if caption.cfg.width != width:
+        raise ValueError(
+            f"the caption encoder is {caption.cfg.width} wide but the CLIP's text tower is {width}: train it on "
+            "this CLIP (task `caption`)"
+        )

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .caption import check_fits_clip
+
 CLIP_LENGTH = 77
 
 
@@ -341,9 +343,7 @@ class ClipTextConditioner(nn.Module):
         if caption is not None:
             if not self.words:
                 raise ValueError("a caption encoder reads the word tokens: it needs words=True")
-            if caption.cfg.width != text_cfg.hidden_size:
-                raise ValueError(f"the caption encoder is {caption.cfg.width} wide but the CLIP's text tower "
-                                 f"{text_cfg.hidden_size}: train it on this CLIP")  # fmt: skip
+            check_fits_clip(caption, clip)
         if not -text_cfg.num_hidden_layers - 1 <= layer <= text_cfg.num_hidden_layers:
             raise ValueError(f"layer {layer} is outside the text tower's {text_cfg.num_hidden_layers} layers")
         if self.chars < 0:

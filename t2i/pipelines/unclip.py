@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from t2i.diffusion import LowresAugment, Seeds
+from t2i.models.caption import check_fits_clip
 from t2i.models.clip import ClipEncoder
 from t2i.nn.offload import placed
 
@@ -99,9 +100,7 @@ class UnCLIPPipeline:
                 raise ValueError(
                     "a caption encoder replaces the word tokens: give a stage (or the prior) with text_words=True"
                 )
-            width = clip.model.config.text_config.hidden_size
-            if caption.cfg.width != width:
-                raise ValueError(f"the caption encoder is {caption.cfg.width} wide but the CLIP's text tower {width}")
+            check_fits_clip(caption, clip)
             caption = caption.eval().requires_grad_(False)
         self.clip, self.prior, self.stages, self.caption = clip, prior, list(stages), caption
         self.device = None if device is None else torch.device(device)

@@ -52,3 +52,19 @@ def test_coarse_picture_and_relation_accuracy():
     assert relation_accuracy(torch.cat([truth, truth.flip(-1)]), torch.cat([truth, truth]), ["left of", None]) == 1.0
     with pytest.raises(ValueError, match="at least one"):
         relation_accuracy(truth, truth, [None])
+
+
+def test_a_caption_encoder_of_another_width_is_refused_by_every_reader():
+    """One check (``check_fits_clip``) guards the SD3 text conditioner, the unCLIP pipeline and the unCLIP tasks."""
+    from model_folders import tiny_clip
+
+    from t2i.models.caption import check_fits_clip
+    from t2i.models.text import ClipTextConditioner
+
+    clip = tiny_clip()  # a 32-wide text tower
+    check_fits_clip(CaptionEncoder(width=32, depth=1, heads=4), clip)
+    wrong = CaptionEncoder(width=16, depth=1, heads=4)
+    with pytest.raises(ValueError, match="16 wide but the CLIP's text tower is 32: train it on this CLIP"):
+        check_fits_clip(wrong, clip)
+    with pytest.raises(ValueError, match="16 wide"):
+        ClipTextConditioner(clip, -2, 0, True, 0.0, 0.0, wrong)

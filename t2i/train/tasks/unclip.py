@@ -39,6 +39,7 @@ from t2i.diffusion import (
 from t2i.diffusion.paths import append_dims
 from t2i.errors import check_choice
 from t2i.io import load_weights, save_weights
+from t2i.models.caption import check_fits_clip
 from t2i.models.clip import ClipEncoder
 
 from ..distributed import unwrap
@@ -115,11 +116,8 @@ class _EmbeddingSource:
             self.clip = None
         else:
             self.clip = load_clip(p.clip_path, p.clip_preset, p.clip_seed)
-            if self.caption is not None and self.caption.cfg.width != self.clip.model.config.text_config.hidden_size:
-                raise ValueError(
-                    f"the caption encoder is {self.caption.cfg.width} wide but the CLIP's text tower is "
-                    f"{self.clip.model.config.text_config.hidden_size}: train it on this CLIP (task `caption`)"
-                )
+            if self.caption is not None:
+                check_fits_clip(self.caption, self.clip)
 
     @property
     def embed_dim(self) -> int:
