@@ -43,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantize", choices=["int8"], help="store an SD3 model's large weights as int8 (needs torchao)")
     p.add_argument("--precision", choices=["fp32", "bf16"],
                    help="run the denoisers in fp32 or under bf16 autocast (default: the model folder's choice, "
-                        "bf16 for the shipped models; fp32 for official files)")  # fmt: skip
+                        "bf16 for the shipped models where the CPU has native bf16, else fp32; fp32 for official "
+                        "files)")  # fmt: skip
     p.add_argument("--init-image", metavar="PNG", help="img2img: start from this image (SD3-family models)")
     p.add_argument("--mask", metavar="PNG", help="inpainting: repaint where this mask is white (needs --init-image)")
     p.add_argument("--strength", type=float, help="img2img / inpainting: how much to repaint, in (0, 1] (0.8)")
@@ -251,6 +252,8 @@ def _run(args: argparse.Namespace) -> int:
         if not args.controlnet:
             raise
         raise CLIError(f"--controlnet: {err}") from None
+    if gen.precision_note:
+        print(f"{gen.name}: {gen.precision_note}; --precision bf16 forces it")
     s = _settings(gen, args)
     init, mask = _edit_images(args)
     controls = _controls(args)

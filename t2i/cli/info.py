@@ -19,6 +19,14 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"t2i {__version__}  torch {torch.__version__}  python {platform.python_version()}")
     print(f"threads: {torch.get_num_threads()}  cuda: {torch.cuda.is_available()}")
+    from t2i.nn.precision import NATIVE_THRESHOLD, bf16_slowdown
+
+    slow = bf16_slowdown("cpu")
+    if slow <= NATIVE_THRESHOLD:
+        verdict = "native: bf16 autocast is a fast path"
+    else:
+        verdict = "emulated: the shipped models run fp32 here; train with run.precision=fp32"
+    print(f"cpu bf16 matmul: {slow:.2f}x the fp32 time ({verdict})")
     print("samplers:")
     for name, s in SAMPLERS.items():
         kind = "stochastic" if s.stochastic else "deterministic"

@@ -10,7 +10,9 @@ the metadata), so nothing is rebuilt from code defaults that might have changed 
 Weights are stored in fp16 (the repo's size budget) and loaded as fp32. ``"precision"`` in ``model.json`` says how
 the denoisers run: ``"fp32"`` (the default when absent) or ``"bf16"`` (bf16 autocast, and ``channels_last`` for
 Unets), which the shipped models ask for: within 0.004 of their fp32 `eval` score at 1.4-3.1x the speed
-(docs/performance.md); ``load_generator(precision=)`` and ``t2i generate --precision`` override it. ``t2i export``
+(docs/performance.md). That is a speed choice, so a folder's bf16 runs as fp32 on a CPU without native bf16
+matmuls, where bf16 would be the slow path (``t2i.nn.precision``; ``gen.precision_note`` says so);
+``load_generator(precision=)`` and ``t2i generate --precision`` override both. ``t2i export``
 (``t2i.train.export``) writes folders from training runs.
 
 ``load_generator`` turns a shipped name (``sd3-shapes``), a model folder, or an official SD3.5 file / diffusers
@@ -31,6 +33,7 @@ import torch
 from t2i.errors import check_choice
 from t2i.io.safetensors_io import atomic_write_text
 from t2i.models.files import load_model_file
+from t2i.nn.precision import bf16_advice, bf16_is_native
 
 from .generator import Generator, SD3Generator, Settings, UnCLIPGenerator
 
@@ -224,15 +227,19 @@ def _load_generator(model: str, quantize: str | None, precision: str | None) -> 
         build = {"sd3": _sd3_from_folder, "unclip": _unclip_from_folder}.get(spec.get("kind"))
         if build is None:
             raise ValueError(f"{path}/model.json has unknown kind {spec.get('kind')!r}; use sd3 or unclip")
+        note = ""
         if precision is None:
             precision = spec.get("precision", "fp32")
             if precision not in PRECISIONS:
                 raise ValueError(
                     f"{path}/model.json: precision must be one of {sorted(PRECISIONS)}, got {precision!r}"
                 )
+            if precision == "bf16" and not bf16_is_native("cpu"):
+                # the folder's bf16 is a speed choice; where bf16 is emulated it is the slow path (t2i.nn.precision)
+                precision, note = "fp32", f"running fp32, not the folder's bf16: {bf16_advice('cpu')}"
         try:
             gen = build(path, spec, quantize, precision)
-            gen.precision = precision
+            gen.precision, gen.precision_note = precision, note
             return gen
         except (KeyError, TypeError, AttributeError) as err:  # an entry missing or of the wrong JSON type
             raise ValueError(

@@ -114,6 +114,7 @@ class Generator:
     supports_edits: bool = False  # img2img and inpainting (``generate(..., init_images=, masks=)``)
     supports_controls: bool = False  # ControlNet controls (``generate(..., controls=)``)
     precision: str = "fp32"  # how the denoisers run: "fp32", or "bf16" autocast (``t2i.pipelines.folders``)
+    precision_note: str = ""  # why ``precision`` differs from the model folder's, when it does
     _presets: dict[str, Settings] | None = None
 
     def presets(self) -> dict[str, Settings]:

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from t2i.io import load_into
+from t2i.nn.precision import bf16_advice, bf16_is_native
 
 from . import distributed as D
 from .checkpoint import load_resumable, rng_state, save_checkpoint, set_rng_state
@@ -102,6 +103,10 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
+        if cfg.run.precision == "bf16" and not bf16_is_native(self.device.type) and self.dist.is_main:
+            # the config stays as written (a run's numerics are its config's), but the user hears why it crawls
+            print(f"warning: run.precision=bf16, but {bf16_advice(self.device.type)}; this run will be slow. "
+                  "Train here with run.precision=fp32.", file=sys.stderr)  # fmt: skip
         seed_everything(cfg.run.seed)  # the same on every rank: identical initial weights
 
         self.task: Task = build_task(cfg)

@@ -54,9 +54,16 @@ def test_shipped_model_golden_slice(name):
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_model_runs_bf16_by_default_close_to_fp32_and_batch_invariant(name):
-    gen = load_generator(name)
-    assert gen.precision == "bf16"
+    from t2i.nn.precision import bf16_is_native
+
+    # the folders ask for bf16, which they get where the CPU multiplies bf16 natively (else fp32: see
+    # test_model_folder_loading); the bf16 path itself is checked against fp32 on every machine
+    native = bf16_is_native("cpu")
+    assert load_generator(name).precision == ("bf16" if native else "fp32")
+    gen = load_generator(name, precision="bf16")
     prompts, seeds = [PROMPT, "a green cross", "two yellow triangles"], [7, 8, 9]
+    if not native:  # emulated bf16 (no user gets it by default): one image keeps the test from taking minutes
+        prompts, seeds = prompts[:1], seeds[:1]
     s = gen.settings()  # the default steps: what a user gets
     fast = gen.generate(prompts, seeds, s)
     plain = load_generator(name, precision="fp32").generate(prompts, seeds, s)
@@ -65,6 +72,8 @@ def test_shipped_model_runs_bf16_by_default_close_to_fp32_and_batch_invariant(na
     # AMD EPYC (AVX-512 BF16, no AMX: other bf16 kernels) unclip-shapes gives mean 4.9e-3, 99th percentile 7.9e-2.
     # unCLIP's DDPM moves an edge by a pixel here and there, hence no bound on the maximum
     assert diff.mean() < 0.01 and diff.quantile(0.99) < 0.12, (diff.mean(), diff.quantile(0.99))
-    alone = gen.generate(prompts[:1], seeds[:1], s)
-    # measured <= 3.1e-2 (2 of 12288 values above 0.02, sd3-shapes with the caption encoder): a seed keeps its image
-    torch.testing.assert_close(alone[0], fast[0], atol=0.04, rtol=0)
+    if native:
+        alone = gen.generate(prompts[:1], seeds[:1], s)
+        # measured <= 3.1e-2 (2 of 12288 values above 0.02, sd3-shapes with the caption encoder): a seed keeps its
+        # image
+        torch.testing.assert_close(alone[0], fast[0], atol=0.04, rtol=0)

@@ -48,7 +48,13 @@ def _set_precision(folder, precision):
     (folder / "model.json").write_text(json.dumps(spec))
 
 
-def test_precision_comes_from_model_json_and_can_be_overridden(tmp_path):
+@pytest.fixture
+def native_bf16(monkeypatch):
+    """As on a CPU with native bf16 matmuls (AVX-512 BF16, AMX), whatever this machine has."""
+    monkeypatch.setattr("t2i.pipelines.folders.bf16_is_native", lambda device_type="cpu": True)
+
+
+def test_precision_comes_from_model_json_and_can_be_overridden(tmp_path, native_bf16):
     import torch
     from model_folders import tiny_unclip_folder
 
@@ -71,6 +77,29 @@ def test_precision_comes_from_model_json_and_can_be_overridden(tmp_path):
     plain = load_generator(str(unclip), precision="fp32").generate(["a red circle"], [0], s)
     assert fast.dtype == torch.float32 and torch.isfinite(fast).all()
     assert (fast - plain).abs().mean() < 0.05  # random tiny nets: the same image up to bf16 rounding
+
+
+def test_a_folders_bf16_runs_fp32_where_bf16_is_emulated_unless_asked_for(tmp_path, monkeypatch):
+    """A folder's bf16 is a speed choice: on a CPU that emulates bf16 matmuls (an AVX2-only one, where they measure
+    tens of times slower than fp32) it runs fp32 and says why; an explicit precision is always honoured."""
+    import torch
+
+    monkeypatch.setattr("t2i.pipelines.folders.bf16_is_native", lambda device_type="cpu": False)
+    sd3 = tiny_sd3_folder(tmp_path / "sd3")
+    _set_precision(sd3, "bf16")
+    gen = load_generator(str(sd3))
+    assert gen.precision == "fp32" and gen.pipe.autocast is None
+    assert "not the folder's bf16" in gen.precision_note and "no native bf16 matmul" in gen.precision_note
+    forced = load_generator(str(sd3), precision="bf16")
+    assert forced.precision == "bf16" and forced.pipe.autocast == torch.bfloat16 and forced.precision_note == ""
+
+
+def test_the_bf16_check_measures_this_machine():
+    from t2i.nn.precision import NATIVE_THRESHOLD, bf16_is_native, bf16_slowdown
+
+    slow = bf16_slowdown("cpu")
+    assert slow > 0 and bf16_slowdown("cpu") == slow  # measured once per process
+    assert bf16_is_native("cpu") == (slow <= NATIVE_THRESHOLD)
 
 
 def test_a_bad_precision_is_a_clear_error(tmp_path):

@@ -67,6 +67,15 @@ def test_bf16_autocast_runs_and_matches_fp32_loosely(tiny_cfg, quiet):
     assert (num / den).sqrt() < 0.05
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_that_emulates_it_warns_and_keeps_the_config(tiny_cfg, quiet, monkeypatch, capsys, native):
+    monkeypatch.setattr("t2i.train.loop.bf16_is_native", lambda device_type="cpu": native)
+    tr = Trainer(tiny_cfg(**{"run.name": "bf16", "run.precision": "bf16"}), out=quiet)
+    err = capsys.readouterr().err
+    assert tr.cfg.run.precision == "bf16"  # the run's numerics stay its config's
+    assert ("no native bf16 matmul" in err and "run.precision=fp32" in err) != native
+
+
 def test_fp16_overflow_skips_step_schedule_and_ema(tiny_cfg, quiet):
     cfg = tiny_cfg(**{"run.precision": "fp16", "ema.enabled": True, "schedule.name": "linear", "run.steps": 3})
     tr = Trainer(cfg, out=quiet)
