@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="use this sd3 model folder's VAE and CLIP files instead of copies (a distilled student "
                         "beside its teacher); they must hold the --vae and --clip runs' weights")  # fmt: skip
     _defaults(s)
+    g = s.add_argument_group("skip-layer guidance written to model.json (default: off)")
+    g.add_argument("--slg-scale", type=float, help="skip-layer guidance strength (SD3.5 Medium uses 2.5)")
+    g.add_argument("--slg-layers", type=_layers, help="the MMDiT blocks skipped, comma-separated (e.g. 2,3)")
     s.set_defaults(func=run)
     u = kinds.add_parser("unclip", help="CLIP + prior + base decoder + super-resolution runs")
     u.add_argument("--clip", default="runs/default_clip")
@@ -51,6 +54,16 @@ def _defaults(p: argparse.ArgumentParser) -> None:
                    help="how the denoisers run: bf16 autocast (default) or fp32")  # fmt: skip
 
 
+def _layers(text: str) -> list[int]:
+    try:
+        layers = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected block indices like 2,3, got {text!r}") from None
+    if not layers or min(layers) < 0:
+        raise argparse.ArgumentTypeError(f"expected block indices >= 0 like 2,3, got {text!r}")
+    return layers
+
+
 def run_controlnet(args: argparse.Namespace) -> int:
     from t2i.pipelines.model_card import write_model_card
     from t2i.train.export import export_controlnet
@@ -63,6 +76,7 @@ def run_controlnet(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from t2i.cli.main import CLIError
     from t2i.diffusion import check_sampler
     from t2i.pipelines.model_card import write_model_card
     from t2i.train.export import export_sd3, export_unclip
@@ -71,6 +85,12 @@ def run(args: argparse.Namespace) -> int:
         check_sampler(args.sampler, "--sampler")
     defaults = {k: getattr(args, k) for k in ("steps", "guidance", "sampler") if getattr(args, k) is not None}
     if args.kind == "sd3":
+        if args.slg_scale is not None:
+            defaults["slg_scale"] = args.slg_scale
+        if args.slg_layers is not None:
+            if not args.slg_scale:
+                raise CLIError("--slg-layers needs --slg-scale (a strength above 0)")
+            defaults["slg_layers"] = args.slg_layers
         out = export_sd3(args.out, transformer=args.transformer, vae=args.vae, clip=args.clip, name=args.name,
                          defaults=defaults, share_from=args.share_from, precision=args.precision)  # fmt: skip
     else:

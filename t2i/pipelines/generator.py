@@ -232,6 +232,21 @@ class SD3Generator(Generator):
     def size_ok(self, size: int) -> bool:
         return self.min_size <= size <= self.max_size and size % self.multiple == 0
 
+    def check(self, s: Settings) -> None:
+        super().check(s)
+        opts = s.options
+        scale = opts.get("slg_scale", self.pipe.preset.slg_scale)
+        if not (isinstance(scale, int | float) and math.isfinite(scale)):
+            raise SettingsError("slg_scale", f"slg_scale must be a finite number (0 turns it off), got {scale!r}")
+        layers = opts.get("slg_layers", self.pipe.preset.slg_layers)
+        depth = self.pipe.transformer.cfg.depth
+        if scale and not (
+            isinstance(layers, tuple | list) and layers and all(isinstance(i, int) and 0 <= i < depth for i in layers)
+        ):
+            # layers past the last block would skip nothing: guidance that silently does nothing
+            raise SettingsError("slg_layers", f"{self.name} has {depth} MMDiT blocks; slg_layers must be block "
+                                f"indices in 0..{depth - 1}, got {layers!r}")  # fmt: skip
+
     def total_steps(self, s: Settings, edit: bool = False) -> int:
         """The steps of a call: all of them, or for an edit the last ``strength`` of them (as img2img runs)."""
         if not edit:

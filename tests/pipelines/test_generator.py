@@ -92,11 +92,18 @@ def test_settings_overrides_are_checked_and_name_their_field(sd3_gen):
     assert sd3_gen.settings(extra={"shift": 2.0}).options["shift"] == 2.0
     cases = [({"steps": 0}, "steps"), ({"guidance": float("nan")}, "guidance"), ({"guidance": -1}, "guidance"),
              ({"sampler": "eular"}, "sampler"), ({"size": 31}, "size"), ({"colour": "red"}, "colour"),
-             ({"cfg": 2.0, "guidance": 3.0}, "guidance")]  # fmt: skip
+             ({"cfg": 2.0, "guidance": 3.0}, "guidance"),
+             # skip-layer guidance naming blocks this 2-block net lacks would skip nothing: refused
+             ({"extra": {"slg_scale": 2.5}}, "slg_layers"),
+             ({"extra": {"slg_scale": 2.5, "slg_layers": [2]}}, "slg_layers"),
+             ({"extra": {"slg_scale": "much"}}, "slg_scale")]  # fmt: skip
     for overrides, field in cases:
         with pytest.raises(SettingsError) as err:
             sd3_gen.settings(**overrides)
         assert err.value.field == field, overrides
+    assert sd3_gen.settings(extra={"slg_scale": 2.5, "slg_layers": [1]}).options["slg_layers"] == (1,)
+    with pytest.raises(SettingsError, match=r"has 2 MMDiT blocks; slg_layers must be block indices in 0\.\.1"):
+        sd3_gen.settings(extra={"slg_scale": 2.5, "slg_layers": [0, 5]})
     with pytest.raises(SettingsError, match="did you mean 'euler'"):
         sd3_gen.settings(sampler="eular")
     with pytest.raises(SettingsError, match="unknown preset 'turbo'") as err:

@@ -119,6 +119,26 @@ def test_export_from_training_runs_round_trips(tmp_path):
     assert gen.generate(["a red circle"], [0], gen.defaults).shape == (1, 3, 64, 64)
 
 
+def test_export_cli_writes_skip_layer_guidance_into_the_defaults(tmp_path, capsys):
+    from t2i.cli.main import main
+
+    sd3, vae, clip = train_tiny_sd3(tmp_path)
+    base = ["export", "sd3", "--transformer", sd3, "--vae", vae, "--clip", clip, "--steps", "2"]
+    assert main([*base, "--out", str(tmp_path / "m"), "--slg-scale", "2.5", "--slg-layers", "0"]) == 0
+    d = json.loads((tmp_path / "m" / "model.json").read_text())["defaults"]
+    assert d["slg_scale"] == 2.5 and d["slg_layers"] == [0]
+    gen = load_generator(str(tmp_path / "m"))
+    assert gen.defaults.options["slg_layers"] == (0,)
+    s = gen.defaults.replace(steps=10)  # SLG acts in the first steps after 1% of them: not in 2 steps
+    plain = gen.generate(["a red circle"], [0], s.replace(extra={"slg_scale": 0.0}))
+    assert not torch.equal(gen.generate(["a red circle"], [0], s), plain)  # SLG acts on the image
+    assert main([*base, "--out", str(tmp_path / "bad"), "--slg-layers", "0"]) != 0
+    assert "--slg-layers needs --slg-scale" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--out", str(tmp_path / "bad"), "--slg-scale", "2", "--slg-layers", "two"])
+    assert "expected block indices like 2,3" in capsys.readouterr().err
+
+
 def test_export_needs_a_pinned_latent_format(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         export_sd3(tmp_path / "x", transformer=str(tmp_path), vae=str(tmp_path), clip=str(tmp_path))
