@@ -6,9 +6,11 @@ it runs tens of times slower than fp32: on a 2-core AVX2 EPYC a 512-cube matmul 
 bf16. A model folder that asks for bf16, or a training config written on a machine that had it, must not make a
 user on such a machine wait 40x longer.
 
-So the question is answered by measurement, not by reading CPU flags: one small matmul in each dtype, once per
-process, on one thread (under a millisecond; about 20 ms where bf16 is emulated). Emulation measures 10-50x
-slower and native bf16 1-4x faster, so the 2x threshold leaves a wide margin on both sides.
+So the question is answered by measurement, not by reading CPU flags: one 256-cube matmul in each dtype, once per
+process, on one thread (cheap where bf16 is native; 0.13-0.2 s where it is emulated, measured beside two other
+jobs, which the fp32 path then saves many times over). Emulation measured 15-72x slower than fp32 on that AVX2
+machine, while native bf16 is the faster dtype (7x fp32 on large matmuls on an AMX CPU, docs/performance.md), so
+a 3x threshold leaves a wide margin on both sides.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ import time
 
 import torch
 
-NATIVE_THRESHOLD = 2.0  # bf16 counts as native when its matmul takes at most this many times fp32's
-_SIZE = 128  # big enough that the kernel, not the call, dominates; small enough to cost milliseconds
+NATIVE_THRESHOLD = 3.0  # bf16 counts as native when its matmul takes at most this many times fp32's
+_SIZE = 256  # big enough that the kernel, not the call or a layout reorder, dominates
 
 
-def _best_seconds(a: torch.Tensor, b: torch.Tensor, reps: int = 3) -> float:
-    a @ b  # the first call initialises the kernel library
+def _best_seconds(a: torch.Tensor, b: torch.Tensor, reps: int = 2) -> float:
+    a[:16, :16] @ b[:16, :16]  # the first call initialises the kernel library; a small one keeps it cheap
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
@@ -34,8 +36,8 @@ def _best_seconds(a: torch.Tensor, b: torch.Tensor, reps: int = 3) -> float:
 
 @functools.cache
 def bf16_slowdown(device_type: str = "cpu") -> float:
-    """bf16 matmul time over fp32 matmul time on ``device_type`` (a (128, 128) @ (128, 128) product on one thread,
-    best of 3; measured once per process). Below 1 where bf16 is faster; 1.0 for GPUs, whose bf16 support is checked
+    """bf16 matmul time over fp32 matmul time on ``device_type`` (a (256, 256) @ (256, 256) product on one thread,
+    best of 2; measured once per process). Below 1 where bf16 is faster; 1.0 for GPUs, whose bf16 support is checked
     instead (``bf16_is_native``)."""
     if device_type != "cpu":
         return 1.0
