@@ -100,6 +100,7 @@ def evaluate_model(model: str, *, per_category: int | None = None, sweep_per_cat
             log(f"{gen.name} {sampler} {n} steps: overall {row['overall']:.3f}, text {row['text']}")
     if sweep:
         out["sweep"] = rows
+        out["sweep_settings"] = {**d.to_dict(), "precision": gen.precision}  # what the rows vary from
     return out
 
 
@@ -189,6 +190,15 @@ def _refresh_cards(models: Sequence[str], report_json: Path) -> None:
             write_model_card(folder, report_json)
 
 
+def _options(d: dict[str, Any]) -> str:
+    """A folder's family options (shift, skip-layer guidance, ...) in a table cell."""
+    shared = {"steps", "guidance", "cfg", "sampler", "size", "negative", "precision"}
+    opts = {k: v for k, v in d.items() if k not in shared}
+    return (
+        ", ".join(f"{k} {','.join(map(str, v)) if isinstance(v, list | tuple) else v}" for k, v in opts.items()) or "-"
+    )
+
+
 def _f(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
@@ -258,19 +268,24 @@ def markdown(data: dict[str, Any], out_dir: str | Path | None = None) -> str:
         )
     lines += ["", "## Defaults and generation time", ""]
     lines += [
-        "| model | sampler | steps | guidance | size | precision | eval images | seconds |",
-        "|---|---|---:|---:|---:|---|---:|---:|",
+        "| model | sampler | steps | guidance | size | options | precision | eval images | seconds |",
+        "|---|---|---:|---:|---:|---|---|---:|---:|",
     ]
     for r in data["models"]:
         d = r["defaults"]
         guidance = d.get("guidance", d.get("cfg"))  # reports written before 0.2 call it cfg
         precision = r.get("precision", "fp32")  # reports written before precision existed ran fp32
-        lines.append(f"| {r['model']} | {d['sampler']} | {d['steps']} | {guidance} | {d['size']} | {precision} | "
-                     f"{r['eval']['n_images']} | {r['eval']['seconds']} |")  # fmt: skip
+        lines.append(f"| {r['model']} | {d['sampler']} | {d['steps']} | {guidance} | {d['size']} | {_options(d)} | "
+                     f"{precision} | {r['eval']['n_images']} | {r['eval']['seconds']} |")  # fmt: skip
     for r in data["models"]:
         lines += ["", f"## Score vs steps: {r['model']}", "",
                   "Overall GenEval-style score (text-track word accuracy in brackets); seconds for the whole subset.",
                   ""]  # fmt: skip
+        then = r.get("sweep_settings")
+        if then is not None and then != {**r["defaults"], "precision": r.get("precision", "fp32")}:
+            # a sweep merged in from an earlier report: say what it varied from
+            was = f"{then['sampler']}, guidance {then.get('guidance', then.get('cfg'))}, {_options(then)}"
+            lines += [f"Measured from earlier defaults than the table above: {was}, {then['precision']}.", ""]
         steps = sorted({row["steps"] for row in r["sweep"]})
         lines.append("| sampler | " + " | ".join(f"{n} steps" for n in steps) + " |")
         lines.append("|---|" + "---:|" * len(steps))

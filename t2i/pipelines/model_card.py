@@ -129,7 +129,9 @@ def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str
                       "tokens, where SD3 puts T5's tokens.")  # fmt: skip
     lines += ["", "```bash", f't2i generate "a red circle above a blue square" --model {name} -n 4', "```", "",
               f"Defaults: {d['steps']} steps of `{d['sampler']}`, CFG {d['guidance']}, {d['size']} px"
-              + (f", shift {d['shift']}" if "shift" in d else "") + "."
+              + (f", shift {d['shift']}" if "shift" in d else "")
+              + (f", skip-layer guidance {d['slg_scale']} on blocks {', '.join(map(str, d.get('slg_layers', ())))}"
+                 if d.get("slg_scale") else "") + "."
               + _precision_note(kind, spec.get("precision", "fp32")), ""]  # fmt: skip
     lines += ["## Parts and training", "",
               "All parts were trained with `t2i train` on the `train` stream of the shapes benchmark (`shapes-v1`, "
@@ -213,8 +215,8 @@ def _precision_note(kind: str, precision: str) -> str:
     )
     return (
         f" By default {what} under bf16 autocast, which scores as fp32 does on the shapes benchmark (within 0.004 "
-        "on `eval`) and draws 1.4-2.4x faster on a CPU with bf16 matmuls (docs/performance.md); `--precision fp32` "
-        "gives the fp32 images."
+        "on `eval`) and draws 1.4-2.4x faster on a CPU with bf16 matmuls (docs/performance.md); on a CPU without "
+        "them (AVX2 only), where bf16 is emulated and slow, it runs fp32. `--precision fp32` or `bf16` forces one."
     )
 
 

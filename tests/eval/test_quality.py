@@ -62,7 +62,18 @@ def test_partial_reports_merge(tmp_path):
                          update_cards=False)  # fmt: skip
     (m,) = data["models"]
     assert m["model"] == "tiny-sd3" and {"eval", "heldout", "sweep"} <= set(m)
-    assert "## Score vs steps: tiny-sd3" in (tmp_path / "m.md").read_text()
+    md = (tmp_path / "m.md").read_text()
+    assert "## Score vs steps: tiny-sd3" in md and "earlier defaults" not in md
+    assert m["sweep_settings"] == {**m["defaults"], "precision": m["precision"]}
+    assert "| tiny-sd3 | euler | 3 | 3.0 | 32 | shift 1.0 | fp32 |" in md  # the family options have a column
+    # a sweep measured from other defaults (an older report's, merged in) says so
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    sweep["models"][0]["sweep_settings"] = {**m["defaults"], "shift": 2.0, "precision": "bf16"}
+    (tmp_path / "old_sweep.json").write_text(json.dumps(sweep))
+    merge_reports([tmp_path / "splits.json", tmp_path / "old_sweep.json"], out_md=tmp_path / "m2.md",
+                  update_cards=False)  # fmt: skip
+    md = (tmp_path / "m2.md").read_text()
+    assert "Measured from earlier defaults than the table above: euler, guidance 3.0, shift 2.0, bf16." in md
     run_report([str(a)], out_md=tmp_path / "c.md", **{**kw, "steps": (2,)})
     with pytest.raises(ValueError, match="different settings"):
         merge_reports([tmp_path / "splits.json", tmp_path / "c.json"], out_md=tmp_path / "x.md")
