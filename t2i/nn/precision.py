@@ -65,8 +65,7 @@ def bf16_is_native(device_type: str = "cpu") -> bool:
 
 
 def bf16_advice(device_type: str = "cpu") -> str:
-    """One line for users: why bf16 would be slow here, with the measured factor."""
-    return (
-        f"this {device_type.upper()} has no native bf16 matmul (a bf16 matmul measured "
-        f"{bf16_slowdown(device_type):.0f}x slower than fp32)"
-    )
+    """One line for users: why bf16 would be slow here, with the measured factor on CPUs."""
+    if device_type != "cpu":
+        return f"this {device_type} device does not support bf16"
+    return f"this CPU has no native bf16 matmul (a bf16 matmul measured {bf16_slowdown('cpu'):.0f}x slower than fp32)"

@@ -103,7 +103,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
-        if cfg.run.precision == "bf16" and not bf16_is_native(self.device.type) and self.dist.is_main:
+        if cfg.run.precision == "bf16" and self.dist.is_main and not bf16_is_native(self.device.type):
             # the config stays as written (a run's numerics are its config's), but the user hears why it crawls
             print(f"warning: run.precision=bf16, but {bf16_advice(self.device.type)}; this run will be slow. "
                   "Train here with run.precision=fp32.", file=sys.stderr)  # fmt: skip
