@@ -151,6 +151,10 @@ def export_sd3(out: str | Path, *, transformer: str, vae: str, clip: str, name: 
     if task.get("caption_encoder"):  # the run names its caption encoder; the folder carries it as a component
         caption_net, _, caption_rec = _run_part(task["caption_encoder"], "caption_encoder")
         parts.append(("caption", caption_net))
+    bad = [i for i in (defaults or {}).get("slg_layers", ()) if not 0 <= i < net.cfg.depth]
+    if bad:  # caught here, not at every later `t2i generate` of the folder
+        raise ValueError(f"skip-layer guidance layers {bad}: {transformer} has {net.cfg.depth} MMDiT blocks, "
+                         f"use indices in 0..{net.cfg.depth - 1}")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     save_model_file(out / "transformer.safetensors", "mmdit", net)
     curve = Path(transformer) / "eval_curve.png"  # the run's learning curve, when it was scored while training

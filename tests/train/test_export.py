@@ -134,6 +134,10 @@ def test_export_cli_writes_skip_layer_guidance_into_the_defaults(tmp_path, capsy
     assert not torch.equal(gen.generate(["a red circle"], [0], s), plain)  # SLG acts on the image
     assert main([*base, "--out", str(tmp_path / "bad"), "--slg-layers", "0"]) != 0
     assert "--slg-layers needs --slg-scale" in capsys.readouterr().err
+    # a block the 1-block MMDiT lacks: refused at export, before a folder every generate would reject is written
+    assert main([*base, "--out", str(tmp_path / "bad"), "--slg-scale", "2", "--slg-layers", "1"]) != 0
+    assert "has 1 MMDiT blocks, use indices in 0..0" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
     with pytest.raises(SystemExit):
         main([*base, "--out", str(tmp_path / "bad"), "--slg-scale", "2", "--slg-layers", "two"])
     assert "expected block indices like 2,3" in capsys.readouterr().err
