@@ -71,6 +71,7 @@ train-defaults: $(RUN_STAMP)
 	$(BIN)/t2i train configs/default/caption.yaml --resume
 	$(BIN)/t2i train configs/default/vae.yaml --resume
 	$(BIN)/t2i train configs/default/sd3.yaml --resume
+	$(BIN)/t2i train configs/default/sd3_polish.yaml --resume
 	$(BIN)/t2i train configs/distill/sd3_shapes_consistency.yaml --resume
 	$(BIN)/t2i train configs/default/prior.yaml --resume
 	$(BIN)/t2i train configs/default/decoder.yaml --resume
@@ -78,7 +79,7 @@ train-defaults: $(RUN_STAMP)
 	$(MAKE) export-defaults
 
 export-defaults: $(RUN_STAMP)
-	$(BIN)/t2i export sd3 --transformer runs/default_sd3 --out models/sd3-shapes --slg-scale 2.5 --slg-layers 2,3
+	$(BIN)/t2i export sd3 --transformer runs/default_sd3_polish --out models/sd3-shapes --slg-scale 2.5 --slg-layers 2,3
 	$(BIN)/t2i export sd3 --transformer runs/sd3_shapes_consistency --name sd3-shapes-turbo --out models/sd3-shapes-turbo \
 		--share-from models/sd3-shapes
 	$(BIN)/t2i export unclip --out models/unclip-shapes --sampler ddpm --steps 25

@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a model folder from training runs (see models/)")
     kinds = p.add_subparsers(dest="kind", metavar="<kind>", required=True)
     s = kinds.add_parser("sd3", help="an MMDiT run + its VAE and CLIP runs")
-    s.add_argument("--transformer", default="runs/default_sd3", help="the sd3 task run")
+    s.add_argument("--transformer", default="runs/default_sd3_polish", help="the sd3 task run (its last stage)")
     s.add_argument("--vae", default="runs/default_vae", help="the sd3_vae run")
     s.add_argument("--clip", default="runs/default_clip", help="the clip run (text encoder)")
     s.add_argument("--name", default="sd3-shapes")

@@ -76,12 +76,18 @@ def _folder_spec_of(component: str | Path) -> dict[str, Any]:
 
 
 def _stage_record(init_from: str | None, depth: int = 0) -> dict[str, Any] | None:
-    """The training record of the run checkpoint a run started from (``model.init_from``), or None when it did not
-    start from a ``t2i train`` checkpoint (``<run>/checkpoints/step_N/<file>``) that is still on disk. A stage that
-    itself continued an earlier one carries that one's record as its ``started_from``, and so on."""
+    """The training record of the run checkpoint or model-folder component a run started from (``model.init_from``),
+    or None when it did not start from a ``t2i train`` checkpoint (``<run>/checkpoints/step_N/<file>``) still on disk
+    or a component file beside its model.json. A stage that itself continued an earlier one carries that one's
+    record as its ``started_from``, and so on."""
     if not init_from or depth > 16:  # a curriculum, not a cycle
         return None
     p = Path(init_from)
+    if p.is_file() and (p.parent / "model.json").is_file() and read_metadata(p).get("t2i_component"):
+        # a stage that continued a model folder's component (e.g. models/sd3-shapes/transformer.safetensors): the
+        # folder's record of that component, with every stage it lists, is where this one started
+        earlier = read_model_json(p.parent).get("training", {}).get(p.stem)
+        return dict(earlier) if earlier else None
     if p.parent.parent.name != "checkpoints" or not (p.parents[2] / "metrics.jsonl").is_file():
         return None
     run, step = p.parents[2], checkpoint_step(p.parent)

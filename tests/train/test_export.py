@@ -184,6 +184,28 @@ def test_a_second_stage_run_exports_with_both_stages_on_its_card(tmp_path):
     assert "input embeddings" in card
 
 
+
+def test_a_run_continuing_a_model_folder_counts_the_folders_stages(tmp_path):
+    """A stage that continued a shipped folder's transformer (model.init_from=models/<name>/transformer.safetensors,
+    as on a machine without the first stage's run): its record starts from the folder's record of that file."""
+    from model_folders import TINY_MMDIT
+
+    from t2i.pipelines.model_card import card_text
+
+    stage1, vae, clip = train_tiny_sd3(tmp_path)
+    first = export_sd3(tmp_path / "first", transformer=stage1, vae=vae, clip=clip)
+    shipped = json.loads((first / "model.json").read_text())["training"]["transformer"]
+    task = [f"task.params.vae={vae}", f"task.params.text={clip}", "task.params.text_chars=0"]
+    stage2 = train_default(tmp_path, "sd3", [*task, *TINY_MMDIT, f"model.init_from={first}/transformer.safetensors",
+                                             "run.name=default_sd3_polish", "task.params.caption_encoder=null",
+                                             "data.batch_size=2"])  # fmt: skip
+    out = export_sd3(tmp_path / "second", transformer=stage2, vae=vae, clip=clip)
+    rec = json.loads((out / "model.json").read_text())["training"]["transformer"]
+    assert rec["run"] == "default_sd3_polish" and rec["started_from"] == shipped
+    card = card_text(out, None)
+    assert "| transformer, stage 1 |" in card and "`configs/default/sd3.yaml`" in card
+    assert "| transformer, stage 2 |" in card and "`configs/default/sd3_polish.yaml`" in card
+
 def test_unclip_decoder_with_word_tokens_exports_beside_an_existing_folders_stages(tmp_path):
     """A decoder retrained with the CLIP's word embeddings (task.params.text_words), exported with the prior and
     upsampler of an existing folder: their specs and records come along, and the pipeline feeds each part its own
