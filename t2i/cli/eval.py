@@ -70,6 +70,8 @@ def run_clip_probe(args: argparse.Namespace) -> int:
 
 
 def run_quality(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from t2i.eval.quality import merge_reports, run_report
 
     if args.merge:
@@ -89,7 +91,7 @@ def run_quality(args: argparse.Namespace) -> int:
     for r in data["models"]:
         print(f"{r['model']}: eval {r['eval']['overall']:.3f}, heldout {r['heldout']['overall']:.3f}")
     wrote = args.out if all("sweep" in r for r in data["models"]) else "no Markdown (a partial report, for --merge)"
-    print(f"wrote {wrote} and {args.out.removesuffix('.md')}.json in {data['seconds']:.0f} s")
+    print(f"wrote {wrote} and {Path(args.out).with_suffix('.json')} in {data['seconds']:.0f} s")
     return 0
 
 
