@@ -148,63 +148,53 @@ def test_export_needs_a_pinned_latent_format(tmp_path):
         export_sd3(tmp_path / "x", transformer=str(tmp_path), vae=str(tmp_path), clip=str(tmp_path))
 
 
-def test_a_second_stage_run_exports_with_both_stages_on_its_card(tmp_path):
-    """A run that continues another (model.init_from; the previous recipe's sd3_refine stage): the exported record
-    and card carry the first stage's steps and CPU time beside the second's."""
+def _next_stage(tmp_path, vae: str, clip: str, init: str, name: str) -> tuple[dict, str]:
+    """A tiny sd3 run continuing ``init`` (model.init_from) as run ``name``, exported: its transformer record and
+    model card."""
     from model_folders import TINY_MMDIT
 
     from t2i.pipelines.model_card import card_text
 
-    stage1, vae, clip = train_tiny_sd3(tmp_path)
-    init = f"{stage1}/checkpoints/step_00000002/ema.safetensors"
     task = [f"task.params.vae={vae}", f"task.params.text={clip}", "task.params.text_chars=0"]
-    stage2 = train_default(tmp_path, "sd3", [*task, *TINY_MMDIT, f"model.init_from={init}",
-                                             "run.name=default_sd3_refine", "task.params.caption_encoder=null",
-                                             "data.batch_size=2"])  # fmt: skip
-    out = export_sd3(tmp_path / "m", transformer=stage2, vae=vae, clip=clip)
-    rec = json.loads((out / "model.json").read_text())["training"]["transformer"]
+    run = train_default(tmp_path, "sd3", [*task, *TINY_MMDIT, f"model.init_from={init}", f"run.name={name}",
+                                          "task.params.caption_encoder=null", "data.batch_size=2"])  # fmt: skip
+    out = export_sd3(tmp_path / f"m_{name}", transformer=run, vae=vae, clip=clip)
+    return json.loads((out / "model.json").read_text())["training"]["transformer"], card_text(out, None)
+
+
+def test_a_second_stage_run_exports_with_both_stages_on_its_card(tmp_path):
+    """A run that continues another (model.init_from; the previous recipe's sd3_refine stage): the exported record
+    and card carry the first stage's steps and CPU time beside the second's."""
+    stage1, vae, clip = train_tiny_sd3(tmp_path)
+    rec, card = _next_stage(tmp_path, vae, clip, f"{stage1}/checkpoints/step_00000002/ema.safetensors",
+                            "default_sd3_refine")  # fmt: skip
     assert rec["run"] == "default_sd3_refine" and rec["started_from"]["run"] == "default_sd3"
     # the first stage's CPU time as its metrics file has it (two tiny steps may round to 0.0 s on a fast machine)
     cpu = [r["cpu_seconds"] for r in map(json.loads, (Path(stage1) / "metrics.jsonl").read_text().splitlines())
            if r.get("step", 0) <= 2 and "cpu_seconds" in r]  # fmt: skip
     assert rec["started_from"]["step"] == 2 and rec["started_from"]["cpu_seconds"] == round(cpu[-1], 1) >= 0
-    card = card_text(out, None)
     assert "| transformer, stage 1 |" in card and "`configs/default/sd3.yaml`" in card
     assert "| transformer, stage 2 |" in card and "`configs/default/sd3_refine.yaml`" in card
     # a third stage continuing the second: the record nests, the card lists all three
-    init = f"{stage2}/checkpoints/step_00000002/ema.safetensors"
-    stage3 = train_default(tmp_path, "sd3", [*task, *TINY_MMDIT, f"model.init_from={init}", "run.name=again",
-                                             "task.params.caption_encoder=null", "data.batch_size=2"])  # fmt: skip
-    out = export_sd3(tmp_path / "m3", transformer=stage3, vae=vae, clip=clip)
-    rec = json.loads((out / "model.json").read_text())["training"]["transformer"]
+    rec, card = _next_stage(tmp_path, vae, clip, f"{tmp_path}/default_sd3_refine/checkpoints/step_00000002/"
+                            "ema.safetensors", "again")  # fmt: skip
     assert [rec["run"], rec["started_from"]["run"], rec["started_from"]["started_from"]["run"]] == [
         "again", "default_sd3_refine", "default_sd3"]  # fmt: skip
-    card = card_text(out, None)
     assert "| transformer, stage 2 |" in card and "| transformer, stage 3 |" in card
     assert "input embeddings" in card
-
 
 
 def test_a_run_continuing_a_model_folder_counts_the_folders_stages(tmp_path):
     """A stage that continued a shipped folder's transformer (model.init_from=models/<name>/transformer.safetensors,
     as on a machine without the first stage's run): its record starts from the folder's record of that file."""
-    from model_folders import TINY_MMDIT
-
-    from t2i.pipelines.model_card import card_text
-
     stage1, vae, clip = train_tiny_sd3(tmp_path)
     first = export_sd3(tmp_path / "first", transformer=stage1, vae=vae, clip=clip)
     shipped = json.loads((first / "model.json").read_text())["training"]["transformer"]
-    task = [f"task.params.vae={vae}", f"task.params.text={clip}", "task.params.text_chars=0"]
-    stage2 = train_default(tmp_path, "sd3", [*task, *TINY_MMDIT, f"model.init_from={first}/transformer.safetensors",
-                                             "run.name=default_sd3_polish", "task.params.caption_encoder=null",
-                                             "data.batch_size=2"])  # fmt: skip
-    out = export_sd3(tmp_path / "second", transformer=stage2, vae=vae, clip=clip)
-    rec = json.loads((out / "model.json").read_text())["training"]["transformer"]
+    rec, card = _next_stage(tmp_path, vae, clip, f"{first}/transformer.safetensors", "default_sd3_polish")
     assert rec["run"] == "default_sd3_polish" and rec["started_from"] == shipped
-    card = card_text(out, None)
     assert "| transformer, stage 1 |" in card and "`configs/default/sd3.yaml`" in card
     assert "| transformer, stage 2 |" in card and "`configs/default/sd3_polish.yaml`" in card
+
 
 def test_unclip_decoder_with_word_tokens_exports_beside_an_existing_folders_stages(tmp_path):
     """A decoder retrained with the CLIP's word embeddings (task.params.text_words), exported with the prior and
