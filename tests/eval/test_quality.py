@@ -81,9 +81,11 @@ def test_partial_reports_merge(tmp_path):
 
 def test_cli_without_a_sweep_writes_a_partial_report(tmp_path, capsys):
     folder = tiny_sd3_folder(tmp_path / "m", size=32)
-    out = tmp_path / "q.md"
+    out = tmp_path / "q.json"  # a partial report is JSON only, so users name it so
     argv = ["eval", "quality", "--models", str(folder), "--per-category", "1", "--sweep-per-category", "0"]
     assert main([*argv, "--out", str(out), "--grid-dir", ""]) == 0
-    data = json.loads(out.with_suffix(".json").read_text())
+    data = json.loads(out.read_text())
     assert "sweep" not in data["models"][0] and data["models"][0]["eval"]["n_images"] == 7
-    assert not out.exists() and "no Markdown (a partial report" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert not (tmp_path / "q.md").exists() and "no Markdown (a partial report" in printed
+    assert f"and {out} in " in printed  # the file it wrote, not q.json.json

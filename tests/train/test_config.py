@@ -127,16 +127,19 @@ def test_cli_rejects_two_resume_sources(capsys, tmp_path):
 
 
 def test_the_default_recipe_chain_names_runs_it_makes():
-    """Every `runs/...` a default recipe reads (a later stage's `init_from`, a teacher, a frozen component) is the
-    run of another default recipe, and a checkpoint it names is that recipe's last step: a renamed run or a changed
-    step count would otherwise surface hours into `make train-defaults`."""
-    recipes = [*(ROOT / "configs" / "default").glob("*.yaml"), *(ROOT / "configs" / "distill").glob("*.yaml")]
-    runs = {p: load_config(p, []).run for p in recipes}
-    steps = {run.name: run.steps for run in runs.values()}
-    default_runs = {run.name for p, run in runs.items() if p.parent.name == "default"}
-    for path in [*(ROOT / "configs" / "default").glob("*.yaml"), ROOT / "configs/distill/sd3_shapes_consistency.yaml"]:
+    """Every `runs/...` a recipe of `make train-defaults` reads (a later stage's `init_from`, a teacher, a frozen
+    component) is the run of a recipe it ran earlier, and a checkpoint it names is that recipe's last step: a renamed
+    run, a reordered Makefile or a changed step count would otherwise surface hours into the chain."""
+    makefile = (ROOT / "Makefile").read_text()
+    chain = re.findall(r"t2i train (configs/\S+\.yaml)", makefile.split("train-defaults:")[1].split("\n\n")[0])
+    assert "configs/default/sd3.yaml" in chain and len(chain) >= 8, chain
+    steps = {}  # run name -> last step, in the order `make train-defaults` runs them
+    for config in chain:
+        path = ROOT / config
         for ref in re.findall(r"runs/[\w./-]+", path.read_text()):
             parts = Path(ref).parts
-            assert parts[1] in default_runs, f"{path.name} reads {ref}, which no default recipe writes"
+            assert parts[1] in steps, f"{config} reads {ref}, which no earlier recipe of `make train-defaults` writes"
             if len(parts) > 3 and parts[2] == "checkpoints":
-                assert parts[3] == f"step_{steps[parts[1]]:08d}", f"{path.name}: {ref} is not {parts[1]}'s last step"
+                assert parts[3] == f"step_{steps[parts[1]]:08d}", f"{config}: {ref} is not {parts[1]}'s last step"
+        run = load_config(path, []).run
+        steps[run.name] = run.steps
