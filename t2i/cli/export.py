@@ -4,7 +4,8 @@
     t2i export unclip --out models/unclip-shapes    # runs/default_{clip,prior,decoder,sr}
     t2i export controlnet --run runs/controlnet_shapes_outlines --out models/sd3-shapes   # adds controlnet.safetensors
 
-Each network is taken from its run's newest checkpoint (EMA weights), stored in fp16 with its config, and the
+Each network is taken from its run's newest checkpoint (EMA weights), or from the checkpoint folder named instead
+of the run (``--transformer runs/x/checkpoints/step_00001000``), stored in fp16 with its config, and the
 sampling settings are read from the runs' own configs; a model card (README.md) records the training.
 """
 
@@ -17,7 +18,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a model folder from training runs (see models/)")
     kinds = p.add_subparsers(dest="kind", metavar="<kind>", required=True)
     s = kinds.add_parser("sd3", help="an MMDiT run + its VAE and CLIP runs")
-    s.add_argument("--transformer", default="runs/default_sd3_polish", help="the sd3 task run (its last stage)")
+    s.add_argument(
+        "--transformer",
+        default="runs/default_sd3_polish",
+        help="the sd3 task run (its last stage), or one of its checkpoint folders",
+    )
     s.add_argument("--vae", default="runs/default_vae", help="the sd3_vae run")
     s.add_argument("--clip", default="runs/default_clip", help="the clip run (text encoder)")
     s.add_argument("--name", default="sd3-shapes")

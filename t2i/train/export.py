@@ -35,7 +35,8 @@ from .trained import load_trained
 
 
 def _run_part(run: str | Path, name: str) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
-    """(EMA network, stored run config, training record) of the newest checkpoint of a ``t2i train`` run."""
+    """(EMA network, stored run config, training record) of the newest checkpoint of a ``t2i train`` run, or of the
+    checkpoint folder given (``runs/x/checkpoints/step_00001000``: an earlier step than the newest)."""
     run = Path(run)
     if run.is_file() and read_metadata(run).get("t2i_component") == name:
         # a component of an existing model folder (keep its VAE / CLIP, retrain the rest): its training record
@@ -43,7 +44,10 @@ def _run_part(run: str | Path, name: str) -> tuple[nn.Module, dict[str, Any], di
         net, _ = load_model_file(run)
         spec = read_model_json(run.parent) if (run.parent / "model.json").is_file() else {}
         return net, {}, dict(spec.get("training", {}).get(run.stem) or {"component": str(run)})
-    weights = trained_weights_file(run) if (run / "checkpoints").is_dir() else None
+    if (run / "model.safetensors").is_file() and run.parent.name == "checkpoints":
+        weights, run = trained_weights_file(run), run.parent.parent
+    else:
+        weights = trained_weights_file(run) if (run / "checkpoints").is_dir() else None
     if weights is None:
         raise FileNotFoundError(
             f"{run} has no checkpoint; train it with `t2i train configs/default/...yaml`, or "
@@ -57,8 +61,8 @@ def _run_part(run: str | Path, name: str) -> tuple[nn.Module, dict[str, Any], di
               "batch_size": cfg["data"]["batch_size"], "samples": step * cfg["data"]["batch_size"],
               "precision": cfg["run"]["precision"], "threads": cfg["run"]["threads"],
               "params": sum(p.numel() for p in net.parameters()),
-              "seed": cfg["run"]["seed"], "train_seconds": _train_seconds(run)}  # fmt: skip
-    cpu = _last_metric(run, "cpu_seconds")
+              "seed": cfg["run"]["seed"], "train_seconds": _train_seconds(run, step)}  # fmt: skip
+    cpu = _last_metric(run, "cpu_seconds", step)
     if cpu is not None:
         record["cpu_seconds"] = round(cpu, 1)
     earlier = _stage_record(cfg.get("model", {}).get("init_from"))
@@ -106,14 +110,17 @@ def _stage_record(init_from: str | None, depth: int = 0) -> dict[str, Any] | Non
     return rec
 
 
-def _last_metric(run: Path, key: str) -> float | None:
-    """The last logged value of ``key`` in a run's ``metrics.jsonl`` (None when it never logged one)."""
-    return next((r[key] for r in reversed(read_metrics(run / "metrics.jsonl")) if key in r), None)
+def _last_metric(run: Path, key: str, upto: int | None = None) -> float | None:
+    """The last logged value of ``key`` in a run's ``metrics.jsonl`` at step ``upto`` or before (None when it never
+    logged one)."""
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if upto is None or r.get("step", 0) <= upto]
+    return next((r[key] for r in reversed(rows) if key in r), None)
 
 
-def _train_seconds(run: Path) -> float | None:
-    """Wall-clock training time summed over the run's logged intervals (resumes included)."""
+def _train_seconds(run: Path, upto: int | None = None) -> float | None:
+    """Wall-clock training time summed over the run's logged intervals (resumes included) to step ``upto``."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if upto is None or r["step"] <= upto]
     if len(rows) < 2:
         return None
     total, prev = 0.0, rows[0]

@@ -196,6 +196,33 @@ def test_a_run_continuing_a_model_folder_counts_the_folders_stages(tmp_path):
     assert "| transformer, stage 2 |" in card and "`configs/default/sd3_polish.yaml`" in card
 
 
+def test_export_of_one_checkpoint_folder_takes_that_steps_weights_and_record(tmp_path):
+    """``--transformer runs/x/checkpoints/step_N``: an earlier checkpoint than the newest (to compare steps of a
+    run), with the record and CPU time up to that step."""
+    from model_folders import TINY_MMDIT
+    from safetensors.torch import load_file
+
+    _, vae, clip = train_tiny_sd3(tmp_path)
+    task = [f"task.params.vae={vae}", f"task.params.text={clip}", "task.params.text_chars=0",
+            "task.params.caption_encoder=null"]  # fmt: skip
+    run = train_default(tmp_path, "sd3", [*task, *TINY_MMDIT, "run.name=two_ckpts", "run.ckpt_every=1",
+                                          "data.batch_size=2"])  # fmt: skip
+    first = Path(run) / "checkpoints" / "step_00000001"
+    out = export_sd3(tmp_path / "m_first", transformer=str(first), vae=vae, clip=clip)
+    newest = export_sd3(tmp_path / "m_newest", transformer=run, vae=vae, clip=clip)
+    rec = json.loads((out / "model.json").read_text())["training"]["transformer"]
+    rec_newest = json.loads((newest / "model.json").read_text())["training"]["transformer"]
+    assert (rec["run"], rec["checkpoint"], rec["step"], rec["samples"]) == ("two_ckpts", "step_00000001", 1, 2)
+    assert rec_newest["step"] == 2 and rec["cpu_seconds"] <= rec_newest["cpu_seconds"]
+    cpu = [r["cpu_seconds"] for r in map(json.loads, (Path(run) / "metrics.jsonl").read_text().splitlines())
+           if r.get("step", 0) <= 1 and "cpu_seconds" in r]  # fmt: skip
+    assert rec["cpu_seconds"] == round(cpu[-1], 1)
+    ema, exported = load_file(first / "ema.safetensors"), load_file(out / "transformer.safetensors")
+    assert set(ema) == set(exported)
+    for k, v in ema.items():  # that step's EMA weights, stored in fp16
+        torch.testing.assert_close(exported[k].float(), v.half().float())
+
+
 def test_unclip_decoder_with_word_tokens_exports_beside_an_existing_folders_stages(tmp_path):
     """A decoder retrained with the CLIP's word embeddings (task.params.text_words), exported with the prior and
     upsampler of an existing folder: their specs and records come along, and the pipeline feeds each part its own
