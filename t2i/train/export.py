@@ -20,7 +20,7 @@ from torch import nn
 
 from t2i.errors import check_choice
 from t2i.io import read_config, read_metadata
-from t2i.io.runs import checkpoint_step, trained_weights_file
+from t2i.io.runs import STEP_PREFIX, checkpoint_step, list_checkpoints, trained_weights_file
 from t2i.models.files import clip_extra, load_model_file, save_model_file
 from t2i.pipelines.folders import (
     PRECISIONS,
@@ -44,7 +44,12 @@ def _run_part(run: str | Path, name: str) -> tuple[nn.Module, dict[str, Any], di
         net, _ = load_model_file(run)
         spec = read_model_json(run.parent) if (run.parent / "model.json").is_file() else {}
         return net, {}, dict(spec.get("training", {}).get(run.stem) or {"component": str(run)})
-    if (run / "model.safetensors").is_file() and run.parent.name == "checkpoints":
+    if run.parent.name == "checkpoints" and run.name.startswith(STEP_PREFIX):  # one checkpoint of a run
+        if run not in list_checkpoints(run.parent.parent):
+            raise FileNotFoundError(
+                f"{run} is not a complete checkpoint (its writing was interrupted, or it is "
+                "not there); pick another of the run's checkpoints, or the run folder itself"
+            )
         weights, run = trained_weights_file(run), run.parent.parent
     else:
         weights = trained_weights_file(run) if (run / "checkpoints").is_dir() else None

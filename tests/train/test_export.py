@@ -221,6 +221,11 @@ def test_export_of_one_checkpoint_folder_takes_that_steps_weights_and_record(tmp
     assert set(ema) == set(exported)
     for k, v in ema.items():  # that step's EMA weights, stored in fp16
         torch.testing.assert_close(exported[k].float(), v.half().float())
+    first.rename(first.with_name("step_00000001.partial"))  # as an interrupted write leaves it
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        export_sd3(tmp_path / "m_partial", transformer=str(first.with_name("step_00000001.partial")), vae=vae,
+                   clip=clip)  # fmt: skip
+    assert not (tmp_path / "m_partial").exists()
 
 
 def test_unclip_decoder_with_word_tokens_exports_beside_an_existing_folders_stages(tmp_path):
