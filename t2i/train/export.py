@@ -118,7 +118,7 @@ def _stage_record(init_from: str | None, depth: int = 0) -> dict[str, Any] | Non
 def _last_metric(run: Path, key: str, upto: int | None = None) -> float | None:
     """The last logged value of ``key`` in a run's ``metrics.jsonl`` at step ``upto`` or before (None when it never
     logged one)."""
-    rows = [r for r in read_metrics(run / "metrics.jsonl") if upto is None or r.get("step", 0) <= upto]
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if upto is None or r.get("step", upto + 1) <= upto]
     return next((r[key] for r in reversed(rows) if key in r), None)
 
 
