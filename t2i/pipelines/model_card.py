@@ -48,7 +48,7 @@ def _part_row(part: str, what: str, config: str, params: int, rec: dict[str, Any
     """One row of the parts table: a part (or one stage of it) and its training record."""
     return (f"| {part} | {what} | `{config}` | {params / 1e6:.2f} M | {rec.get('step', '-')} | "
             f"{rec.get('batch_size', '-')} | {rec.get('samples', '-')} | {rec.get('seed', '-')} | "
-            f"{rec.get('threads', '-')} | {_fmt_seconds(rec.get('train_seconds'))} | "
+            f"{rec.get('threads', '-')} | {rec.get('precision', '-')} | {_fmt_seconds(rec.get('train_seconds'))} | "
             f"{_fmt_seconds(rec.get('cpu_seconds'))} | {file} |")  # fmt: skip
 
 
@@ -135,12 +135,13 @@ def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str
               + _precision_note(kind, spec.get("precision", "fp32")), ""]  # fmt: skip
     lines += ["## Parts and training", "",
               "All parts were trained with `t2i train` on the `train` stream of the shapes benchmark (`shapes-v1`, "
-              f"procedurally rendered, never stored), on a machine with 2 CPU cores and no GPU, {_precisions(spec)}. "
+              "procedurally rendered, never stored), on a machine with 2 CPU cores and no GPU; the precision column "
+              "is each run's: bf16 autocast, or fp32 where the CPU had no bf16 matmuls. "
               "Time is wall-clock (runs with 1 thread went side by side); CPU time is the training process's CPU "
               "seconds over all its threads, without scoring and sample grids (recorded by newer runs).", "",
-              "| part | what | config | params | steps | batch | samples seen | seed | threads | time | CPU time "
-              "| file |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+              "| part | what | config | params | steps | batch | samples seen | seed | threads | precision | time "
+              "| CPU time | file |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|"]  # fmt: skip
     for key, what, cfgname in _PARTS[kind]:
         if key == "caption" and not spec.get("caption_encoder"):
             continue
@@ -218,15 +219,6 @@ def _precision_note(kind: str, precision: str) -> str:
         "on `eval`) and draws 1.4-2.4x faster on a CPU with bf16 matmuls (docs/performance.md); on a CPU without "
         "them (AVX2 only), where bf16 is emulated and slow, it runs fp32. `--precision fp32` or `bf16` forces one."
     )
-
-
-def _precisions(spec: dict[str, Any]) -> str:
-    """How the parts trained: "bf16 autocast", or the odd ones out named ("bf16 autocast; the transformer fp32")."""
-    runs = {k: r.get("precision") for k, r in spec.get("training", {}).items() if isinstance(r, dict)}
-    other = {k: p for k, p in runs.items() if p and p != "bf16"}
-    if not other:
-        return "bf16 autocast"
-    return "bf16 autocast; " + ", ".join(f"the {k} {p}" for k, p in other.items())
 
 
 def write_model_card(folder: str | Path, quality_json: str | Path | None = "docs/quality.json") -> Path:

@@ -36,7 +36,7 @@ def test_export_with_glyph_tokens_and_an_existing_folders_components(tmp_path):
     )
     assert "sincos code" in card and "the mean of the words before it" in card
     assert "caption encoder" in card and "configs/default/caption.yaml" in card
-    assert "| threads | time | CPU time |" in card
+    assert "| threads | precision | time | CPU time |" in card and "| 0 | fp32 |" in card  # run.threads=0: all
     gen = load_generator(str(first))
     assert gen.pipe.text_encoder.chars == 8 and gen.pipe.text_encoder.words
     assert gen.pipe.text_encoder.word_positions == 0.5 and gen.pipe.text_encoder.word_prefix == 0.25
