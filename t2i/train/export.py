@@ -58,22 +58,33 @@ def _run_part(run: str | Path, name: str) -> tuple[nn.Module, dict[str, Any], di
             f"{run} has no checkpoint; train it with `t2i train configs/default/...yaml`, or "
             "give a component file of a model folder (e.g. models/sd3-shapes/vae.safetensors)"
         )
-    ckpt = weights.parent
     cfg = read_config(weights)
     net = load_trained(weights, name)
-    step = checkpoint_step(ckpt)
-    record = {"run": run.name, "checkpoint": ckpt.name, "weights": weights.name, "step": step,
-              "batch_size": cfg["data"]["batch_size"], "samples": step * cfg["data"]["batch_size"],
-              "precision": cfg["run"]["precision"], "threads": cfg["run"]["threads"],
-              "params": sum(p.numel() for p in net.parameters()),
-              "seed": cfg["run"]["seed"], "train_seconds": _train_seconds(run, step)}  # fmt: skip
-    cpu = _last_metric(run, "cpu_seconds", step)
-    if cpu is not None:
-        record["cpu_seconds"] = round(cpu, 1)
-    earlier = _stage_record(cfg.get("model", {}).get("init_from"))
-    if earlier is not None:  # a later stage of a curriculum: the card counts the stage it started from too
-        record["started_from"] = earlier
+    record = _checkpoint_record(weights, cfg, params=sum(p.numel() for p in net.parameters()))
     return net, cfg, record
+
+
+def _checkpoint_record(weights: Path, cfg: dict[str, Any] | None, depth: int = 0, **extra: Any) -> dict[str, Any]:
+    """The training record of a checkpoint's weights file (``<run>/checkpoints/step_N/<file>``): its step, batch,
+    images seen, precision, threads and seed (from ``cfg``, the config stored with it), wall-clock and CPU time up to
+    that step, and, for a later stage of a curriculum, the record of the stage it started from."""
+    ckpt = weights.parent
+    run, step = ckpt.parent.parent, checkpoint_step(ckpt)
+    rec: dict[str, Any] = {"run": run.name, "checkpoint": ckpt.name, "weights": weights.name, "step": step}
+    if cfg:
+        run_cfg, batch = cfg["run"], cfg["data"]["batch_size"]
+        rec.update(batch_size=batch, samples=step * batch, precision=run_cfg["precision"],
+                   threads=run_cfg["threads"], seed=run_cfg["seed"])  # fmt: skip
+    rec.update(extra)
+    if (run / "metrics.jsonl").is_file():
+        rec["train_seconds"] = _train_seconds(run, step)
+        cpu = _last_metric(run, "cpu_seconds", step)
+        if cpu is not None:
+            rec["cpu_seconds"] = round(cpu, 1)
+    earlier = _stage_record((cfg or {}).get("model", {}).get("init_from"), depth + 1)
+    if earlier is not None:  # a later stage of a curriculum: the card counts the stage it started from too
+        rec["started_from"] = earlier
+    return rec
 
 
 def _folder_spec_of(component: str | Path) -> dict[str, Any]:
@@ -99,26 +110,13 @@ def _stage_record(init_from: str | None, depth: int = 0) -> dict[str, Any] | Non
         return dict(earlier) if earlier else None
     if p.parent.parent.name != "checkpoints" or not (p.parents[2] / "metrics.jsonl").is_file():
         return None
-    run, step = p.parents[2], checkpoint_step(p.parent)
-    cfg = read_config(p) if p.is_file() else None
-    rows = [r for r in read_metrics(run / "metrics.jsonl") if r.get("step", 0) <= step and "cpu_seconds" in r]
-    rec: dict[str, Any] = {"run": run.name, "checkpoint": p.parent.name, "weights": p.name, "step": step}
-    if cfg:
-        rec.update(batch_size=cfg["data"]["batch_size"], samples=step * cfg["data"]["batch_size"],
-                   threads=cfg["run"]["threads"], seed=cfg["run"]["seed"])  # fmt: skip
-    rec["train_seconds"] = _train_seconds(run)
-    if rows:
-        rec["cpu_seconds"] = round(rows[-1]["cpu_seconds"], 1)
-    earlier = _stage_record((cfg or {}).get("model", {}).get("init_from"), depth + 1)
-    if earlier is not None:
-        rec["started_from"] = earlier
-    return rec
+    return _checkpoint_record(p, read_config(p) if p.is_file() else None, depth)
 
 
 def _last_metric(run: Path, key: str, upto: int | None = None) -> float | None:
     """The last logged value of ``key`` in a run's ``metrics.jsonl`` at step ``upto`` or before (None when it never
     logged one)."""
-    rows = [r for r in read_metrics(run / "metrics.jsonl") if upto is None or r.get("step", upto + 1) <= upto]
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if upto is None or r["step"] <= upto]
     return next((r[key] for r in reversed(rows) if key in r), None)
 
 

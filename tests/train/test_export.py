@@ -173,6 +173,8 @@ def test_a_second_stage_run_exports_with_both_stages_on_its_card(tmp_path):
     cpu = [r["cpu_seconds"] for r in map(json.loads, (Path(stage1) / "metrics.jsonl").read_text().splitlines())
            if r.get("step", 0) <= 2 and "cpu_seconds" in r]  # fmt: skip
     assert rec["started_from"]["step"] == 2 and rec["started_from"]["cpu_seconds"] == round(cpu[-1], 1) >= 0
+    # the stage it started from keeps its own precision and time, up to the checkpoint it was continued from
+    assert rec["started_from"]["precision"] == "fp32" and rec["started_from"]["train_seconds"] is not None
     assert "| transformer, stage 1 |" in card and "`configs/default/sd3.yaml`" in card
     assert "| transformer, stage 2 |" in card and "`configs/default/sd3_refine.yaml`" in card
     # a third stage continuing the second: the record nests, the card lists all three
