@@ -1,8 +1,8 @@
 """How close the models run to this CPU's matmul peak: measured fp32 / bf16 GEMM peak, then each model's achieved
 FLOP/s, forward and training step, as a fraction of the peak measured in the same run. The peak is the best of
 several large square matmuls (``torch.mm``, the threads torch uses now). A model's FLOPs are counted analytically by
-``torch.utils.flop_counter.FlopCounterMode`` on the call that is timed, under bf16 autocast (matmuls, convolutions,
-and attention as the explicit matmuls it runs as there; elementwise work is not counted, so the fraction says how
+``torch.utils.flop_counter.FlopCounterMode`` on the call that is timed, in fp32 (matmuls, convolutions,
+and attention as explicit matmuls; elementwise work is not counted, so the fraction says how
 much of the time the matmul units are busy with useful work). Times are the fastest of ``--reps`` (interference from
 other processes only ever adds time). bf16 means autocast, as training runs it (``run.precision: bf16``).
 
@@ -17,6 +17,7 @@ cost nothing. Against the square-matrix peak it shows how much of the gap is the
 
     python benchmarks/roofline.py                  # all models, 1 thread
     python benchmarks/roofline.py --threads 2 --reps 5
+    python benchmarks/roofline.py --precisions fp32   # the default where bf16 is emulated (an AVX2-only CPU)
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from t2i.models.files import load_model_file
 from t2i.models.mmdit import PRESETS, MMDiT
 from t2i.nn.attention import attention_kernel
+from t2i.nn.precision import timed_precisions
 
 
 def best_seconds(fn: Callable[[], object], reps: int) -> float:
@@ -174,8 +176,9 @@ def calls(forward: Callable, loss: Callable, model: torch.nn.Module, precision: 
 def measure(name: str, build: Callable[[], tuple], peaks: dict[str, float], reps: int) -> list[str]:
     model, forward, loss = build()
     model.float().requires_grad_(True)  # model files load frozen, for inference
-    # the same math in both precisions, counted once under bf16 with attention as explicit matmuls
-    counted = {case: count_flops(fn) for case, fn in calls(forward, loss, model, "bf16").items()}
+    # the same math in both precisions, counted once in fp32 with attention as explicit matmuls (an emulated bf16
+    # pass would take tens of times longer and count the same matmuls)
+    counted = {case: count_flops(fn) for case, fn in calls(forward, loss, model, "fp32").items()}
     shapes = linear_shapes(model, forward)
     rows = []
     for precision, peak in peaks.items():
@@ -195,19 +198,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--models", nargs="+", help="a subset of the model names (default: all)")
+    ap.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"),
+                    help="default: fp32, and bf16 where this CPU multiplies bf16 natively")  # fmt: skip
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    peaks = {"fp32": matmul_peak(torch.float32, args.reps), "bf16": matmul_peak(torch.bfloat16, args.reps)}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); matmul peak: fp32 {peaks['fp32']:.0f} "
-          f"GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s (best of {args.reps} at n = 1024, 2048, 3072)\n")  # fmt: skip
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    precisions = args.precisions or timed_precisions()
+    peaks = {p: matmul_peak(dtypes[p], args.reps) for p in precisions}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); matmul peak: "
+          + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in peaks.items())
+          + f" (best of {args.reps} at n = 1024, 2048, 3072)\n")  # fmt: skip
     rows = []
     for name, build in cases().items():
         if args.models and not any(m in name for m in args.models):
             continue
         rows += measure(name, build, peaks, args.reps)
     # a shared machine's peak moves between runs: measured again after the models, the better of the two counts
-    again = {"fp32": matmul_peak(torch.float32, args.reps), "bf16": matmul_peak(torch.bfloat16, args.reps)}
-    print(f"matmul peak again after the models: fp32 {again['fp32']:.0f}, bf16 {again['bf16']:.0f} GFLOP/s\n")
+    again = {p: matmul_peak(dtypes[p], args.reps) for p in precisions}
+    print("matmul peak again after the models: " + ", ".join(f"{p} {g:.0f}" for p, g in again.items()) + " GFLOP/s\n")
     print(
         "| model | precision | case | GFLOP (counted) | ms | GFLOP/s | its GEMMs alone, GFLOP/s | of the matmul peak |"
     )

@@ -8,6 +8,9 @@ warm-up steps; checkpoints, sample grids and evaluations are not part of it. Fro
 from earlier runs come from the shipped model folders instead (the shapes CLIP and VAE), which changes nothing
 in the step's cost.
 
+``--precision fp32`` (the default where this CPU has no native bf16 matmul, `t2i info`) or ``bf16`` overrides the
+configs' ``run.precision`` on both sides; ``config`` keeps each config's own.
+
 ``--baseline`` names another checkout of t2i (for example a worktree of an older commit): every case then runs
 alternately under that checkout's code and configs and this one's, each in a fresh subprocess, ``--reps`` times;
 the best of each side is kept (load from other processes only adds time) and the ratio printed.
@@ -41,7 +44,7 @@ CASES = {  # label: (config, overrides)
 }
 
 
-def worker(label: str, steps: int, threads: int, config_root: Path = ROOT) -> dict:
+def worker(label: str, steps: int, threads: int, config_root: Path = ROOT, precision: str = "config") -> dict:
     """Time one case in this process (the code on ``sys.path``); returns images/s and the step time."""
     import torch
 
@@ -52,6 +55,7 @@ def worker(label: str, steps: int, threads: int, config_root: Path = ROOT) -> di
     config, overrides = CASES[label]
     with tempfile.TemporaryDirectory() as tmp:
         extra = [f"run.out_dir={tmp}", "run.name=bench", f"run.threads={threads}", "run.progress=false"]
+        extra += [f"run.precision={precision}"] if precision != "config" else []
         cfg = load_config(config_root / config, [*overrides, *extra])
         tr = Trainer(cfg, out=io.StringIO())
         for _ in range(2):  # warm-up: allocator, autocast caches, first-call overheads, data workers
@@ -64,10 +68,10 @@ def worker(label: str, steps: int, threads: int, config_root: Path = ROOT) -> di
             "batch": cfg.data.batch_size, "precision": cfg.run.precision}  # fmt: skip
 
 
-def run_in(checkout: Path, label: str, steps: int, threads: int) -> dict:
+def run_in(checkout: Path, label: str, steps: int, threads: int, precision: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(checkout), "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, __file__, "--worker", label, "--steps", str(steps), "--threads", str(threads),
-           "--config-root", str(checkout)]  # fmt: skip
+           "--config-root", str(checkout), "--precision", precision]  # fmt: skip
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"{label} under {checkout} failed:\n{out.stderr[-3000:]}")
@@ -81,18 +85,27 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--baseline", type=Path, help="another t2i checkout to compare against, alternating")
+    ap.add_argument(
+        "--precision",
+        choices=("config", "fp32", "bf16"),
+        help="override every config's run.precision (default: fp32 where bf16 is emulated, else config)",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--config-root", type=Path, default=ROOT, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.steps, args.threads, args.config_root)))
+        print(json.dumps(worker(args.worker, args.steps, args.threads, args.config_root, args.precision or "config")))
         return
+    if args.precision is None:
+        from t2i.nn.precision import bf16_is_native
+
+        args.precision = "config" if bf16_is_native() else "fp32"
     print(f"{args.threads} thread(s), {args.steps} timed steps per run after 2 warm-up steps"
           + (f", best of {args.reps} alternating runs per side" if args.baseline else "") + "\n")  # fmt: skip
     if args.baseline is None:
         print("| run | precision | batch | s/step | images/s |\n|---|---|---:|---:|---:|")
         for label in args.cases:
-            r = run_in(ROOT, label, args.steps, args.threads)
+            r = run_in(ROOT, label, args.steps, args.threads, args.precision)
             print(f"| {label} | {r['precision']} | {r['batch']} | {r['step_s']:.3f} | {r['images_per_s']:.1f} |")
         return
     print("| run | precision | batch | baseline images/s | this checkout images/s | ratio |")
@@ -101,7 +114,7 @@ def main() -> None:
         best = {"base": 0.0, "new": 0.0}
         for _ in range(args.reps):
             for side, checkout in (("base", args.baseline.resolve()), ("new", ROOT)):
-                r = run_in(checkout, label, args.steps, args.threads)
+                r = run_in(checkout, label, args.steps, args.threads, args.precision)
                 best[side] = max(best[side], r["images_per_s"])
         print(f"| {label} | {r['precision']} | {r['batch']} | {best['base']:.1f} | {best['new']:.1f} | "
               f"{best['new'] / best['base']:.2f}x |")  # fmt: skip

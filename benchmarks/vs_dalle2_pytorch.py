@@ -3,9 +3,11 @@
     make bench-dalle2                      # builds .venv-dalle2 (dalle2-pytorch 1.15.6 beside torch 2.13), runs this
     .venv/bin/python benchmarks/vs_dalle2_pytorch.py --sample-steps 50 --repeats 3 --device cpu
 
-The driver (run with t2i's venv) starts one worker process per implementation: t2i's in its own venv, DALLE2-pytorch's
-in ``.venv-dalle2`` (it pins torchvision, which t2i does not need). Both venvs hold the same torch build, and each
-worker reports its torch version so the table can be checked.
+Both run in this one process (t2i's venv), alternating repetition by repetition as benchmarks/vs_diffusers.py
+does, so load from other processes meets both alike. DALLE2-pytorch lives in its own venv, ``.venv-dalle2``,
+because it pins torchvision, which t2i does not need; its site-packages is appended to this process's path after
+checking that every package the two venvs share has the same version in both (torch included), so DALLE2-pytorch
+runs here exactly as in its own venv.
 
 Matching configs (the issue's): Unet dim 64, dim_mults (1, 2, 4), 2 ResNet blocks per level, 8 heads x 32, 64x64,
 batch 4, conditioned on a 512-d image embedding and 77 x 512 text encodings (DALLE2-pytorch: ``cond_on_image_embeds``
@@ -16,12 +18,13 @@ input layer and multi-query attention); parameter counts are printed so the comp
 
 Measured: forward (no grad, eval), training step (loss from clean data with noising, backward, AdamW step), and
 sampling (DDIM with classifier-free guidance: decoder scale 3, prior scale 2; DALLE2-pytorch runs cond and uncond
-as two forward passes, t2i as one batched pass), each in fp32 and under bf16 autocast, median of ``--repeats``
-after one warm-up. Ratios are DALLE2-pytorch time / t2i time (> 1: t2i is faster).
+as two forward passes, t2i as one batched pass), in fp32 and, where this CPU multiplies bf16 natively, under bf16
+autocast (``--precisions`` picks); median and fastest of ``--repeats`` after one warm-up each. Ratios are
+DALLE2-pytorch time / t2i time (> 1: t2i is faster).
 
 torchvision note: PyPI's torchvision wheels link CUDA torch libraries (libc10_cuda.so), so their compiled ops do not
 load beside the CPU torch build, and torchvision 0.28's ``import`` then fails on two unguarded fake-kernel
-registrations (``torchvision::nms``, ``torchvision::qnms``). The DALLE2 worker defines those two operator schemas
+registrations (``torchvision::nms``, ``torchvision::qnms``). This script defines those two operator schemas
 (no kernels) before importing, which is all the import needs; neither DALLE2-pytorch's Unet nor its prior calls
 any torchvision op.
 """
@@ -29,9 +32,7 @@ any torchvision op.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -39,20 +40,10 @@ from pathlib import Path
 
 import torch
 
+from t2i.nn.precision import timed_precisions
+
 ROOT = Path(__file__).resolve().parents[1]
 B_UNET, SIZE, B_PRIOR, D, L = 4, 64, 32, 512, 77
-
-
-def timed(fn, repeats: int, sync) -> float:
-    fn()  # warm-up
-    sync()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
 
 
 def inputs(device):
@@ -286,85 +277,59 @@ def dalle2_cases(device, steps):
     }
 
 
-def worker(args) -> None:
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    params, cases = (t2i_cases if args.impl == "t2i" else dalle2_cases)(device, args.sample_steps)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+def dalle2_site_packages() -> Path:
+    """``.venv-dalle2``'s site-packages, after checking that every distribution it shares with this environment has
+    the same version here (then importing DALLE2-pytorch from it into this process runs it exactly as its own venv
+    would: the same torch build and the same einops, numpy, ... )."""
+    import importlib.metadata as md
+
+    site = ROOT / ".venv-dalle2" / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    if not (site / "dalle2_pytorch").is_dir():
+        sys.exit("no .venv-dalle2 with dalle2-pytorch: run `make bench-dalle2` (it creates the venv and installs it)")
+    ours = {d.metadata["Name"].lower().replace("_", "-"): d.version for d in md.distributions()}
+    differ = []
+    for d in md.distributions(path=[str(site)]):
+        name = d.metadata["Name"].lower().replace("_", "-")
+        if name in ours and ours[name] != d.version and name not in ("pip", "setuptools"):
+            differ.append(f"{name} {ours[name]} here, {d.version} in .venv-dalle2")
+    if differ:
+        sys.exit(
+            "the two venvs disagree on shared packages, so DALLE2-pytorch cannot run in this process: "
+            + "; ".join(differ)
+            + ". Rebuild .venv-dalle2 (`rm -r .venv-dalle2 && make bench-dalle2`)."
+        )
+    return site
+
+
+def alternate(f_t2i, f_dalle2, repeats: int, sync) -> tuple[list[float], list[float]]:
+    """Seconds of each repetition of both, interleaved (after one warm-up each): load from other processes meets
+    both sides alike."""
+    f_t2i(), f_dalle2()
+    sync()
+    a, b = [], []
+    for _ in range(repeats):
+        for f, out in ((f_t2i, a), (f_dalle2, b)):
+            t0 = time.perf_counter()
+            f()
+            sync()
+            out.append(time.perf_counter() - t0)
+    return a, b
+
+
+def forward_flops(cases) -> dict[str, int]:
+    """Forward FLOPs of each model (matmuls and convolutions), to judge the configs' sizes."""
     from torch.utils.flop_counter import FlopCounterMode
 
     flops = {}
-    for model in ("unet", "prior"):  # forward FLOPs (matmuls and convolutions), to judge the configs' sizes
+    for model in ("unet", "prior"):
         with FlopCounterMode(display=False) as counter:
             cases[f"{model}/forward"]()
         flops[model] = counter.get_total_flops()
-    results = {}
-    layout = cases.pop("layout", lambda precision: None)
-    for precision in ("fp32", "bf16"):
-        layout(precision)
-        for name, fn in cases.items():
-            if args.only and not any(o in f"{name}/{precision}" for o in args.only.split(",")):
-                continue
-            ctx = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-
-            def run(fn=fn, ctx=ctx):
-                with ctx:
-                    fn()
-
-            torch.manual_seed(0)
-            results[f"{name}/{precision}"] = timed(run, args.repeats, sync)
-            print(f"[{args.impl}] {name}/{precision}: {results[f'{name}/{precision}']:.4f}s", file=sys.stderr)
-    out = {"impl": args.impl, "torch": torch.__version__, "params": params, "flops": flops, "seconds": results}
-    print(json.dumps(out))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# driver
-
-
-def driver(args) -> None:
-    pythons = {"t2i": sys.executable, "dalle2": str(ROOT / ".venv-dalle2" / "bin" / "python")}
-    if not Path(pythons["dalle2"]).exists():
-        sys.exit("no .venv-dalle2: run `make bench-dalle2` (it creates the venv and installs dalle2-pytorch)")
-    common = [
-        "--device",
-        args.device,
-        "--sample-steps",
-        str(args.sample_steps),
-        "--repeats",
-        str(args.repeats),
-        "--threads",
-        str(args.threads),
-    ] + (["--only", args.only] if args.only else [])
-    reports = {}
-    for impl, py in pythons.items():
-        out = subprocess.run([py, __file__, "--impl", impl, *common], check=True, capture_output=True, text=True)
-        reports[impl] = json.loads(out.stdout.strip().splitlines()[-1])
-    t2i, ref = reports["t2i"], reports["dalle2"]
-    lines = [
-        f"device {args.device}, {args.threads} threads, sampling {args.sample_steps} steps, median of {args.repeats}",
-        f"torch: t2i worker {t2i['torch']}, DALLE2-pytorch worker {ref['torch']}",
-        f"params: Unet t2i {t2i['params']['unet'] / 1e6:.2f}M vs DALLE2 {ref['params']['unet'] / 1e6:.2f}M; "
-        f"prior t2i {t2i['params']['prior'] / 1e6:.2f}M vs DALLE2 {ref['params']['prior'] / 1e6:.2f}M",
-        f"forward GFLOPs: Unet t2i {t2i['flops']['unet'] / 1e9:.1f} vs DALLE2 {ref['flops']['unet'] / 1e9:.1f}; "
-        f"prior t2i {t2i['flops']['prior'] / 1e9:.1f} vs DALLE2 {ref['flops']['prior'] / 1e9:.1f}",
-        "",
-        "| case | precision | t2i (s) | DALLE2-pytorch (s) | speed-up (DALLE2 / t2i) |",
-        "| --- | --- | ---: | ---: | ---: |",
-    ]
-    for key, t in t2i["seconds"].items():
-        name, precision = key.rsplit("/", 1)
-        r = ref["seconds"][key]
-        lines.append(f"| {name} | {precision} | {t:.4f} | {r:.4f} | {r / t:.2f}x |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(json.dumps(reports, indent=2) + "\n\n" + text + "\n")
+    return flops
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--impl", choices=("t2i", "dalle2"), help="run one worker (internal; the driver sets it)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--sample-steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=3)
@@ -372,9 +337,55 @@ def main() -> None:
     # were incoherent (a train step faster than a forward); on a GPU it does not matter
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", default="", help="comma-separated substrings of case names, e.g. prior,unet/train")
-    p.add_argument("--out", default="", help="also write the JSON reports and the table to this file")
+    p.add_argument(
+        "--precisions", nargs="+", choices=("fp32", "bf16"), default=None,
+        help="default: fp32, and bf16 where this machine multiplies bf16 natively (t2i info says)",
+    )  # fmt: skip
+    p.add_argument("--out", default="", help="also write the table to this file")
     args = p.parse_args()
-    worker(args) if args.impl else driver(args)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    precisions = args.precisions or timed_precisions(device.type)
+    sys.path.append(str(dalle2_site_packages()))  # after t2i's own: the shared packages are checked to be equal
+    params_t, cases_t = t2i_cases(device, args.sample_steps)
+    params_d, cases_d = dalle2_cases(device, args.sample_steps)
+    flops_t, flops_d = forward_flops(cases_t), forward_flops(cases_d)
+    layout = cases_t.pop("layout")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    lines = [
+        f"device {args.device}, torch {torch.__version__}, {args.threads} thread(s), sampling {args.sample_steps} "
+        f"steps; both in one process, alternating; median and fastest of {args.repeats}",
+        f"params: Unet t2i {params_t['unet'] / 1e6:.2f}M vs DALLE2 {params_d['unet'] / 1e6:.2f}M; "
+        f"prior t2i {params_t['prior'] / 1e6:.2f}M vs DALLE2 {params_d['prior'] / 1e6:.2f}M",
+        f"forward GFLOPs: Unet t2i {flops_t['unet'] / 1e9:.1f} vs DALLE2 {flops_d['unet'] / 1e9:.1f}; "
+        f"prior t2i {flops_t['prior'] / 1e9:.1f} vs DALLE2 {flops_d['prior'] / 1e9:.1f}",
+        "",
+        "| case | precision | t2i (s) | DALLE2-pytorch (s) | speed-up, median (DALLE2 / t2i) | speed-up, fastest |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    print("\n".join(lines), flush=True)
+    for precision in precisions:
+        layout(precision)
+        ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
+        for name in cases_t:
+            if args.only and not any(o in f"{name}/{precision}" for o in args.only.split(",")):
+                continue
+
+            def run(fn, ctx=ctx):
+                def f():
+                    with ctx():
+                        fn()
+
+                return f
+
+            torch.manual_seed(0)
+            a, b = alternate(run(cases_t[name]), run(cases_d[name]), args.repeats, sync)
+            ta, tb = statistics.median(a), statistics.median(b)
+            row = f"| {name} | {precision} | {ta:.4f} | {tb:.4f} | {tb / ta:.2f}x | {min(b) / min(a):.2f}x |"
+            lines.append(row)
+            print(row, flush=True)
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

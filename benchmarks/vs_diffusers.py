@@ -10,7 +10,8 @@ most stable estimate on a shared machine) and the ratio diffusers / t2i (> 1: t2
 - 4- and 28-step sampling with CFG 4.5: ``SD3Pipeline`` vs ``StableDiffusion3Pipeline`` with precomputed
   embeddings, Euler, shift 3, latents out;
 
-in fp32 and under bf16 autocast, for t2i's plain path and its opt-in fused path (``MMDiT.set_fast_path``).
+in fp32 and, where this CPU multiplies bf16 natively, under bf16 autocast (``--precisions``), for t2i's plain path
+and its opt-in fused path (``MMDiT.set_fast_path``).
 
     python benchmarks/vs_diffusers.py                  # both configs
     python benchmarks/vs_diffusers.py --configs bench --reps 5
@@ -29,6 +30,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, St
 
 from t2i.io.sd3 import transformer_official_to_diffusers
 from t2i.models.mmdit import PRESETS, MMDiT, MMDiTConfig, count_parameters
+from t2i.nn.precision import timed_precisions
 from t2i.pipelines.sd3 import SD3Pipeline, SD3Preset
 from t2i.train.config import OptimConfig
 from t2i.train.optim import build_optimizer
@@ -176,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=[4, 28])
     ap.add_argument("--no-fast", action="store_true", help="skip the fused-path rows")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared machine)")
+    ap.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"),
+                    help="default: fp32, and bf16 where this CPU multiplies bf16 natively")  # fmt: skip
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fastest repetition; ratio diffusers / t2i")
@@ -189,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{case.tokens} text tokens")  # fmt: skip
         print(header)
         print("-" * len(header))
-        for amp in (False, True):
+        for amp in [p == "bf16" for p in args.precisions or timed_precisions()]:
             for fast in (False,) if args.no_fast else (False, True):
                 rows = run_case(case, amp, fast, args.reps, args.sample_reps, args.steps)
                 for what, a, b in rows:

@@ -69,3 +69,9 @@ def bf16_advice(device_type: str = "cpu") -> str:
     if device_type != "cpu":
         return f"this {device_type} device does not support bf16"
     return f"this CPU has no native bf16 matmul (a bf16 matmul measured {bf16_slowdown('cpu'):.0f}x slower than fp32)"
+
+
+def timed_precisions(device_type: str = "cpu") -> list[str]:
+    """The precisions a benchmark should time on ``device_type`` by default: fp32, and bf16 where it is native. An
+    emulated bf16 run takes tens of times longer and measures PyTorch's fallback, not the code being compared."""
+    return ["fp32", "bf16"] if bf16_is_native(device_type) else ["fp32"]

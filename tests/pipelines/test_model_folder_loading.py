@@ -102,6 +102,15 @@ def test_the_bf16_check_measures_this_machine():
     assert bf16_is_native("cpu") == (slow <= NATIVE_THRESHOLD)
 
 
+def test_benchmarks_time_bf16_only_where_it_is_native(monkeypatch):
+    from t2i.nn import precision
+
+    monkeypatch.setattr(precision, "bf16_is_native", lambda device_type="cpu": False)
+    assert precision.timed_precisions() == ["fp32"]
+    monkeypatch.setattr(precision, "bf16_is_native", lambda device_type="cpu": True)
+    assert precision.timed_precisions("cuda") == ["fp32", "bf16"]
+
+
 def test_a_bad_precision_is_a_clear_error(tmp_path):
     sd3 = tiny_sd3_folder(tmp_path / "sd3")
     with pytest.raises(ValueError, match="unknown precision 'fp16'"):
