@@ -85,20 +85,13 @@ def load_model_file(path: str | Path, *, dtype: torch.dtype = torch.float32,
         extra = json.loads(meta.get("t2i_extra", "{}"))
     except (KeyError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: its model metadata is damaged ({type(err).__name__}: {err})") from None
-    # built on the meta device: no random initialisation (a tenth of a second for the shipped MMDiT, a noticeable
-    # part of a cold `t2i generate`), as every parameter and saved buffer is replaced by the file's tensor
-    with torch.device("meta"):
-        module = _build(name, params, extra)
+    module = _build(name, params, extra)
     sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_weights(path).items()}
     try:  # every missing, unexpected or mis-shaped key in one error that names the file (a damaged or foreign file)
         check_state_dict(module.state_dict(), sd, what=f"{name} model")
     except CheckpointMismatchError as err:
         raise CheckpointMismatchError(f"{path}: {err}") from None
-    module.load_state_dict(sd, strict=True, assign=True)
-    if any(b.is_meta for b in module.buffers()):  # a buffer the file does not hold (computed at construction)
-        with torch.random.fork_rng(devices=[]):  # its throwaway random init must not move the caller's stream
-            module = _build(name, params, extra)
-        module.load_state_dict(sd, strict=True)
+    module.load_state_dict(sd, strict=True)
     return module.to(dtype).eval().requires_grad_(False), extra
 
 
