@@ -32,10 +32,11 @@ any torchvision op.
 from __future__ import annotations
 
 import argparse
+import io
 import statistics
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, redirect_stderr
 from pathlib import Path
 
 import torch
@@ -241,7 +242,8 @@ def dalle2_cases(device, steps):
 
     def unet_sample():
         decoder.eval()
-        decoder.sample(image_embed=img_e, text_encodings=tok, cond_scale=3.0, one_unet_in_gpu_at_time=False)
+        with redirect_stderr(io.StringIO()):  # its progress bars (an exception still propagates)
+            decoder.sample(image_embed=img_e, text_encodings=tok, cond_scale=3.0, one_unet_in_gpu_at_time=False)
 
     def prior_forward():
         net.eval()
@@ -264,7 +266,8 @@ def dalle2_cases(device, steps):
     def prior_sample():
         prior.eval()
         cond = {"text_embed": x["text_embed"], "text_encodings": x["text_enc"]}
-        prior.p_sample_loop((B_PRIOR, D), text_cond=cond, cond_scale=2.0, timesteps=steps)
+        with redirect_stderr(io.StringIO()):
+            prior.p_sample_loop((B_PRIOR, D), text_cond=cond, cond_scale=2.0, timesteps=steps)
 
     params = {"unet": sum(p.numel() for p in unet.parameters()), "prior": sum(p.numel() for p in net.parameters())}
     return params, {
