@@ -152,6 +152,37 @@ def test_end_to_end_from_a_teacher_run(tmp_path):
     assert student.state_dict().keys() == teacher_net.state_dict().keys()
 
 
+def test_student_can_start_from_other_weights_than_the_teacher(tmp_path):
+    """``student_init``: an adversarial run on top of an earlier student starts from that student's weights while
+    the frozen teacher (the discriminator's feature extractor) keeps its own."""
+    import copy
+
+    from t2i.models.files import save_model_file
+
+    teacher = build_task(_cfg("adversarial", "flow")).build_model().student
+    earlier = copy.deepcopy(teacher)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in earlier.parameters():
+            p.normal_()
+    other = earlier.state_dict()
+    save_model_file(tmp_path / "t.safetensors", "toy_unet", teacher, dtype=None)
+    save_model_file(tmp_path / "s.safetensors", "toy_unet", earlier, dtype=None)
+    cfg = _cfg("adversarial", "flow", f"task.params.teacher={tmp_path / 't.safetensors'}",
+               f"task.params.student_init={tmp_path / 's.safetensors'}")  # fmt: skip
+    task = build_task(cfg)
+    model = task.build_model()
+    for k, v in model.student.state_dict().items():
+        torch.testing.assert_close(v, other[k], rtol=0, atol=0, msg=k)
+    for k, v in task.teacher.state_dict().items():
+        torch.testing.assert_close(v, teacher.state_dict()[k], rtol=0, atol=0, msg=k)
+    assert all(p.requires_grad for p in model.student.parameters())
+    assert not any(p.requires_grad for p in task.teacher.parameters())
+    bad = _cfg("adversarial", "flow", f"task.params.student_init={tmp_path / 'missing'}")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        build_task(bad).build_model()
+
+
 def test_sd3_student_exports_as_a_guidance_free_few_step_model(tmp_path):
     """An SD3 (flow MMDiT) teacher distilled adversarially, exported with a 2-step consistency preset: generating
     calls the transformer twice, on the batch alone."""

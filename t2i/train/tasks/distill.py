@@ -4,7 +4,8 @@ no classifier-free guidance at sampling time (the recipe behind SD3.5 Large Turb
 The task wraps a *base task* (``sd3`` for flow MMDiTs, ``diffusion`` for VP or flow networks) that supplies the data,
 the conditioning and the noise path through ``base.distill_inputs(model, batch, device) -> (x0, cond, uncond)``.
 The student starts as a copy of the teacher (``teacher``: a run folder, checkpoint or weights file; a model folder's
-component file also works) and is trained with one of two methods:
+component file also works), or from ``student_init`` (the same kinds of path: an earlier student, say), and is
+trained with one of two methods:
 
 ``consistency`` (no discriminator): consistency distillation with guidance distilled in (Song et al. 2023, Luo et
 al. 2023 "LCM"). Pick adjacent times t_hi > t_lo of an N-step teacher grid, noise real data to x_hi, take one
@@ -49,6 +50,9 @@ NOISE_STREAM, STEP_STREAM = 1, 4
 class DistillTaskConfig:
     method: str = "consistency"  # consistency | adversarial
     teacher: str | None = None  # weights of the teacher (a run folder, checkpoint, weights file or component file)
+    # where the student starts (the same kinds of path); None: a copy of the teacher. An adversarial run on top of a
+    # consistency student starts from that student, its discriminator reading the teacher
+    student_init: str | None = None
     base_task: str = "sd3"  # sd3 | diffusion: supplies data, conditioning, path and parameterisation
     base_params: dict[str, Any] = field(default_factory=dict)
     guidance: float = 4.0  # teacher CFG scale distilled into the student
@@ -149,22 +153,27 @@ class DistillTask(Task):
 
     # -- model -------------------------------------------------------------------------------------------------
 
+    def _load_into(self, net: nn.Module, path: str, what: str) -> None:
+        """``net`` takes the trained weights at ``path`` (a run, checkpoint, weights or component file)."""
+        from t2i.io import check_state_dict
+
+        from ..trained import load_trained
+
+        sd = load_trained(path, self.cfg.model.name).state_dict()
+        check_state_dict(net.state_dict(), sd, what=f"{what} (does model.params match its config?)")
+        net.load_state_dict(sd, strict=True)
+
     def _load_teacher(self) -> nn.Module:
         net = self.base.build_model()
         if self.params.teacher is not None:
-            from t2i.io import check_state_dict
-
-            from ..trained import load_trained
-
-            trained = load_trained(self.params.teacher, self.cfg.model.name)
-            sd = trained.state_dict()
-            check_state_dict(net.state_dict(), sd, what="teacher (does model.params match the teacher's config?)")
-            net.load_state_dict(sd, strict=True)
+            self._load_into(net, self.params.teacher, "teacher")
         return net.eval().requires_grad_(False)
 
     def build_model(self) -> nn.Module:
         self.teacher = self._load_teacher()
         student = copy.deepcopy(self.teacher).train().requires_grad_(True)
+        if self.params.student_init is not None:
+            self._load_into(student, self.params.student_init, "task.params.student_init")
         heads = None
         if self.params.method == "adversarial":
             self.tap = FeatureTap(self.teacher, list(self.params.feature_layers))
