@@ -73,6 +73,7 @@ train-defaults: $(RUN_STAMP)
 	$(BIN)/t2i train configs/default/sd3.yaml --resume
 	$(BIN)/t2i train configs/default/sd3_polish.yaml --resume
 	$(BIN)/t2i train configs/distill/sd3_shapes_consistency.yaml --resume
+	$(BIN)/t2i train configs/distill/sd3_shapes_turbo_ladd.yaml --resume
 	$(BIN)/t2i train configs/default/prior.yaml --resume
 	$(BIN)/t2i train configs/default/decoder.yaml --resume
 	$(BIN)/t2i train configs/default/sr.yaml --resume
@@ -80,8 +81,8 @@ train-defaults: $(RUN_STAMP)
 
 export-defaults: $(RUN_STAMP)
 	$(BIN)/t2i export sd3 --transformer runs/default_sd3_polish --out models/sd3-shapes --slg-scale 2.5 --slg-layers 2,3
-	$(BIN)/t2i export sd3 --transformer runs/sd3_shapes_consistency --name sd3-shapes-turbo --out models/sd3-shapes-turbo \
-		--share-from models/sd3-shapes
+	$(BIN)/t2i export sd3 --transformer runs/sd3_turbo_ladd --name sd3-shapes-turbo --out models/sd3-shapes-turbo \
+		--share-from models/sd3-shapes --sampler consistency
 	$(BIN)/t2i export unclip --out models/unclip-shapes --sampler ddpm --steps 25
 
 # Load test of `t2i serve` on sd3-shapes: throughput and latency with dynamic batching on and off.

@@ -62,6 +62,17 @@ def _config_of_run(run: str | None) -> str:
     return "-"
 
 
+def _stage_config(run: str | None) -> str:
+    """The config of one stage of a curriculum: the one naming the run, else the default recipes' convention."""
+    found = _config_of_run(run)
+    return found if found != "-" else f"configs/default/{str(run).removeprefix('default_')}.yaml"
+
+
+def _student(what: str, distilled: dict[str, Any] | None) -> str:
+    """A distilled stage's description (each stage names its own method), else ``what`` unchanged."""
+    return f"MMDiT-X student ({distilled['method']} distillation)" if distilled else what
+
+
 def _fmt_seconds(s: float | None) -> str:
     if s is None:
         return "-"
@@ -88,8 +99,14 @@ def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str
     distilled = train.get("transformer", {}).get("distilled")
     shared = spec.get("components", {})
     if kind == "sd3" and distilled:
-        how = {"consistency": "consistency distillation (LCM-style)", "adversarial": "adversarial distillation "
-               "(LADD-style)"}.get(distilled["method"], distilled["method"])  # fmt: skip
+        names = {"consistency": "consistency distillation (LCM-style)", "adversarial": "adversarial distillation "
+                 "(LADD-style)"}  # fmt: skip
+        methods, st = [], train["transformer"]
+        while st:  # a student that continued an earlier student: each stage's method, first to last
+            if st.get("distilled") and st["distilled"]["method"] not in methods:
+                methods.insert(0, st["distilled"]["method"])
+            st = st.get("started_from")
+        how = " and then ".join(names.get(m, m) for m in methods)
         lines.append(f"A few-step, guidance-free student of a small Stable Diffusion 3.5-style model: the teacher's "
                      f"rectified-flow MMDiT-X (`{distilled['teacher']}`) distilled by {how} with CFG "
                      f"{distilled['guidance']} distilled in, so it samples in {distilled['student_steps']} steps "
@@ -152,18 +169,20 @@ def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str
             size = f"`{shared[key]}` ({(folder / shared[key]).stat().st_size / 1e6:.1f} MB, shared)"
         config = f"configs/default/{cfgname}.yaml"
         if key == "transformer" and distilled:
-            what = f"MMDiT-X student ({distilled['method']} distillation)"
             config = f"configs/distill/{r.get('run')}.yaml"
         stages, earlier = [], r.get("started_from")
         while earlier:  # a curriculum: the stages it continued, first to last, then this one
             stages.insert(0, earlier)
             earlier = earlier.get("started_from")
         for i, st in enumerate(stages, 1):
-            cfg_i = f"configs/default/{str(st.get('run')).removeprefix('default_')}.yaml"
-            lines.append(_part_row(f"{key}, stage {i}", what, cfg_i, r.get("params", 0), st, "-"))
+            cfg_i = _stage_config(st.get("run"))
+            what_i = _student(what, st.get("distilled")) if key == "transformer" else what
+            lines.append(_part_row(f"{key}, stage {i}", what_i, cfg_i, r.get("params", 0), st, "-"))
         if stages:
             key = f"{key}, stage {len(stages) + 1}"
-            config = f"configs/default/{str(r.get('run')).removeprefix('default_')}.yaml"
+            config = _stage_config(r.get("run"))
+        if key.startswith("transformer"):
+            what = _student(what, distilled)
         lines.append(_part_row(key, what, config, r.get("params", 0), r, size))
     if kind == "sd3" and "controlnet" in train:  # an extra added by `t2i export controlnet`
         r, fname = train["controlnet"], "controlnet.safetensors"
@@ -172,8 +191,11 @@ def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str
                                r.get("params", 0), r, size))  # fmt: skip
     retrain = "Retrain everything with `make train-defaults`."
     if distilled:
-        retrain = (f"Retrain the student with `t2i train configs/distill/{train['transformer'].get('run')}.yaml` "
-                   "after the teacher (`make train-defaults` does both).")  # fmt: skip
+        student_cfg = _config_of_run(train["transformer"].get("run"))
+        if student_cfg == "-":
+            student_cfg = f"configs/distill/{train['transformer'].get('run')}.yaml"
+        retrain = (f"Retrain the student with `t2i train {student_cfg}` after the teacher (`make train-defaults` "
+                   "does both).")  # fmt: skip
     lines += ["", f"Weights are the EMA weights of each run's last checkpoint, stored in fp16 (loaded as fp32). "
               f"{retrain}", ""]  # fmt: skip
     if (folder / "learning_curve.png").exists():

@@ -67,7 +67,8 @@ def _run_part(run: str | Path, name: str) -> tuple[nn.Module, dict[str, Any], di
 def _checkpoint_record(weights: Path, cfg: dict[str, Any] | None, depth: int = 0, **extra: Any) -> dict[str, Any]:
     """The training record of a checkpoint's weights file (``<run>/checkpoints/step_N/<file>``): its step, batch,
     images seen, precision, threads and seed (from ``cfg``, the config stored with it), wall-clock and CPU time up to
-    that step, and, for a later stage of a curriculum, the record of the stage it started from."""
+    that step, and, for a later stage of a curriculum (``model.init_from``, or a distillation's ``student_init``),
+    the record of the stage it started from."""
     ckpt = weights.parent
     run, step = ckpt.parent.parent, checkpoint_step(ckpt)
     rec: dict[str, Any] = {"run": run.name, "checkpoint": ckpt.name, "weights": weights.name, "step": step}
@@ -81,7 +82,11 @@ def _checkpoint_record(weights: Path, cfg: dict[str, Any] | None, depth: int = 0
         cpu = _last_metric(run, "cpu_seconds", step)
         if cpu is not None:
             rec["cpu_seconds"] = round(cpu, 1)
-    earlier = _stage_record((cfg or {}).get("model", {}).get("init_from"), depth + 1)
+    start = (cfg or {}).get("model", {}).get("init_from")
+    task = (cfg or {}).get("task", {})
+    if not start and task.get("name") == "distill":  # a student that started from an earlier student's weights
+        start = (task.get("params") or {}).get("student_init")
+    earlier = _stage_record(start, depth + 1)
     if earlier is not None:  # a later stage of a curriculum: the card counts the stage it started from too
         rec["started_from"] = earlier
     return rec

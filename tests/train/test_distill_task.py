@@ -206,3 +206,15 @@ def test_sd3_student_exports_as_a_guidance_free_few_step_model(tmp_path):
     gen.pipe.transformer.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
     images = gen.generate(["a red circle", "a blue square", "a cross"], [0, 1, 2], gen.defaults)
     assert images.shape == (3, 3, 64, 64) and calls == [3, 3]
+    # a second student started from the first one's exported file (student_init): its card counts the first too
+    import json
+
+    again = params.replace(
+        "method: adversarial,", f"method: adversarial, student_init: {out}/transformer.safetensors,"
+    )
+    second = train_default(tmp_path, "sd3", ["task.name=distill", again, *TINY_MMDIT, "data.batch_size=2",
+                                             "run.name=student2"])  # fmt: skip
+    out2 = export_sd3(tmp_path / "turbo2", transformer=second, vae=vae, clip=clip, name="turbo")
+    first_rec = json.loads((out / "model.json").read_text())["training"]["transformer"]
+    rec = json.loads((out2 / "model.json").read_text())["training"]["transformer"]
+    assert rec["run"] == "student2" and rec["started_from"] == first_rec

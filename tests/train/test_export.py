@@ -176,13 +176,15 @@ def test_a_second_stage_run_exports_with_both_stages_on_its_card(tmp_path):
     # the stage it started from keeps its own precision and time, up to the checkpoint it was continued from
     assert rec["started_from"]["precision"] == "fp32" and rec["started_from"]["train_seconds"] is not None
     assert "| transformer, stage 1 |" in card and "`configs/default/sd3.yaml`" in card
-    assert "| transformer, stage 2 |" in card and "`configs/default/sd3_refine.yaml`" in card
+    # each stage names the config whose run.name it has (that recipe now lives with the earlier experiments)
+    assert "| transformer, stage 2 |" in card and "`configs/experiments/previous/sd3_refine.yaml`" in card
     # a third stage continuing the second: the record nests, the card lists all three
     rec, card = _next_stage(tmp_path, vae, clip, f"{tmp_path}/default_sd3_refine/checkpoints/step_00000002/"
                             "ema.safetensors", "again")  # fmt: skip
     assert [rec["run"], rec["started_from"]["run"], rec["started_from"]["started_from"]["run"]] == [
         "again", "default_sd3_refine", "default_sd3"]  # fmt: skip
     assert "| transformer, stage 2 |" in card and "| transformer, stage 3 |" in card
+    assert "`configs/default/again.yaml`" in card  # no config names it: the default recipes' convention
     assert "input embeddings" in card
 
 
