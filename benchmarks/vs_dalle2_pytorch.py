@@ -35,11 +35,11 @@ import argparse
 import io
 import statistics
 import sys
-import time
 from contextlib import nullcontext, redirect_stderr
 from pathlib import Path
 
 import torch
+from side_by_side import alternate
 
 from t2i.nn.precision import timed_precisions
 
@@ -63,7 +63,7 @@ def inputs(device):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# workers
+# each library's cases: name -> a call to time
 
 
 def t2i_cases(device, steps):
@@ -302,21 +302,6 @@ def dalle2_site_packages() -> Path:
             + ". Rebuild .venv-dalle2 (`rm -r .venv-dalle2 && make bench-dalle2`)."
         )
     return site
-
-
-def alternate(f_t2i, f_dalle2, repeats: int, sync) -> tuple[list[float], list[float]]:
-    """Seconds of each repetition of both, interleaved (after one warm-up each): load from other processes meets
-    both sides alike."""
-    f_t2i(), f_dalle2()
-    sync()
-    a, b = [], []
-    for _ in range(repeats):
-        for f, out in ((f_t2i, a), (f_dalle2, b)):
-            t0 = time.perf_counter()
-            f()
-            sync()
-            out.append(time.perf_counter() - t0)
-    return a, b
 
 
 def forward_flops(cases) -> dict[str, int]:

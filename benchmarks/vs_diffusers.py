@@ -22,11 +22,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import time
 from dataclasses import dataclass, replace
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from side_by_side import alternate
 
 from t2i.io.sd3 import transformer_official_to_diffusers
 from t2i.models.mmdit import PRESETS, MMDiT, MMDiTConfig, count_parameters
@@ -75,13 +75,7 @@ def diffusers_model(model: MMDiT) -> SD3Transformer2DModel:
 
 def timed_pair(f_t2i, f_dif, reps: int) -> tuple[float, float]:
     """Fastest seconds of each, runs interleaved (after one warm-up each)."""
-    f_t2i(), f_dif()
-    a, b = [], []
-    for _ in range(reps):
-        for f, out in ((f_t2i, a), (f_dif, b)):
-            s = time.perf_counter()
-            f()
-            out.append(time.perf_counter() - s)
+    a, b = alternate(f_t2i, f_dif, reps)
     return min(a), min(b)
 
 

@@ -62,10 +62,18 @@ def _config_of_run(run: str | None) -> str:
     return "-"
 
 
-def _stage_config(run: str | None) -> str:
-    """The config of one stage of a curriculum: the one naming the run, else the default recipes' convention."""
+def _run_config(run: str | None, folder: str) -> str:
+    """The config of a run: the one naming it, else where the recipes' convention puts it (``folder``)."""
     found = _config_of_run(run)
-    return found if found != "-" else f"configs/default/{str(run).removeprefix('default_')}.yaml"
+    return found if found != "-" else f"{folder}/{str(run).removeprefix('default_')}.yaml"
+
+
+def _stages(rec: dict[str, Any]) -> list[dict[str, Any]]:
+    """A part's training records, first stage to last: the runs it continued (``started_from``), then its own."""
+    chain = [rec]
+    while chain[0].get("started_from"):
+        chain.insert(0, chain[0]["started_from"])
+    return chain
 
 
 def _student(what: str, distilled: dict[str, Any] | None) -> str:
@@ -101,11 +109,8 @@ def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str
     if kind == "sd3" and distilled:
         names = {"consistency": "consistency distillation (LCM-style)", "adversarial": "adversarial distillation "
                  "(LADD-style)"}  # fmt: skip
-        methods, st = [], train["transformer"]
-        while st:  # a student that continued an earlier student: each stage's method, first to last
-            if st.get("distilled") and st["distilled"]["method"] not in methods:
-                methods.insert(0, st["distilled"]["method"])
-            st = st.get("started_from")
+        # a student that continued an earlier student: each stage's method, first to last
+        methods = dict.fromkeys(st["distilled"]["method"] for st in _stages(train["transformer"]) if "distilled" in st)
         how = " and then ".join(names.get(m, m) for m in methods)
         lines.append(f"A few-step, guidance-free student of a small Stable Diffusion 3.5-style model: the teacher's "
                      f"rectified-flow MMDiT-X (`{distilled['teacher']}`) distilled by {how} with CFG "
@@ -167,23 +172,18 @@ def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str
         size = f"`{fname}` ({files[fname] / 1e6:.1f} MB)" if fname in files else "-"
         if key in shared and (folder / shared[key]).exists():
             size = f"`{shared[key]}` ({(folder / shared[key]).stat().st_size / 1e6:.1f} MB, shared)"
-        config = f"configs/default/{cfgname}.yaml"
-        if key == "transformer" and distilled:
-            config = f"configs/distill/{r.get('run')}.yaml"
-        stages, earlier = [], r.get("started_from")
-        while earlier:  # a curriculum: the stages it continued, first to last, then this one
-            stages.insert(0, earlier)
-            earlier = earlier.get("started_from")
+        stages = _stages(r)  # a curriculum: the stages it continued, first to last, then this one
         for i, st in enumerate(stages, 1):
-            cfg_i = _stage_config(st.get("run"))
-            what_i = _student(what, st.get("distilled")) if key == "transformer" else what
-            lines.append(_part_row(f"{key}, stage {i}", what_i, cfg_i, r.get("params", 0), st, "-"))
-        if stages:
-            key = f"{key}, stage {len(stages) + 1}"
-            config = _stage_config(r.get("run"))
-        if key.startswith("transformer"):
-            what = _student(what, distilled)
-        lines.append(_part_row(key, what, config, r.get("params", 0), r, size))
+            if len(stages) > 1:
+                label, config = f"{key}, stage {i}", _run_config(st.get("run"), "configs/default")
+            elif st.get("distilled"):
+                label, config = key, _run_config(st.get("run"), "configs/distill")
+            else:
+                label, config = key, f"configs/default/{cfgname}.yaml"
+            if key == "transformer":
+                student_config = config  # the last stage's, for the retrain line below
+            lines.append(_part_row(label, _student(what, st.get("distilled")), config, r.get("params", 0), st,
+                                   size if i == len(stages) else "-"))  # fmt: skip
     if kind == "sd3" and "controlnet" in train:  # an extra added by `t2i export controlnet`
         r, fname = train["controlnet"], "controlnet.safetensors"
         size = f"`{fname}` ({files[fname] / 1e6:.1f} MB)" if fname in files else "-"
@@ -191,11 +191,8 @@ def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str
                                r.get("params", 0), r, size))  # fmt: skip
     retrain = "Retrain everything with `make train-defaults`."
     if distilled:
-        student_cfg = _config_of_run(train["transformer"].get("run"))
-        if student_cfg == "-":
-            student_cfg = f"configs/distill/{train['transformer'].get('run')}.yaml"
-        retrain = (f"Retrain the student with `t2i train {student_cfg}` after the teacher (`make train-defaults` "
-                   "does both).")  # fmt: skip
+        retrain = (f"Retrain the student with `t2i train {student_config}` after the teacher (`make "
+                   "train-defaults` does both).")  # fmt: skip
     lines += ["", f"Weights are the EMA weights of each run's last checkpoint, stored in fp16 (loaded as fp32). "
               f"{retrain}", ""]  # fmt: skip
     if (folder / "learning_curve.png").exists():

@@ -206,11 +206,14 @@ def test_sd3_student_exports_as_a_guidance_free_few_step_model(tmp_path):
     gen.pipe.transformer.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
     images = gen.generate(["a red circle", "a blue square", "a cross"], [0, 1, 2], gen.defaults)
     assert images.shape == (3, 3, 64, 64) and calls == [3, 3]
-    # a second student started from the first one's exported file (student_init): its card counts the first too
+    # a second student started from the first one's exported file (student_init), by the other method: its record
+    # and card count the first too, each stage under its own method
     import json
 
+    from t2i.pipelines.model_card import card_text
+
     again = params.replace(
-        "method: adversarial,", f"method: adversarial, student_init: {out}/transformer.safetensors,"
+        "method: adversarial,", f"method: consistency, student_init: {out}/transformer.safetensors,"
     )
     second = train_default(tmp_path, "sd3", ["task.name=distill", again, *TINY_MMDIT, "data.batch_size=2",
                                              "run.name=student2"])  # fmt: skip
@@ -218,3 +221,7 @@ def test_sd3_student_exports_as_a_guidance_free_few_step_model(tmp_path):
     first_rec = json.loads((out / "model.json").read_text())["training"]["transformer"]
     rec = json.loads((out2 / "model.json").read_text())["training"]["transformer"]
     assert rec["run"] == "student2" and rec["started_from"] == first_rec
+    card = card_text(out2)
+    assert "adversarial distillation (LADD-style) and then consistency distillation (LCM-style)" in card
+    assert "| transformer, stage 1 | MMDiT-X student (adversarial distillation) |" in card
+    assert "| transformer, stage 2 | MMDiT-X student (consistency distillation) |" in card
