@@ -34,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = s.add_argument_group("skip-layer guidance written to model.json (default: off)")
     g.add_argument("--slg-scale", type=float, help="skip-layer guidance strength (SD3.5 Medium uses 2.5)")
     g.add_argument("--slg-layers", type=_layers, help="the MMDiT blocks skipped, comma-separated (e.g. 2,3)")
+    s.add_argument("--guidance-interval", type=_interval, metavar="LOW,HIGH",
+                   help="classifier-free guidance only while the noise level (1 = pure noise) lies in [LOW, HIGH], "
+                        "e.g. 0,0.8 (default: every step)")  # fmt: skip
     s.set_defaults(func=run)
     u = kinds.add_parser("unclip", help="CLIP + prior + base decoder + super-resolution runs")
     u.add_argument("--clip", default="runs/default_clip")
@@ -69,6 +72,15 @@ def _layers(text: str) -> list[int]:
     return layers
 
 
+def _interval(text: str) -> list[float]:
+    from t2i.pipelines.sd3 import check_guidance_interval
+
+    try:
+        return list(check_guidance_interval(text.split(",")))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{err}; write it as LOW,HIGH, e.g. 0,0.8") from None
+
+
 def run_controlnet(args: argparse.Namespace) -> int:
     from t2i.pipelines.model_card import write_model_card
     from t2i.train.export import export_controlnet
@@ -96,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
             if not args.slg_scale:
                 raise CLIError("--slg-layers needs --slg-scale (a strength above 0)")
             defaults["slg_layers"] = args.slg_layers
+        if args.guidance_interval is not None:
+            defaults["guidance_interval"] = args.guidance_interval
         out = export_sd3(args.out, transformer=args.transformer, vae=args.vae, clip=args.clip, name=args.name,
                          defaults=defaults, share_from=args.share_from, precision=args.precision)  # fmt: skip
     else:

@@ -250,6 +250,8 @@ def _load_generator(model: str, quantize: str | None, precision: str | None) -> 
 
     def settings(p) -> Settings:
         extra = {"shift": p.shift, "slg_scale": p.slg_scale, "slg_layers": p.slg_layers, "slg_window": p.slg_window}
+        if p.guidance_interval is not None:
+            extra["guidance_interval"] = p.guidance_interval
         return Settings(p.steps, p.guidance, p.sampler, 1024, extra=extra)
 
     precision = precision or "fp32"

@@ -246,6 +246,13 @@ class SD3Generator(Generator):
             # layers past the last block would skip nothing: guidance that silently does nothing
             raise SettingsError("slg_layers", f"{self.name} has {depth} MMDiT blocks; slg_layers must be block "
                                 f"indices in 0..{depth - 1}, got {layers!r}")  # fmt: skip
+        if opts.get("guidance_interval") is not None:
+            from t2i.pipelines.sd3 import check_guidance_interval
+
+            try:
+                check_guidance_interval(opts["guidance_interval"])
+            except ValueError as err:
+                raise SettingsError("guidance_interval", str(err)) from None
 
     def total_steps(self, s: Settings, edit: bool = False) -> int:
         """The steps of a call: all of them, or for an edit the last ``strength`` of them (as img2img runs)."""
@@ -262,7 +269,9 @@ class SD3Generator(Generator):
         self.check(s)  # a hand-made Settings gets the same checks as one from settings()
         self.check_edits(init_images, masks)
         self.check_controls(controls)
-        sd3 = {k: v for k, v in s.extra if k in ("shift", "slg_scale", "slg_layers", "slg_window")}
+        sd3 = {
+            k: v for k, v in s.extra if k in ("shift", "slg_scale", "slg_layers", "slg_window", "guidance_interval")
+        }
         edit = {}
         if init_images is not None:
             edit = {"init_image": init_images, "strength": float(s.options.get("strength", 0.8))}

@@ -153,7 +153,10 @@ def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str
               f"Defaults: {d['steps']} steps of `{d['sampler']}`, CFG {d['guidance']}, {d['size']} px"
               + (f", shift {d['shift']}" if "shift" in d else "")
               + (f", skip-layer guidance {d['slg_scale']} on blocks {', '.join(map(str, d.get('slg_layers', ())))}"
-                 if d.get("slg_scale") else "") + "."
+                 if d.get("slg_scale") else "")
+              + (", classifier-free guidance only while the noise level lies in "
+                 f"{d['guidance_interval'][0]}-{d['guidance_interval'][1]}" if d.get("guidance_interval") else "")
+              + "."
               + _precision_note(kind, spec.get("precision", "fp32")), ""]  # fmt: skip
     lines += ["## Parts and training", "",
               "All parts were trained with `t2i train` on the `train` stream of the shapes benchmark (`shapes-v1`, "

@@ -56,11 +56,29 @@ class SD3Preset:
     slg_scale: float = 0.0  # skip-layer guidance strength; 0 disables it
     slg_layers: tuple[int, ...] = (7, 8, 9)
     slg_window: tuple[float, float] = (0.01, 0.2)  # fractions of the steps where SLG is on (strict bounds)
+    # classifier-free guidance only while the noise level t (1 = pure noise) lies in [low, high] (Kynkaanniemi et
+    # al. 2024); elsewhere the conditional prediction alone. None guides every step.
+    guidance_interval: tuple[float, float] | None = None
 
     def __post_init__(self):
         check_sampler(self.sampler)
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.guidance_interval is not None:
+            check_guidance_interval(self.guidance_interval)
+
+
+def check_guidance_interval(interval) -> tuple[float, float]:
+    """``interval`` as a (low, high) pair of noise levels with 0 <= low < high <= 1; else a ValueError that says so."""
+    try:
+        lo, hi = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"guidance_interval must be two noise levels [low, high] in [0, 1], got {interval!r}"
+        ) from None
+    if not 0.0 <= lo < hi <= 1.0:
+        raise ValueError(f"guidance_interval must satisfy 0 <= low < high <= 1 (1 = pure noise), got {interval!r}")
+    return lo, hi
 
 
 PRESETS: dict[str, SD3Preset] = {
@@ -256,7 +274,8 @@ class SD3Pipeline:
         if p.slg_scale != 0:
             window = step_interval_to_time(ts, *p.slg_window)
             slg = SkipLayerGuidance(scale=p.slg_scale, layers=tuple(p.slg_layers), interval=window)
-        guided = classifier_free_guidance(denoise, p.guidance, uncond, skip_layers=slg)
+        interval = None if p.guidance_interval is None else tuple(p.guidance_interval)
+        guided = classifier_free_guidance(denoise, p.guidance, uncond, interval=interval, skip_layers=slg)
         amp = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast is not None else nullcontext()
         with self._on_device(net), amp:
             if inpaint is not None:
@@ -331,7 +350,7 @@ class SD3Pipeline:
             output: "pil", "tensor" (``(B, 3, H, W)`` in [0, 1]) or "latent" (MMDiT-space latents).
             vae_tile: decode in tiles of this many latent pixels (bounds VAE memory for large images).
             overrides: any ``SD3Preset`` field: ``steps``, ``guidance`` (also accepted as ``cfg``), ``sampler``,
-                ``shift``, ``slg_scale``, ``slg_layers``, ``slg_window``.
+                ``shift``, ``slg_scale``, ``slg_layers``, ``slg_window``, ``guidance_interval``.
         """
         if output not in ("pil", "tensor", "latent"):
             raise ValueError(f"output must be 'pil', 'tensor' or 'latent', got {output!r}")

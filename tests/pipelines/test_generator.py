@@ -96,7 +96,9 @@ def test_settings_overrides_are_checked_and_name_their_field(sd3_gen):
              # skip-layer guidance naming blocks this 2-block net lacks would skip nothing: refused
              ({"extra": {"slg_scale": 2.5}}, "slg_layers"),
              ({"extra": {"slg_scale": 2.5, "slg_layers": [2]}}, "slg_layers"),
-             ({"extra": {"slg_scale": "much"}}, "slg_scale")]  # fmt: skip
+             ({"extra": {"slg_scale": "much"}}, "slg_scale"),
+             ({"extra": {"guidance_interval": [0.8, 0.2]}}, "guidance_interval"),
+             ({"extra": {"guidance_interval": "early"}}, "guidance_interval")]  # fmt: skip
     for overrides, field in cases:
         with pytest.raises(SettingsError) as err:
             sd3_gen.settings(**overrides)
@@ -104,6 +106,7 @@ def test_settings_overrides_are_checked_and_name_their_field(sd3_gen):
     assert sd3_gen.settings(extra={"slg_scale": 2.5, "slg_layers": [1]}).options["slg_layers"] == (1,)
     with pytest.raises(SettingsError, match=r"has 2 MMDiT blocks; slg_layers must be block indices in 0\.\.1"):
         sd3_gen.settings(extra={"slg_scale": 2.5, "slg_layers": [0, 5]})
+    assert sd3_gen.settings(extra={"guidance_interval": [0, 0.8]}).options["guidance_interval"] == (0, 0.8)
     with pytest.raises(SettingsError, match="did you mean 'euler'"):
         sd3_gen.settings(sampler="eular")
     with pytest.raises(SettingsError, match="unknown preset 'turbo'") as err:

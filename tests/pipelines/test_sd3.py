@@ -85,6 +85,33 @@ def test_ten_step_cfg_loop_matches_diffusers_pipeline(tiny, slg):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)  # measured 2.6e-6 (CFG + SLG)
 
 
+def test_guidance_interval_guides_only_inside_it(tiny):
+    """Guidance over all of [0, 1] is plain CFG; an interval no step reaches is the conditional model alone (and runs
+    no unconditional pass); a partial one skips the unconditional pass at the steps outside it."""
+    model, _, emb = tiny
+    kw = dict(**emb, seeds=[1, 2], height=64, width=32, output="latent")
+    plain = SD3Pipeline(model, preset=SD3Preset(steps=6, guidance=4.5))(**kw)
+    everywhere = SD3Pipeline(model, preset=SD3Preset(steps=6, guidance=4.5, guidance_interval=(0.0, 1.0)))(**kw)
+    torch.testing.assert_close(everywhere, plain, atol=0, rtol=0)
+    cond_only = SD3Pipeline(model, preset=SD3Preset(steps=6, guidance=1.0))(**kw)
+    calls = []
+    hook = model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    try:
+        nowhere = SD3Pipeline(model, preset=SD3Preset(steps=6, guidance=4.5, guidance_interval=(0.0, 1e-6)))(**kw)
+        assert calls == [2] * 6
+        calls.clear()
+        low = SD3Pipeline(model, preset=SD3Preset(steps=6, guidance=4.5, guidance_interval=(0.0, 0.8)))(**kw)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(nowhere, cond_only, atol=1e-6, rtol=0)
+    ts = SD3Pipeline(model).schedule(6, 3.0)[1][:-1]
+    assert calls == [4 if t <= 0.8 else 2 for t in ts.tolist()] and 2 in calls and 4 in calls
+    assert not torch.allclose(low, plain) and not torch.allclose(low, cond_only)
+    for bad in [(0.9, 0.8), (-0.1, 0.5), (0.0, 1.5), (0.5,), "0,1"]:
+        with pytest.raises(ValueError, match="guidance_interval"):
+            SD3Preset(guidance_interval=bad)
+
+
 def test_per_sample_seeds_and_turbo_has_no_uncond_pass(tiny):
     model, _, emb = tiny
     calls = []

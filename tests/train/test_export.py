@@ -141,6 +141,17 @@ def test_export_cli_writes_skip_layer_guidance_into_the_defaults(tmp_path, capsy
     with pytest.raises(SystemExit):
         main([*base, "--out", str(tmp_path / "bad"), "--slg-scale", "2", "--slg-layers", "two"])
     assert "expected block indices like 2,3" in capsys.readouterr().err
+    # the guidance interval: written to the defaults, named on the card, used by generate; a bad one refused
+    assert main([*base, "--out", str(tmp_path / "gi"), "--guidance-interval", "0,0.8"]) == 0
+    assert json.loads((tmp_path / "gi" / "model.json").read_text())["defaults"]["guidance_interval"] == [0.0, 0.8]
+    assert "guidance only while the noise level lies in 0.0-0.8" in (tmp_path / "gi" / "README.md").read_text()
+    gen = load_generator(str(tmp_path / "gi"))
+    s = gen.defaults.replace(steps=6)
+    unlimited = gen.generate(["a red circle"], [0], s.replace(extra={"guidance_interval": None}))
+    assert not torch.equal(gen.generate(["a red circle"], [0], s), unlimited)
+    with pytest.raises(SystemExit):
+        main([*base, "--out", str(tmp_path / "bad"), "--guidance-interval", "0.8,0.2"])
+    assert "write it as LOW,HIGH" in capsys.readouterr().err
 
 
 def test_export_needs_a_pinned_latent_format(tmp_path):
