@@ -73,7 +73,7 @@ def _layers(text: str) -> list[int]:
 
 
 def _interval(text: str) -> list[float]:
-    from t2i.pipelines.sd3 import check_guidance_interval
+    from t2i.diffusion import check_guidance_interval
 
     try:
         return list(check_guidance_interval(text.split(",")))

@@ -9,6 +9,7 @@ from .conditioning import LowresAugment, SelfConditioning, gaussian_blur, self_c
 from .ddpm import DDPM_VARIANCES, ddpm_step, forward_transition
 from .guidance import (
     SkipLayerGuidance,
+    check_guidance_interval,
     classifier_free_guidance,
     dynamic_threshold,
     static_threshold,

@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import Tensor
 
-from t2i.diffusion import check_sampler
+from t2i.diffusion import check_guidance_interval, check_sampler
 
 # ``progress(done, total)`` after every sampler step of a ``Generator.generate`` call; it may raise to abort the call
 # (the server does, when every client of a batch has gone away).
@@ -247,8 +247,6 @@ class SD3Generator(Generator):
             raise SettingsError("slg_layers", f"{self.name} has {depth} MMDiT blocks; slg_layers must be block "
                                 f"indices in 0..{depth - 1}, got {layers!r}")  # fmt: skip
         if opts.get("guidance_interval") is not None:
-            from t2i.pipelines.sd3 import check_guidance_interval
-
             try:
                 check_guidance_interval(opts["guidance_interval"])
             except ValueError as err:

@@ -32,6 +32,7 @@ from t2i.diffusion import (
     RectifiedFlow,
     Seeds,
     SkipLayerGuidance,
+    check_guidance_interval,
     check_sampler,
     classifier_free_guidance,
     get_sampler,
@@ -66,19 +67,6 @@ class SD3Preset:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.guidance_interval is not None:
             check_guidance_interval(self.guidance_interval)
-
-
-def check_guidance_interval(interval) -> tuple[float, float]:
-    """``interval`` as a (low, high) pair of noise levels with 0 <= low < high <= 1; else a ValueError that says so."""
-    try:
-        lo, hi = (float(v) for v in interval)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"guidance_interval must be two noise levels [low, high] in [0, 1], got {interval!r}"
-        ) from None
-    if not 0.0 <= lo < hi <= 1.0:
-        raise ValueError(f"guidance_interval must satisfy 0 <= low < high <= 1 (1 = pure noise), got {interval!r}")
-    return lo, hi
 
 
 PRESETS: dict[str, SD3Preset] = {

@@ -108,6 +108,20 @@ def test_distillation_term_targets_the_guided_teacher(target):
     assert torch.isfinite(loss).all() and (loss >= 2.0).all()  # 2 from the hinge terms, plus the MSE
 
 
+def test_teacher_guides_only_inside_its_guidance_interval():
+    """An interval no re-noised time reaches leaves the teacher's target unguided: one conditional pass, no uncond."""
+    cfg = _cfg("adversarial", "flow", "task.params.guidance_interval=[0.0, 1.0e-9]")
+    task = build_task(cfg)
+    model = task.build_model()
+    calls = []
+    handle = task.teacher.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    task.loss(model, _batch(cfg))
+    handle.remove()
+    assert calls == [8, 8, 8]  # fake and real features, then the target from the conditional branch alone
+    with pytest.raises(ValueError, match=r"task\.params\.guidance_interval must satisfy"):
+        build_task(_cfg("adversarial", "flow", "task.params.guidance_interval=[0.9, 0.2]"))
+
+
 def test_student_samples_with_the_requested_nfe_and_no_cfg():
     cfg = _cfg("consistency", "flow")
     task = build_task(cfg)

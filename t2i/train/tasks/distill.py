@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from t2i.data.transforms import sample_generator
-from t2i.diffusion import Denoiser, classifier_free_guidance
+from t2i.diffusion import Denoiser, check_guidance_interval, classifier_free_guidance
 from t2i.diffusion.paths import append_dims
 
 from ..distributed import unwrap
@@ -56,6 +56,8 @@ class DistillTaskConfig:
     base_task: str = "sd3"  # sd3 | diffusion: supplies data, conditioning, path and parameterisation
     base_params: dict[str, Any] = field(default_factory=dict)
     guidance: float = 4.0  # teacher CFG scale distilled into the student
+    # the teacher guides only while the noise level lies in [low, high] (its folder's guidance_interval); None: always
+    guidance_interval: list[float] | None = None
     student_steps: int = 4  # the student's step count (its preset); the adversarial method trains on its grid
     teacher_steps: int = 32  # consistency: the teacher grid's size N (adjacent pairs of it are distilled)
     loss: str = "huber"  # consistency distance: l2 | huber (pseudo-Huber, Song & Dhariwal 2023)
@@ -140,6 +142,11 @@ class DistillTask(Task):
         if p.method == "adversarial" and not p.feature_layers:
             raise ValueError("the adversarial method needs task.params.feature_layers (teacher modules, e.g. "
                              "joint_blocks.1 joint_blocks.3 for an MMDiT)")  # fmt: skip
+        if p.guidance_interval is not None:
+            try:
+                self.guidance_interval = check_guidance_interval(p.guidance_interval)
+            except ValueError as err:
+                raise ValueError(f"task.params.{err}") from None
         if p.teacher is None and p.require_teacher:
             raise ValueError("set task.params.teacher to the trained model to distil (a run folder or weights file)")
         inner_cfg = dataclasses.replace(
@@ -215,7 +222,8 @@ class DistillTask(Task):
         return torch.sqrt(d.pow(2).mean(1) + c * c) - c
 
     def _guided_teacher(self, uncond: dict):
-        return classifier_free_guidance(self._denoiser(self.teacher), self.params.guidance, uncond)
+        interval = self.guidance_interval if self.params.guidance_interval is not None else None
+        return classifier_free_guidance(self._denoiser(self.teacher), self.params.guidance, uncond, interval=interval)
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
         net = unwrap(model)
