@@ -15,10 +15,11 @@ from t2i.pipelines.folders import SHIPPED, load_generator, model_folder
 PROMPT = "a red circle above a blue square"
 # (steps, seed, pixels [0, 1] of rows 30-31, columns 30-33 of each channel of the 64 px image)
 GOLDEN = {
-    # 10 steps: the second falls in the skip-layer guidance window (its default), so the slice covers SLG too
-    "sd3-shapes": (10, 7, [0.1249, 0.1184, 0.1108, 0.1174, 0.1177, 0.1122, 0.1099, 0.1234, 0.2718, 0.2783, 0.2762,
-                           0.2663, 0.2687, 0.2752, 0.2719, 0.2617, 0.89, 0.8902, 0.8833, 0.8677, 0.8884, 0.8905,
-                           0.8889, 0.8735]),
+    # 10 steps: the second falls in the skip-layer guidance window and the first ones above the guidance interval
+    # (its defaults), so the slice covers both
+    "sd3-shapes": (10, 7, [0.285, 0.6959, 0.9206, 0.9286, 0.2408, 0.6431, 0.912, 0.9292, 0.353, 0.7411, 0.9298,
+                           0.9237, 0.3237, 0.7027, 0.9334, 0.9286, 0.9051, 0.9655, 0.9172, 0.9076, 0.8999, 0.9514,
+                           0.9305, 0.9069]),
     "unclip-shapes": (4, 7, [0.7566, 0.7848, 0.7961, 0.8354, 0.8124, 0.8212, 0.853, 0.8576, 0.119, 0.1771, 0.223,
                              0.2035, 0.1633, 0.1936, 0.2075, 0.2219, 0.174, 0.1398, 0.2163, 0.1948, 0.178, 0.1736,
                              0.174, 0.2123]),
