@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from model_folders import tiny_sd3_folder
 
 from t2i.cli.main import main
@@ -74,6 +76,15 @@ def test_partial_reports_merge(tmp_path):
                   update_cards=False)  # fmt: skip
     md = (tmp_path / "m2.md").read_text()
     assert "Measured from earlier defaults than the table above: euler, guidance 3.0, shift 2.0, bf16." in md
+    # a model measured with another thread count (an older report's part) keeps its own in the header
+    other = json.loads((tmp_path / "m.json").read_text())
+    other["models"][0]["model"], other["machine"]["torch_threads"] = "tiny-b", 5
+    other["models"][0].pop("machine")  # as in a report written before models kept their own
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    merge_reports([tmp_path / "other.json", tmp_path / "splits.json", tmp_path / "sweep.json"],
+                  out_md=tmp_path / "m3.md", update_cards=False)  # fmt: skip
+    md = (tmp_path / "m3.md").read_text()
+    assert f"torch threads per process: 5 for tiny-b, {torch.get_num_threads()} for tiny-sd3," in md
     run_report([str(a)], out_md=tmp_path / "c.md", **{**kw, "steps": (2,)})
     with pytest.raises(ValueError, match="different settings"):
         merge_reports([tmp_path / "splits.json", tmp_path / "c.json"], out_md=tmp_path / "x.md")
