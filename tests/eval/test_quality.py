@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import torch
-
 from model_folders import tiny_sd3_folder
 
 from t2i.cli.main import main
