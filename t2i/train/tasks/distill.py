@@ -142,6 +142,7 @@ class DistillTask(Task):
         if p.method == "adversarial" and not p.feature_layers:
             raise ValueError("the adversarial method needs task.params.feature_layers (teacher modules, e.g. "
                              "joint_blocks.1 joint_blocks.3 for an MMDiT)")  # fmt: skip
+        self.guidance_interval = None  # the teacher guides at every time
         if p.guidance_interval is not None:
             try:
                 self.guidance_interval = check_guidance_interval(p.guidance_interval)
@@ -222,8 +223,8 @@ class DistillTask(Task):
         return torch.sqrt(d.pow(2).mean(1) + c * c) - c
 
     def _guided_teacher(self, uncond: dict):
-        interval = self.guidance_interval if self.params.guidance_interval is not None else None
-        return classifier_free_guidance(self._denoiser(self.teacher), self.params.guidance, uncond, interval=interval)
+        teacher = self._denoiser(self.teacher)
+        return classifier_free_guidance(teacher, self.params.guidance, uncond, interval=self.guidance_interval)
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
         net = unwrap(model)
