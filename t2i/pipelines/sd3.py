@@ -65,8 +65,8 @@ class SD3Preset:
         check_sampler(self.sampler)
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.guidance_interval is not None:
-            check_guidance_interval(self.guidance_interval)
+        if self.guidance_interval is not None:  # checked, and held as a tuple of floats however it was given
+            object.__setattr__(self, "guidance_interval", check_guidance_interval(self.guidance_interval))
 
 
 PRESETS: dict[str, SD3Preset] = {
@@ -262,8 +262,7 @@ class SD3Pipeline:
         if p.slg_scale != 0:
             window = step_interval_to_time(ts, *p.slg_window)
             slg = SkipLayerGuidance(scale=p.slg_scale, layers=tuple(p.slg_layers), interval=window)
-        interval = None if p.guidance_interval is None else tuple(p.guidance_interval)
-        guided = classifier_free_guidance(denoise, p.guidance, uncond, interval=interval, skip_layers=slg)
+        guided = classifier_free_guidance(denoise, p.guidance, uncond, interval=p.guidance_interval, skip_layers=slg)
         amp = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast is not None else nullcontext()
         with self._on_device(net), amp:
             if inpaint is not None:

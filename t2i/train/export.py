@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from t2i.diffusion import check_guidance_interval
 from t2i.errors import check_choice
 from t2i.io import read_config, read_metadata
 from t2i.io.runs import STEP_PREFIX, checkpoint_step, list_checkpoints, trained_weights_file
@@ -176,6 +177,8 @@ def export_sd3(out: str | Path, *, transformer: str, vae: str, clip: str, name: 
     if bad:  # caught here, not at every later `t2i generate` of the folder
         raise ValueError(f"skip-layer guidance layers {bad}: {transformer} has {net.cfg.depth} MMDiT blocks, "
                          f"use indices in 0..{net.cfg.depth - 1}")  # fmt: skip
+    if (defaults or {}).get("guidance_interval") is not None:
+        defaults = {**defaults, "guidance_interval": list(check_guidance_interval(defaults["guidance_interval"]))}
     out.mkdir(parents=True, exist_ok=True)
     save_model_file(out / "transformer.safetensors", "mmdit", net)
     curve = Path(transformer) / "eval_curve.png"  # the run's learning curve, when it was scored while training

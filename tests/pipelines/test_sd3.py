@@ -107,6 +107,7 @@ def test_guidance_interval_guides_only_inside_it(tiny):
     ts = SD3Pipeline(model).schedule(6, 3.0)[1][:-1]
     assert calls == [4 if t <= 0.8 else 2 for t in ts.tolist()] and 2 in calls and 4 in calls
     assert not torch.allclose(low, plain) and not torch.allclose(low, cond_only)
+    assert SD3Preset(guidance_interval=[0, 0.8]).guidance_interval == (0.0, 0.8)  # a JSON list, held as a tuple
     for bad in [(0.9, 0.8), (-0.1, 0.5), (0.0, 1.5), (0.5,), "0,1"]:
         with pytest.raises(ValueError, match="guidance_interval"):
             SD3Preset(guidance_interval=bad)

@@ -152,6 +152,9 @@ def test_export_cli_writes_skip_layer_guidance_into_the_defaults(tmp_path, capsy
     with pytest.raises(SystemExit):
         main([*base, "--out", str(tmp_path / "bad"), "--guidance-interval", "0.8,0.2"])
     assert "write it as LOW,HIGH" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="guidance_interval must satisfy"):  # the Python API checks it too
+        export_sd3(tmp_path / "bad", transformer=sd3, vae=vae, clip=clip, defaults={"guidance_interval": [0.5, 0.2]})
+    assert not (tmp_path / "bad").exists()
 
 
 def test_export_needs_a_pinned_latent_format(tmp_path):
