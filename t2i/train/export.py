@@ -78,13 +78,15 @@ def _checkpoint_record(weights: Path, cfg: dict[str, Any] | None, depth: int = 0
         rec.update(batch_size=batch, samples=step * batch, precision=run_cfg["precision"],
                    threads=run_cfg["threads"], seed=run_cfg["seed"])  # fmt: skip
     rec.update(extra)
+    task = (cfg or {}).get("task", {})
+    if task.get("name") == "distill":  # a student: each stage's card row names its own method
+        rec["distilled"] = {k: task["params"][k] for k in ("method", "teacher", "guidance", "student_steps")}
     if (run / "metrics.jsonl").is_file():
         rec["train_seconds"] = _train_seconds(run, step)
         cpu = _last_metric(run, "cpu_seconds", step)
         if cpu is not None:
             rec["cpu_seconds"] = round(cpu, 1)
     start = (cfg or {}).get("model", {}).get("init_from")
-    task = (cfg or {}).get("task", {})
     if not start and task.get("name") == "distill":  # a student that started from an earlier student's weights
         start = (task.get("params") or {}).get("student_init")
     earlier = _stage_record(start, depth + 1)
@@ -161,7 +163,6 @@ def export_sd3(out: str | Path, *, transformer: str, vae: str, clip: str, name: 
 
         student = {"steps": task["student_steps"], "guidance": 1.0,
                    "sampler": "consistency" if task["method"] == "consistency" else "euler"}  # fmt: skip
-        rec["distilled"] = {k: task[k] for k in ("method", "teacher", "guidance", "student_steps")}
         task = {**dataclasses.asdict(SD3TaskConfig()), **task["base_params"]}
     vae_net, _, vae_rec = _run_part(vae, "sd3_vae")
     if task.get("latent_scale") is None:

@@ -239,3 +239,14 @@ def test_sd3_student_exports_as_a_guidance_free_few_step_model(tmp_path):
     assert "adversarial distillation (LADD-style) and then consistency distillation (LCM-style)" in card
     assert "| transformer, stage 1 | MMDiT-X student (adversarial distillation) |" in card
     assert "| transformer, stage 2 | MMDiT-X student (consistency distillation) |" in card
+    # started from the first student's run checkpoint instead of its exported file: the earlier stage's record
+    # comes from that run and still names its method
+    first_ckpt = f"{student}/checkpoints/step_00000002/ema.safetensors"
+    from_run = params.replace("method: adversarial,", f"method: consistency, student_init: {first_ckpt},")
+    third = train_default(tmp_path, "sd3", ["task.name=distill", from_run, *TINY_MMDIT, "data.batch_size=2",
+                                            "run.name=student3"])  # fmt: skip
+    out3 = export_sd3(tmp_path / "turbo3", transformer=third, vae=vae, clip=clip, name="turbo")
+    rec = json.loads((out3 / "model.json").read_text())["training"]["transformer"]
+    assert rec["started_from"]["run"] == "student" and rec["started_from"]["distilled"] == first_rec["distilled"]
+    assert rec["distilled"]["method"] == "consistency"
+    assert "| transformer, stage 1 | MMDiT-X student (adversarial distillation) |" in card_text(out3)
