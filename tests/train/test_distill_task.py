@@ -122,6 +122,60 @@ def test_teacher_guides_only_inside_its_guidance_interval():
         build_task(_cfg("adversarial", "flow", "task.params.guidance_interval=[0.9, 0.2]"))
 
 
+def test_teacher_skip_layer_guidance_needs_an_mmdit_and_checks_its_settings():
+    with pytest.raises(ValueError, match=r"slg_scale needs an MMDiT teacher \(base_task: sd3\)"):
+        build_task(_cfg("adversarial", "flow", "task.params.slg_scale=2.5", "task.params.slg_layers=[0]"))
+    assert build_task(_cfg("adversarial", "flow")).skip_layers is None  # off by default
+
+
+def test_sd3_teacher_with_skip_layer_guidance(tmp_path):
+    """``slg_scale``: the guided teacher adds scale * (cond - cond with the blocks skipped) inside ``slg_interval``,
+    in one more teacher pass on the batch alone; outside it the target is plain CFG. Bad layers and intervals are
+    refused before training."""
+    from model_folders import TINY_MMDIT, train_tiny_sd3
+
+    from t2i.diffusion import Denoiser
+
+    teacher, vae, clip = train_tiny_sd3(tmp_path)
+    base = (f"{{vae: {vae}, text: {clip}, latent_scale: 1.5, latent_shift: 0.1, shift: 1.0, drop_clip_l: 0.1, "
+            "drop_clip_g: 0.0, drop_t5: 0.0, cache_text: false, cache_latents: false}")  # fmt: skip
+
+    def cfg(*extra):
+        params = (f"task.params={{method: adversarial, teacher: {teacher}, base_task: sd3, base_params: {base}, "
+                  "student_steps: 2, feature_layers: [joint_blocks.0], guidance: 3.0}")  # fmt: skip
+        return load_config("configs/default/sd3.yaml", ["task.name=distill", params, *TINY_MMDIT, "run.precision=fp32",
+                                                        "run.threads=0", *extra])  # fmt: skip
+
+    slg = ["task.params.slg_scale=2.0", "task.params.slg_layers=[0]", "task.params.slg_interval=[0.5, 1.0]"]
+    task, plain = build_task(cfg(*slg)), build_task(cfg())
+    task.build_model(), plain.build_model()
+    torch.manual_seed(0)
+    with torch.no_grad():  # two tiny training steps leave the zero-initialised block near the identity: perturb it
+        for w in task.teacher.joint_blocks[0].parameters():
+            w.add_(0.2 * torch.randn_like(w))
+    plain.teacher = task.teacher  # the same teacher, guided without SLG
+    x0, cond, uncond = task.base.distill_inputs(task.teacher, _batch(cfg(), 2), "cpu")
+    x = torch.randn_like(x0)
+    t = torch.tensor([0.9, 0.2])  # inside and outside the SLG interval
+    calls = []
+    handle = task.teacher.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    with torch.no_grad():
+        got = task._guided_teacher(uncond)(x, t, **cond)
+    handle.remove()
+    assert calls == [4, 2]  # cond + uncond in one batch, then the skip pass on the batch alone
+    with torch.no_grad():
+        want = plain._guided_teacher(uncond)(x, t, **cond)
+        teacher_fn = Denoiser(task.teacher, task.path, task.prediction)
+        x0_c, x0_skip = teacher_fn(x, t, **cond), teacher_fn(x, t, skip_layers=(0,), **cond)
+    torch.testing.assert_close(got[1], want[1])  # t = 0.2: outside, plain CFG
+    torch.testing.assert_close(got[0], want[0] + 2.0 * (x0_c[0] - x0_skip[0]), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got[0], want[0])
+    with pytest.raises(ValueError, match=r"slg_layers \[7\]: the teacher has 1 MMDiT blocks"):
+        build_task(cfg("task.params.slg_scale=2.0", "task.params.slg_layers=[7]")).build_model()
+    with pytest.raises(ValueError, match=r"task\.params\.slg_interval: guidance_interval must satisfy"):
+        build_task(cfg(*slg[:2], "task.params.slg_interval=[0.9, 0.1]"))
+
+
 def test_student_samples_with_the_requested_nfe_and_no_cfg():
     cfg = _cfg("consistency", "flow")
     task = build_task(cfg)

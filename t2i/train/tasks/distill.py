@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from t2i.data.transforms import sample_generator
-from t2i.diffusion import Denoiser, check_guidance_interval, classifier_free_guidance
+from t2i.diffusion import Denoiser, SkipLayerGuidance, check_guidance_interval, classifier_free_guidance
 from t2i.diffusion.paths import append_dims
 
 from ..distributed import unwrap
@@ -58,6 +58,12 @@ class DistillTaskConfig:
     guidance: float = 4.0  # teacher CFG scale distilled into the student
     # the teacher guides only while the noise level lies in [low, high] (its folder's guidance_interval); None: always
     guidance_interval: list[float] | None = None
+    # skip-layer guidance of the teacher (SD3.5's; an MMDiT teacher, base_task sd3): slg_scale times (cond - cond with
+    # the slg_layers blocks skipped) while the noise level lies in slg_interval (None: always); 0 turns it off. Its
+    # folder states the window in fractions of its steps: `step_interval_to_time` converts it to noise levels
+    slg_scale: float = 0.0
+    slg_layers: list[int] = field(default_factory=list)
+    slg_interval: list[float] | None = None
     student_steps: int = 4  # the student's step count (its preset); the adversarial method trains on its grid
     teacher_steps: int = 32  # consistency: the teacher grid's size N (adjacent pairs of it are distilled)
     loss: str = "huber"  # consistency distance: l2 | huber (pseudo-Huber, Song & Dhariwal 2023)
@@ -148,6 +154,17 @@ class DistillTask(Task):
                 self.guidance_interval = check_guidance_interval(p.guidance_interval)
             except ValueError as err:
                 raise ValueError(f"task.params.{err}") from None
+        self.skip_layers = None  # no skip-layer guidance in the teacher
+        if p.slg_scale != 0:
+            if p.base_task != "sd3" or not p.slg_layers:
+                raise ValueError("task.params.slg_scale needs an MMDiT teacher (base_task: sd3) and "
+                                 "task.params.slg_layers, the blocks to skip (e.g. [2, 3])")  # fmt: skip
+            try:
+                window = (0.0, 1.0) if p.slg_interval is None else check_guidance_interval(p.slg_interval)
+            except ValueError as err:
+                raise ValueError(f"task.params.slg_interval: {err}") from None
+            layers = tuple(int(i) for i in p.slg_layers)
+            self.skip_layers = SkipLayerGuidance(scale=float(p.slg_scale), layers=layers, interval=window)
         if p.teacher is None and p.require_teacher:
             raise ValueError("set task.params.teacher to the trained model to distil (a run folder or weights file)")
         inner_cfg = dataclasses.replace(
@@ -179,6 +196,10 @@ class DistillTask(Task):
 
     def build_model(self) -> nn.Module:
         self.teacher = self._load_teacher()
+        depth = len(getattr(self.teacher, "joint_blocks", ()))
+        if self.skip_layers is not None and not all(0 <= i < depth for i in self.skip_layers.layers):
+            raise ValueError(f"task.params.slg_layers {list(self.skip_layers.layers)}: the teacher has {depth} MMDiT "
+                             f"blocks, use indices in 0..{depth - 1}")  # fmt: skip
         student = copy.deepcopy(self.teacher).train().requires_grad_(True)
         if self.params.student_init is not None:
             self._load_into(student, self.params.student_init, "task.params.student_init")
@@ -224,7 +245,9 @@ class DistillTask(Task):
 
     def _guided_teacher(self, uncond: dict):
         teacher = self._denoiser(self.teacher)
-        return classifier_free_guidance(teacher, self.params.guidance, uncond, interval=self.guidance_interval)
+        return classifier_free_guidance(
+            teacher, self.params.guidance, uncond, interval=self.guidance_interval, skip_layers=self.skip_layers
+        )
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
         net = unwrap(model)
