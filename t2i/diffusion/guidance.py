@@ -49,17 +49,16 @@ def step_interval_to_time(ts: Tensor, start: float, end: float) -> tuple[float, 
     return (min(chosen), max(chosen))
 
 
-def check_guidance_interval(interval) -> tuple[float, float]:
+def check_guidance_interval(interval, name: str = "guidance_interval") -> tuple[float, float]:
     """``interval`` as a (low, high) pair of noise levels (path times, 1 = pure noise) with 0 <= low < high <= 1,
-    else a ValueError that says so: the guidance interval of samplers and distillation teachers."""
+    else a ValueError naming the setting (``name``): the guidance intervals of samplers and distillation teachers,
+    and a distillation teacher's skip-layer guidance window."""
     try:
         lo, hi = (float(v) for v in interval)
     except (TypeError, ValueError):
-        raise ValueError(
-            f"guidance_interval must be two noise levels [low, high] in [0, 1], got {interval!r}"
-        ) from None
+        raise ValueError(f"{name} must be two noise levels [low, high] in [0, 1], got {interval!r}") from None
     if not 0.0 <= lo < hi <= 1.0:
-        raise ValueError(f"guidance_interval must satisfy 0 <= low < high <= 1 (1 = pure noise), got {interval!r}")
+        raise ValueError(f"{name} must satisfy 0 <= low < high <= 1 (1 = pure noise), got {interval!r}")
     return lo, hi
 
 

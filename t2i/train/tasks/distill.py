@@ -150,19 +150,15 @@ class DistillTask(Task):
                              "joint_blocks.1 joint_blocks.3 for an MMDiT)")  # fmt: skip
         self.guidance_interval = None  # the teacher guides at every time
         if p.guidance_interval is not None:
-            try:
-                self.guidance_interval = check_guidance_interval(p.guidance_interval)
-            except ValueError as err:
-                raise ValueError(f"task.params.{err}") from None
+            self.guidance_interval = check_guidance_interval(p.guidance_interval, "task.params.guidance_interval")
         self.skip_layers = None  # no skip-layer guidance in the teacher
         if p.slg_scale != 0:
             if p.base_task != "sd3" or not p.slg_layers:
                 raise ValueError("task.params.slg_scale needs an MMDiT teacher (base_task: sd3) and "
                                  "task.params.slg_layers, the blocks to skip (e.g. [2, 3])")  # fmt: skip
-            try:
-                window = (0.0, 1.0) if p.slg_interval is None else check_guidance_interval(p.slg_interval)
-            except ValueError as err:
-                raise ValueError(f"task.params.slg_interval: {err}") from None
+            window = (0.0, 1.0)
+            if p.slg_interval is not None:
+                window = check_guidance_interval(p.slg_interval, "task.params.slg_interval")
             layers = tuple(int(i) for i in p.slg_layers)
             self.skip_layers = SkipLayerGuidance(scale=float(p.slg_scale), layers=layers, interval=window)
         if p.teacher is None and p.require_teacher:
