@@ -71,6 +71,53 @@ def test_adversarial_distillation_trains_student_and_heads(path):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.student.parameters(), strict=True))
 
 
+def test_backward_simulation_feeds_the_student_its_own_sampler_state():
+    """``backward_simulation: 1``: a sample drawn at step k of the student's grid is trained on what the student's
+    consistency sampler reaches from that sample's pure noise after k calls (fresh noise per step), not on real data
+    noised to grid[k]; step 0 stays pure noise. Off (the default), the input is the real data noised."""
+    from t2i.data.transforms import sample_generator
+    from t2i.diffusion.samplers import sample_consistency
+    from t2i.nn.noise import Seeds
+    from t2i.train.tasks.distill import SIMULATION_STREAM
+
+    def graded_input(*extra):
+        cfg = _cfg("adversarial", "flow", "task.params.student_steps=3", *extra)
+        task = build_task(cfg)
+        model = task.build_model()
+        model.student.load_state_dict(plain_student)  # one student for both settings
+        seen = []
+        hook = model.student.register_forward_hook(lambda m, args, out: seen.append(args[0].detach().clone()))
+        task.loss(model, batch)
+        hook.remove()
+        return task, model, seen
+
+    cfg = _cfg("adversarial", "flow", "task.params.student_steps=3")
+    batch = _batch(cfg)
+    plain_student = build_task(cfg).build_model().student.state_dict()
+    task, model, seen = graded_input("task.params.backward_simulation=1.0")
+    _, _, plain_seen = graded_input()
+    assert len(plain_seen) == 1  # without it the student runs once, on real data noised
+    x0, cond, _ = task.base.distill_inputs(model.student, batch, torch.device("cpu"))
+    u, eps, _ = task._draws(batch, x0, 3, torch.device("cpu"))
+    grid = task.path.timesteps(3)
+    k = (u[:, 0] * 3).long().clamp(max=2)
+    assert set(k.tolist()) == {0, 1, 2}  # the batch covers every step
+    got = seen[-1]  # the graded call comes after the no-grad simulation
+    torch.testing.assert_close(got[k == 0], eps[k == 0])
+    student = task._denoiser(model.student)
+    for i in torch.nonzero(k > 0).squeeze(1).tolist():
+        noise = Seeds([0])
+        noise.generators = [sample_generator(task.seed, int(batch["id"][i]), SIMULATION_STREAM)]
+        one = {name: v[i : i + 1] for name, v in cond.items()}
+        with torch.no_grad():
+            want = sample_consistency(student, eps[i : i + 1], grid[: int(k[i]) + 1], task.path, extra_args=one,
+                                      noise=noise)  # fmt: skip
+        torch.testing.assert_close(got[i : i + 1], want, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(got[i], plain_seen[0][i])  # not the real data noised
+    with pytest.raises(ValueError, match=r"backward_simulation is a share in \[0, 1\] for the adversarial"):
+        build_task(_cfg("consistency", "flow", "task.params.backward_simulation=0.5"))
+
+
 def test_generator_term_does_not_train_the_heads():
     cfg = _cfg("adversarial", "flow", "task.params.distill_weight=0")
     task = build_task(cfg)
@@ -174,6 +221,8 @@ def test_sd3_teacher_with_skip_layer_guidance(tmp_path):
         build_task(cfg("task.params.slg_scale=2.0", "task.params.slg_layers=[7]")).build_model()
     with pytest.raises(ValueError, match=r"task\.params\.slg_interval must satisfy 0 <= low < high <= 1"):
         build_task(cfg(*slg[:2], "task.params.slg_interval=[0.9, 0.1]"))
+    with pytest.raises(ValueError, match=r"and task\.params\.slg_layers, the blocks to skip"):
+        build_task(cfg("task.params.slg_scale=2.0", "task.params.slg_layers=[]"))  # an MMDiT, but nothing to skip
 
 
 def test_student_samples_with_the_requested_nfe_and_no_cfg():

@@ -43,7 +43,7 @@ from t2i.diffusion.paths import append_dims
 from ..distributed import unwrap
 from . import Task, build_task
 
-NOISE_STREAM, STEP_STREAM = 1, 4
+NOISE_STREAM, STEP_STREAM, SIMULATION_STREAM = 1, 4, 6
 
 
 @dataclass
@@ -75,6 +75,10 @@ class DistillTaskConfig:
     # student's own sample re-noised to t_d, a sharpened, prompt-faithful version of it; "direct": the guided
     # teacher's one-step x0 from the student's input (x_s, t_s), which at t_s = 1 is the blurry mean image
     distill_target: str = "renoised"
+    # adversarial: the share of samples whose input at the grid's step k is the student's own sample after its first
+    # k steps from pure noise (its consistency sampler; "backward simulation", Yin et al. 2024, DMD2), not real data
+    # noised to that time: what it sees at steps 2-4 when sampling is its own blurrier guess, which real data hides
+    backward_simulation: float = 0.0
     require_teacher: bool = True  # refuse a random teacher (tests set false)
 
 
@@ -148,6 +152,9 @@ class DistillTask(Task):
         if p.method == "adversarial" and not p.feature_layers:
             raise ValueError("the adversarial method needs task.params.feature_layers (teacher modules, e.g. "
                              "joint_blocks.1 joint_blocks.3 for an MMDiT)")  # fmt: skip
+        if not 0 <= p.backward_simulation <= 1 or (p.backward_simulation and p.method != "adversarial"):
+            raise ValueError(f"task.params.backward_simulation is a share in [0, 1] for the adversarial method, got "
+                             f"{p.backward_simulation} with method {p.method}")  # fmt: skip
         self.guidance_interval = None  # the teacher guides at every time
         if p.guidance_interval is not None:
             self.guidance_interval = check_guidance_interval(p.guidance_interval, "task.params.guidance_interval")
@@ -284,13 +291,36 @@ class DistillTask(Task):
             return sum(net.heads[key](f) for key, f in feats.items())
         return sum(functional_call(net.heads[key], heads_params[key], (f,)) for key, f in feats.items())
 
+    @torch.no_grad()
+    def _simulated_inputs(self, net, batch, eps: Tensor, k: Tensor, grid: Tensor, cond: dict, rows: Tensor) -> Tensor:
+        """For the batch's ``rows``: the student's consistency sampler from pure noise ``eps`` run for ``k`` steps,
+        i.e. its input at ``grid[k]`` when it samples (x0 guess, re-noised with fresh noise to the next time)."""
+        idx = rows.nonzero().squeeze(1)
+        ids = [batch["id"][i] for i in idx.tolist()]
+        gens = [sample_generator(self.seed, int(d), SIMULATION_STREAM) for d in ids]
+        sub = {name: v[idx] if torch.is_tensor(v) and v.shape[0] == len(rows) else v for name, v in cond.items()}
+        x, steps = eps[idx].float(), k[idx]
+        student = self._denoiser(net.student)
+        for j in range(int(steps.max())):
+            live = steps > j  # rows still short of their step
+            x0 = student(x, grid[j].expand(len(x)), **sub).float()
+            noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device)
+            t_next = grid[j + 1].expand(len(x))
+            x = torch.where(append_dims(live, x.ndim), self.path.add_noise(x0, noise, t_next).float(), x)
+        return x.to(eps.dtype)
+
     def _adversarial(self, net, batch, x0, cond, uncond, device) -> Tensor:
         p = self.params
         grid = self.path.timesteps(p.student_steps).to(device)
-        u, eps, eps2 = self._draws(batch, x0, 2, device)
+        u, eps, eps2 = self._draws(batch, x0, 3 if p.backward_simulation > 0 else 2, device)
         k = (u[:, 0] * p.student_steps).long().clamp(max=p.student_steps - 1).to(device)
         t_s = grid[k]
         x_s = self.path.add_noise(x0, eps, t_s)
+        if p.backward_simulation > 0:
+            simulated = (u[:, 2] < p.backward_simulation).to(device) & (k > 0)
+            if simulated.any():
+                x_s = x_s.clone()
+                x_s[simulated] = self._simulated_inputs(net, batch, eps, k, grid, cond, simulated)
         fake = self._denoiser(net.student)(x_s, t_s, **cond)
         # re-noising times: logit-normal, as the teacher was trained (LADD Sec. 3.2)
         t_d = torch.sigmoid(p.disc_time_logit_mean + torch.special.ndtri(u[:, 1].clamp(1e-4, 1 - 1e-4))).to(device)
