@@ -77,7 +77,7 @@ class DistillTaskConfig:
     distill_target: str = "renoised"
     # adversarial: the share of samples whose input at the grid's step k is the student's own sample after its first
     # k steps from pure noise (its consistency sampler; "backward simulation", Yin et al. 2024, DMD2), not real data
-    # noised to that time: what it sees at steps 2-4 when sampling is its own blurrier guess, which real data hides
+    # noised to that time: what it sees at its later steps when sampling is its own blurrier guess, not real data
     backward_simulation: float = 0.0
     require_teacher: bool = True  # refuse a random teacher (tests set false)
 
