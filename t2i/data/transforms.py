@@ -78,11 +78,16 @@ class ImageTransform:
         return x.contiguous()
 
 
+def sample_seed(seed: int, draw: int, stream: int = 0) -> int:
+    """The seed of ``sample_generator(seed, draw, stream)``: for a sampler's per-sample noise (``t2i.nn.Seeds``)."""
+    # large odd multipliers spread consecutive draws and seeds apart; mask to torch's 63-bit seed range
+    key = seed * 0x9E3779B97F4A7C15 + stream * 0xBF58476D1CE4E5B9 + draw
+    return key & 0x7FFF_FFFF_FFFF_FFFF
+
+
 def sample_generator(seed: int, draw: int, stream: int = 0) -> torch.Generator:
     """The generator for the sample at stream position ``draw`` of a run seeded ``seed``.
 
     ``stream`` separates independent uses of the same sample (0: augmentation, 1: diffusion noise, ...).
     """
-    # large odd multipliers spread consecutive draws and seeds apart; mask to torch's 63-bit seed range
-    key = seed * 0x9E3779B97F4A7C15 + stream * 0xBF58476D1CE4E5B9 + draw
-    return torch.Generator().manual_seed(key & 0x7FFF_FFFF_FFFF_FFFF)
+    return torch.Generator().manual_seed(sample_seed(seed, draw, stream))

@@ -75,7 +75,7 @@ def test_backward_simulation_feeds_the_student_its_own_sampler_state():
     """``backward_simulation: 1``: a sample drawn at step k of the student's grid is trained on what the student's
     consistency sampler reaches from that sample's pure noise after k calls (fresh noise per step), not on real data
     noised to grid[k]; step 0 stays pure noise. Off (the default), the input is the real data noised."""
-    from t2i.data.transforms import sample_generator
+    from t2i.data.transforms import sample_seed
     from t2i.diffusion.samplers import sample_consistency
     from t2i.nn.noise import Seeds
     from t2i.train.tasks.distill import SIMULATION_STREAM
@@ -106,8 +106,7 @@ def test_backward_simulation_feeds_the_student_its_own_sampler_state():
     torch.testing.assert_close(got[k == 0], eps[k == 0])
     student = task._denoiser(model.student)
     for i in torch.nonzero(k > 0).squeeze(1).tolist():
-        noise = Seeds([0])
-        noise.generators = [sample_generator(task.seed, int(batch["id"][i]), SIMULATION_STREAM)]
+        noise = Seeds([sample_seed(task.seed, int(batch["id"][i]), SIMULATION_STREAM)])  # the sample's own stream
         one = {name: v[i : i + 1] for name, v in cond.items()}
         with torch.no_grad():
             want = sample_consistency(student, eps[i : i + 1], grid[: int(k[i]) + 1], task.path, extra_args=one,

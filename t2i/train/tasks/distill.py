@@ -36,9 +36,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from t2i.data.transforms import sample_generator
+from t2i.data.transforms import sample_generator, sample_seed
 from t2i.diffusion import Denoiser, SkipLayerGuidance, check_guidance_interval, classifier_free_guidance
 from t2i.diffusion.paths import append_dims
+from t2i.diffusion.samplers import sample_consistency
+from t2i.nn.noise import Seeds
 
 from ..distributed import unwrap
 from . import Task, build_task
@@ -293,25 +295,24 @@ class DistillTask(Task):
 
     @torch.no_grad()
     def _simulated_inputs(self, net, batch, eps: Tensor, k: Tensor, grid: Tensor, cond: dict, rows: Tensor) -> Tensor:
-        """For the batch's ``rows``: the student's consistency sampler from pure noise ``eps`` run for ``k`` steps,
-        i.e. its input at ``grid[k]`` when it samples (x0 guess, re-noised with fresh noise to the next time)."""
-        idx = rows.nonzero().squeeze(1)
-        ids = [batch["id"][i] for i in idx.tolist()]
-        gens = [sample_generator(self.seed, int(d), SIMULATION_STREAM) for d in ids]
-        sub = {name: v[idx] if torch.is_tensor(v) and v.shape[0] == len(rows) else v for name, v in cond.items()}
-        x, steps = eps[idx].float(), k[idx]
+        """For the batch's ``rows``: the student's own consistency sampler run from their pure noise ``eps`` for
+        ``k`` calls, i.e. their input at ``grid[k]`` when it samples; each sample draws its fresh noise from its own
+        stream. Rows are grouped by ``k``, one sampler run per group."""
+        out = torch.empty_like(eps[rows])
         student = self._denoiser(net.student)
-        for j in range(int(steps.max())):
-            live = steps > j  # rows still short of their step
-            x0 = student(x, grid[j].expand(len(x)), **sub).float()
-            noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device)
-            t_next = grid[j + 1].expand(len(x))
-            x = torch.where(append_dims(live, x.ndim), self.path.add_noise(x0, noise, t_next).float(), x)
-        return x.to(eps.dtype)
+        idx = rows.nonzero().squeeze(1)
+        for step in k[idx].unique().tolist():
+            group = idx[k[idx] == step]
+            sub = {name: v[group] if torch.is_tensor(v) and v.shape[0] == len(rows) else v for name, v in cond.items()}
+            noise = Seeds([sample_seed(self.seed, int(batch["id"][i]), SIMULATION_STREAM) for i in group.tolist()])
+            x = sample_consistency(student, eps[group], grid[: step + 1], self.path, extra_args=sub, noise=noise)
+            out[k[idx] == step] = x.to(eps.dtype)
+        return out
 
     def _adversarial(self, net, batch, x0, cond, uncond, device) -> Tensor:
         p = self.params
         grid = self.path.timesteps(p.student_steps).to(device)
+        # a third uniform only with backward simulation: runs without it keep their draws (and exact resume)
         u, eps, eps2 = self._draws(batch, x0, 3 if p.backward_simulation > 0 else 2, device)
         k = (u[:, 0] * p.student_steps).long().clamp(max=p.student_steps - 1).to(device)
         t_s = grid[k]
