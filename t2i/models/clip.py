@@ -309,7 +309,12 @@ class ClipEncoder(nn.Module):
     # -- training -----------------------------------------------------------------------------------------------
 
     def contrastive_loss(
-        self, images: Tensor, ids: Tensor, mask: Tensor | None = None, negatives: tuple[Tensor, ...] | None = None
+        self,
+        images: Tensor,
+        ids: Tensor,
+        mask: Tensor | None = None,
+        negatives: tuple[Tensor, ...] | None = None,
+        image_negatives: Tensor | None = None,
     ) -> Tensor:
         """Per-sample symmetric InfoNCE (Radford et al. 2021, Fig. 3): mean of image->text and text->image CE.
 
@@ -317,6 +322,11 @@ class ClipEncoder(nn.Module):
         2023): every image is also contrasted against every valid negative text, so a caption with the same words
         in another order (a relation reversed, colours swapped) must score below the true one. Text->image stays
         over the real captions.
+
+        ``image_negatives`` (N, 3, H, W) are the image-side counterpart (``counterfactual_scenes``: a scene
+        mirrored, its colours swapped, an object left out): every caption is also contrasted against each of them,
+        so the image embedding has to change when the sides, the binding or the count do. Image->text stays over
+        the real images.
         """
         img = self.embed_image(images)
         txt, _ = self.encode_text(ids, mask)
@@ -328,17 +338,26 @@ class ClipEncoder(nn.Module):
             neg, _ = self.encode_text(neg_ids, neg_mask)
             neg_logits = (scale * img @ neg.t()).masked_fill(~valid[None, :], float("-inf"))
             image_to_text = torch.cat([logits, neg_logits], 1)  # (B, 2B)
+        text_to_image = logits.t()
+        if image_negatives is not None and len(image_negatives):
+            neg_img = self.embed_image(image_negatives)
+            text_to_image = torch.cat([text_to_image, scale * txt @ neg_img.t()], 1)  # (B, B + N)
         target = torch.arange(len(img), device=img.device)
         return 0.5 * (
             F.cross_entropy(image_to_text, target, reduction="none")
-            + F.cross_entropy(logits.t(), target, reduction="none")
+            + F.cross_entropy(text_to_image, target, reduction="none")
         )
 
     def forward(
-        self, images: Tensor, ids: Tensor, mask: Tensor | None = None, negatives: tuple[Tensor, ...] | None = None
+        self,
+        images: Tensor,
+        ids: Tensor,
+        mask: Tensor | None = None,
+        negatives: tuple[Tensor, ...] | None = None,
+        image_negatives: Tensor | None = None,
     ) -> Tensor:
         """The per-sample contrastive loss (so DDP's forward hooks see the training computation)."""
-        return self.contrastive_loss(images, ids, mask, negatives)
+        return self.contrastive_loss(images, ids, mask, negatives, image_negatives)
 
     # -- files --------------------------------------------------------------------------------------------------
 

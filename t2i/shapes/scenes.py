@@ -8,11 +8,12 @@ each category's failure mode at ground-truth quality, which calibrates the evalu
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from t2i.errors import unknown_choice
+from t2i.shapes.detect import Detection
 from t2i.shapes.specs import (
     ALL_CATEGORIES,
     HELDOUT_CATEGORIES,
@@ -220,3 +221,41 @@ def failure_scene(spec: Spec, rng: np.random.Generator) -> Scene:
         a, b = inc
         return Scene(place([(a.shape, b.color), (b.shape, a.color)], rng))
     raise ValueError(f"unknown category {cat!r}")
+
+
+################################################################################################################
+# Hard negatives: the same objects, another meaning
+################################################################################################################
+
+
+def _as_detections(scene: Scene) -> list[Detection]:
+    return [Detection(o.shape, o.color, o.cx, o.cy, o.size, o.size, 1.0) for o in scene.objects]
+
+
+def counterfactual_scenes(spec: Spec, scene: Scene) -> list[Scene]:
+    """Scenes made of ``scene``'s own objects that ``spec`` no longer holds for: the scene mirrored across its
+    relation's axis (the sides swapped), the two colours or the two shapes swapped between the objects, or the last
+    object left out (a lost object, a count one short). The image-side counterpart of
+    ``counterfactual_captions``: a contrastive image tower that must rank the true scene above these has to encode
+    where each object is, which colour goes with which shape and how many there are, which a pooled embedding
+    otherwise barely does. Each candidate is kept only if GenEval's rule (``scoring.check`` on the scene's exact
+    boxes) fails on it; a word scene has none."""
+    from t2i.shapes.scoring import check  # scoring imports this module
+
+    objs = scene.objects
+    if spec.category == TEXT_CATEGORY or scene.text is not None or not objs:
+        return []
+    out: list[Scene] = []
+    relations = {c.relation for c in spec.include if c.relation is not None}
+    if relations & {"left of", "right of"}:
+        out.append(Scene(tuple(replace(o, cx=1.0 - o.cx) for o in objs)))
+    if relations & {"above", "below"}:
+        out.append(Scene(tuple(replace(o, cy=1.0 - o.cy) for o in objs)))
+    for field in ("color", "shape"):
+        values = sorted({getattr(o, field) for o in objs})
+        if len(values) == 2:
+            swap = {values[0]: values[1], values[1]: values[0]}
+            out.append(Scene(tuple(replace(o, **{field: swap[getattr(o, field)]}) for o in objs)))
+    if len(objs) > 1:
+        out.append(Scene(objs[:-1]))
+    return [s for s in out if not check(spec, _as_detections(s))]

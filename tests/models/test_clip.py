@@ -203,3 +203,24 @@ def test_contrastive_loss_with_hard_negatives():
         t2i = F.cross_entropy(scale * txt @ img.t(), torch.arange(4), reduction="none")
         torch.testing.assert_close(got, 0.5 * (i2t + t2i))
         assert (got >= plain - 1e-6).all()  # more negatives never make the task easier
+
+
+def test_contrastive_loss_with_hard_negative_images():
+    """Each caption is also contrasted against every negative image; none given is the plain loss exactly."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    enc = shapes_clip(ClipConfig(**{**CLIP_PRESETS["tiny"].__dict__, "context_length": 24})).eval()
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    negatives = torch.rand(3, 3, 32, 32) * 2 - 1
+    ids, mask = enc.tokenize(CAPTIONS[:4])
+    with torch.no_grad():
+        plain = enc.contrastive_loss(images, ids, mask)
+        torch.testing.assert_close(enc.contrastive_loss(images, ids, mask, image_negatives=negatives[:0]), plain)
+        got = enc(images, ids, mask, None, negatives)
+        img, neg, (txt, _) = enc.embed_image(images), enc.embed_image(negatives), enc.encode_text(ids, mask)
+        scale = enc.model.logit_scale.exp()
+        i2t = F.cross_entropy(scale * img @ txt.t(), torch.arange(4), reduction="none")
+        t2i = F.cross_entropy(scale * txt @ torch.cat([img, neg]).t(), torch.arange(4), reduction="none")
+        torch.testing.assert_close(got, 0.5 * (i2t + t2i))
+        assert (got >= plain - 1e-6).all()

@@ -58,3 +58,37 @@ def test_render_draws_the_right_colour_in_the_right_place():
 def test_bad_sizes_are_rejected(bad):
     with pytest.raises(ValueError, match=">= 32"):
         render(Scene(), bad)
+
+
+def test_counterfactual_scenes_keep_the_objects_and_break_the_caption():
+    """Each counterfactual scene is the true scene's objects rearranged so that the detector's verdict on its
+    rendering fails, while the true rendering passes; the kinds offered follow the caption."""
+    from t2i.shapes.captions import train_prompt
+    from t2i.shapes.detect import detect
+    from t2i.shapes.scenes import counterfactual_scenes
+    from t2i.shapes.scoring import check
+
+    seen: dict[str, set[int]] = {}
+    for i in range(120):
+        prompt = train_prompt(5, i)
+        sample = ground_truth(prompt, 64)
+        options = counterfactual_scenes(prompt.spec, sample.scene)
+        cat = prompt.spec.category
+        seen.setdefault(cat, set()).add(len(options))
+        if cat in ("single_object", "colors", "text"):
+            assert options == []  # nothing to rearrange (one object) or a word
+            continue
+        assert options, prompt.caption
+        assert check(prompt.spec, detect(sample.image))
+        for scene in options:
+            # the same shapes and colours (one fewer at most), a verdict that fails on the rendered pixels
+            assert len(sample.scene.objects) - len(scene.objects) in (0, 1)
+            assert not check(prompt.spec, detect(render(scene, 64))), (prompt.caption, scene)
+        if cat == "position":
+            relation = next(c.relation for c in prompt.spec.include if c.relation)
+            axis = "cx" if relation in ("left of", "right of") else "cy"
+            mirrored = options[0].objects
+            for a, b in zip(sample.scene.objects, mirrored, strict=True):
+                assert getattr(b, axis) == pytest.approx(1 - getattr(a, axis))
+    assert {"two_objects", "counting", "position", "color_attribution"} <= set(seen)
+    assert max(seen["position"]) >= 3  # mirrored, a swap, and an object left out

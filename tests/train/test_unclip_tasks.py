@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,6 +64,41 @@ def test_clip_then_prior_with_the_trained_clip(tmp_path):
         torch.testing.assert_close(v, trained[k], rtol=0, atol=0)
     assert not any(p.requires_grad for p in task.embeddings.clip.parameters())
     assert all(not n.startswith("model.") for n, _ in prior.model.named_parameters())
+
+
+def test_clip_with_hard_negative_images_renders_each_samples_counterfactual(tmp_path, monkeypatch):
+    """The task hands the model one rendered counterfactual scene per sample that has one, the one its draw id
+    picks, at the batch's size; a source without scenes is refused with a message that names the fix."""
+    from t2i.data.dataset import ShapesDataset, to_tensor
+    from t2i.shapes.scenes import counterfactual_scenes, render
+    from t2i.train.tasks.unclip import ClipTask
+
+    cfg = cfg_for("unclip_clip", tmp_path, **{"task.params.image_negatives": "true"})
+    task = build_task(cfg)
+    model = task.build_model()
+    data = ShapesDataset("train", 32, seed=3)
+    items = [data[i] for i in range(8)]
+    batch = {
+        "image": torch.stack([it["image"] for it in items]),
+        "caption": [it["caption"] for it in items],
+        "meta": [it["meta"] for it in items],
+        "id": torch.arange(8) + 5,
+    }
+    seen = {}
+    monkeypatch.setattr(type(model), "forward", lambda self, *a: seen.update(args=a) or torch.zeros(8))
+    task.loss(model, batch)
+    expected = []
+    for i in range(8):
+        sample = data.sample(i)
+        options = counterfactual_scenes(sample.prompt.spec, sample.scene)
+        if options:
+            expected.append(render(options[(i + 5) % len(options)], 32))
+    assert 0 < len(expected) < 8  # the mix holds both kinds of sample
+    torch.testing.assert_close(seen["args"][4], to_tensor(np.stack(expected)), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"data\.source: shapes"):
+        ClipTask._image_negatives({k: v for k, v in batch.items() if k != "meta"}, "cpu")
+    monkeypatch.undo()
+    fit(cfg)  # and it trains through the loop
 
 
 def test_prior_from_precomputed_embeddings_does_not_mutate_them(tmp_path):

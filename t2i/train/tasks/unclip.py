@@ -16,9 +16,11 @@ smoke configs need, but a real run should point at a trained CLIP. The prior can
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -163,6 +165,10 @@ class ClipTaskConfig:
     # one hard-negative caption per sample (t2i.shapes.captions.counterfactual_captions: relation reversed, colours
     # or shapes swapped, count changed), so the text tower must encode order and binding, not a bag of words
     hard_negatives: bool = False
+    # one hard-negative image per sample where its scene has one (t2i.shapes.scenes.counterfactual_scenes: mirrored
+    # across the relation's axis, colours or shapes swapped, an object left out), so the image tower must encode
+    # the sides, the binding and the count; needs the shapes source (its items carry their scene)
+    image_negatives: bool = False
 
 
 class ClipTask(Task):
@@ -189,8 +195,32 @@ class ClipTask(Task):
             texts = [o[d % len(o)] if o else c for o, d, c in zip(options, draws, captions, strict=True)]
             valid = torch.tensor([bool(o) for o in options], device=device)
             negatives = (*enc.tokenize(texts, device=device), valid)
+        image_negatives = self._image_negatives(batch, device) if self.params.image_negatives else None
         # in-batch negatives only: under DDP each rank contrasts its own micro-batch (no all-gather)
-        return model(batch["image"].to(device), ids, mask, negatives)
+        return model(batch["image"].to(device), ids, mask, negatives, image_negatives)
+
+    @staticmethod
+    def _image_negatives(batch: dict[str, Any], device) -> Tensor:
+        """One counterfactual scene per sample that has one, rendered at the batch's size, as [-1, 1] images."""
+        from t2i.data.dataset import to_tensor
+        from t2i.shapes.scenes import Scene, counterfactual_scenes, render
+        from t2i.shapes.specs import Spec
+
+        if "meta" not in batch:
+            raise ValueError(
+                "task.params.image_negatives renders each sample's scene changed, so it needs data.source: shapes "
+                "(whose items carry their spec and scene)"
+            )
+        size = batch["image"].shape[-1]
+        images = []
+        for meta, draw in zip(batch["meta"], batch["id"], strict=True):
+            record = json.loads(meta)
+            options = counterfactual_scenes(Spec.from_dict(record["spec"]), Scene.from_dict(record["scene"]))
+            if options:  # which change a sample gets cycles with its draw id, as for the captions
+                images.append(render(options[int(draw) % len(options)], size))
+        if not images:
+            return torch.zeros(0, *batch["image"].shape[1:], device=device)
+        return to_tensor(np.stack(images)).to(device)
 
     def sample(self, model, n, *, seed, device, steps=None):
         return None  # CLIP has no images to show
