@@ -66,6 +66,9 @@ quality: $(RUN_STAMP)
 
 # Retrain the default models from scratch (configs/default, seed 0; hours on 2 CPU cores), resuming where a
 # previous run stopped, then write models/. The stages that do not depend on each other could run side by side.
+# The turbo's last 300 steps: its adversarial run continued from step 1500 with re-noising times drawn higher.
+TURBO_HI = run.name=sd3_turbo_ladd_hi run.steps=1800 task.params.disc_time_logit_mean=1.0
+
 train-defaults: $(RUN_STAMP)
 	$(BIN)/t2i train configs/default/clip.yaml --resume
 	$(BIN)/t2i train configs/default/caption.yaml --resume
@@ -74,6 +77,9 @@ train-defaults: $(RUN_STAMP)
 	$(BIN)/t2i train configs/default/sd3_polish.yaml --resume
 	$(BIN)/t2i train configs/distill/sd3_shapes_consistency.yaml --resume
 	$(BIN)/t2i train configs/distill/sd3_shapes_turbo_ladd.yaml --resume
+	if [ -d runs/sd3_turbo_ladd_hi/checkpoints ]; then from=--resume; \
+	else from="--resume-from runs/sd3_turbo_ladd/checkpoints/step_00001500"; fi; \
+	$(BIN)/t2i train configs/distill/sd3_shapes_turbo_ladd.yaml $$from $(TURBO_HI)
 	$(BIN)/t2i train configs/default/prior.yaml --resume
 	$(BIN)/t2i train configs/default/decoder.yaml --resume
 	$(BIN)/t2i train configs/default/sr.yaml --resume
@@ -81,7 +87,7 @@ train-defaults: $(RUN_STAMP)
 
 export-defaults: $(RUN_STAMP)
 	$(BIN)/t2i export sd3 --transformer runs/default_sd3_polish --out models/sd3-shapes --slg-scale 2.5 --slg-layers 2,3 --guidance-interval 0,0.8
-	$(BIN)/t2i export sd3 --transformer runs/sd3_turbo_ladd --name sd3-shapes-turbo --out models/sd3-shapes-turbo \
+	$(BIN)/t2i export sd3 --transformer runs/sd3_turbo_ladd_hi --name sd3-shapes-turbo --out models/sd3-shapes-turbo \
 		--share-from models/sd3-shapes --sampler consistency
 	$(BIN)/t2i export unclip --out models/unclip-shapes --sampler ddpm --steps 25
 

@@ -46,7 +46,7 @@ _LIMITS = {
 
 def _part_row(part: str, what: str, config: str, params: int, rec: dict[str, Any], file: str) -> str:
     """One row of the parts table: a part (or one stage of it) and its training record."""
-    return (f"| {part} | {what} | `{config}` | {params / 1e6:.2f} M | {rec.get('step', '-')} | "
+    return (f"| {part} | {what} | `{config}` | {params / 1e6:.2f} M | {rec.get('steps', rec.get('step', '-'))} | "
             f"{rec.get('batch_size', '-')} | {rec.get('samples', '-')} | {rec.get('seed', '-')} | "
             f"{rec.get('threads', '-')} | {rec.get('precision', '-')} | {_fmt_seconds(rec.get('train_seconds'))} | "
             f"{_fmt_seconds(rec.get('cpu_seconds'))} | {file} |")  # fmt: skip
@@ -167,6 +167,7 @@ def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str
               "| part | what | config | params | steps | batch | samples seen | seed | threads | precision | time "
               "| CPU time | file |",
               "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|"]  # fmt: skip
+    continued = False  # the student's last stage continues the one before (the retrain line says how)
     for key, what, cfgname in _PARTS[kind]:
         if key == "caption" and not spec.get("caption_encoder"):
             continue
@@ -177,7 +178,9 @@ def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str
             size = f"`{shared[key]}` ({(folder / shared[key]).stat().st_size / 1e6:.1f} MB, shared)"
         stages = _stages(r)  # a curriculum: the stages it continued, first to last, then this one
         for i, st in enumerate(stages, 1):
-            if len(stages) > 1:
+            if st.get("continued") and i > 1:  # `--resume-from` an earlier stage: its config, with overrides
+                label, continued = f"{key}, stage {i} (continues stage {i - 1})", True
+            elif len(stages) > 1:
                 label, config = f"{key}, stage {i}", _run_config(st.get("run"), "configs/default")
             elif st.get("distilled"):
                 label, config = key, _run_config(st.get("run"), "configs/distill")
@@ -193,7 +196,12 @@ def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str
         lines.append(_part_row("controlnet", "ControlNet (`--control`)", _config_of_run(r.get("run")),
                                r.get("params", 0), r, size))  # fmt: skip
     retrain = "Retrain everything with `make train-defaults`."
-    if distilled:
+    if distilled and continued:
+        retrain = (
+            "Retrain the student with `make train-defaults` after the teacher: its last stage continues the "
+            "stage before it with `t2i train ... --resume-from` and the overrides the Makefile gives."
+        )
+    elif distilled:
         retrain = (f"Retrain the student with `t2i train {student_config}` after the teacher (`make "
                    "train-defaults` does both).")  # fmt: skip
     lines += ["", f"Weights are the EMA weights of each run's last checkpoint, stored in fp16 (loaded as fp32). "

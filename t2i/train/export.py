@@ -81,15 +81,31 @@ def _checkpoint_record(weights: Path, cfg: dict[str, Any] | None, depth: int = 0
     task = (cfg or {}).get("task", {})
     if task.get("name") == "distill":  # a student: each stage's card row names its own method
         rec["distilled"] = {k: task["params"][k] for k in ("method", "teacher", "guidance", "student_steps")}
+    # a run resumed from another run's checkpoint (`t2i train --resume-from`) continues that run as a later stage:
+    # its counters (step, images, CPU time) carry the earlier stage's, which its own record leaves out
+    continued = (
+        json.loads((run / "continued_from.json").read_text()) if (run / "continued_from.json").is_file() else None
+    )
+    first_step = int(continued["step"]) if continued else 0
+    if continued:
+        rec["continued"] = True
+        rec["steps"] = step - first_step
+        if "samples" in rec:
+            rec["samples"] = rec["steps"] * rec["batch_size"]
     if (run / "metrics.jsonl").is_file():
-        rec["train_seconds"] = _train_seconds(run, step)
+        rec["train_seconds"] = _train_seconds(run, step, first_step)
         cpu = _last_metric(run, "cpu_seconds", step)
         if cpu is not None:
             rec["cpu_seconds"] = round(cpu, 1)
-    start = (cfg or {}).get("model", {}).get("init_from")
-    if not start and task.get("name") == "distill":  # a student that started from an earlier student's weights
-        start = (task.get("params") or {}).get("student_init")
-    earlier = _stage_record(start, depth + 1)
+    if continued:
+        earlier = _stage_record(str(Path(continued["checkpoint"]) / weights.name), depth + 1)
+        if earlier is not None and earlier.get("cpu_seconds") is not None and "cpu_seconds" in rec:
+            rec["cpu_seconds"] = round(rec["cpu_seconds"] - earlier["cpu_seconds"], 1)
+    else:
+        start = (cfg or {}).get("model", {}).get("init_from")
+        if not start and task.get("name") == "distill":  # a student that started from an earlier student's weights
+            start = (task.get("params") or {}).get("student_init")
+        earlier = _stage_record(start, depth + 1)
     if earlier is not None:  # a later stage of a curriculum: the card counts the stage it started from too
         rec["started_from"] = earlier
     return rec
@@ -128,8 +144,9 @@ def _last_metric(run: Path, key: str, upto: int | None = None) -> float | None:
     return next((r[key] for r in reversed(rows) if key in r), None)
 
 
-def _train_seconds(run: Path, upto: int | None = None) -> float | None:
-    """Wall-clock training time summed over the run's logged intervals (resumes included) to step ``upto``."""
+def _train_seconds(run: Path, upto: int | None = None, first_step: int = 0) -> float | None:
+    """Wall-clock training time summed over the run's logged intervals (resumes included) to step ``upto``, the
+    steps before the first log (from ``first_step``, where the run started) at the logged rate."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if upto is None or r["step"] <= upto]
     if len(rows) < 2:
@@ -141,7 +158,7 @@ def _train_seconds(run: Path, upto: int | None = None) -> float | None:
             total += dt if dt < 600 else 0.0  # a gap of > 10 min between logs is a stopped run, not training
         prev = row
     first = rows[0]
-    return round(total + first["step"] * (total / max(rows[-1]["step"] - first["step"], 1)), 1)
+    return round(total + (first["step"] - first_step) * (total / max(rows[-1]["step"] - first["step"], 1)), 1)
 
 
 def export_sd3(out: str | Path, *, transformer: str, vae: str, clip: str, name: str = "sd3-shapes",

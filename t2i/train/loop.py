@@ -22,6 +22,7 @@ them (dropout). Together with the pure-function data stream and lr schedule this
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -297,6 +298,16 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------------------
 
+    def _note_continuation(self) -> None:
+        """A run resumed from another run's checkpoint (``--resume-from``) is a later stage of that run: remember
+        where it started (``continued_from.json``, written once), so an export can credit each stage with its own
+        steps, images and time (the carried-over counters hold both)."""
+        path = Path(self.resumed_from).resolve()
+        note = self.run_dir / "continued_from.json"
+        if path.parent.parent == self.run_dir.resolve() or note.exists():
+            return
+        note.write_text(json.dumps({"checkpoint": str(self.resumed_from), "step": self.step}, indent=1) + "\n")
+
     def fit(self) -> dict[str, Any]:
         """Train until ``run.steps``; returns a summary (final loss, steps, seconds, samples/s)."""
         cfg = self.cfg
@@ -308,6 +319,7 @@ class Trainer:
                 self._say(f"no checkpoint in {self.run_dir / 'checkpoints'} yet: starting from step 0")
             if self.resumed_from is not None:
                 self._say(f"resumed from {self.resumed_from} at step {self.step}")
+                self._note_continuation()
                 for change in self._config_changes:
                     self._say(f"  config changed since that checkpoint: {change}")
         bar = tqdm(total=cfg.run.steps, initial=self.step, disable=not (main and cfg.run.progress), desc=cfg.run.name)

@@ -202,6 +202,56 @@ def test_a_second_stage_run_exports_with_both_stages_on_its_card(tmp_path):
     assert "input embeddings" in card
 
 
+def test_a_run_resumed_from_another_runs_checkpoint_is_a_stage_with_its_own_counts(tmp_path):
+    """`t2i train --resume-from <other run's checkpoint>` into a new run (the turbo's last stage): the run notes where
+    it started, and its exported record and card row count only its own steps, images and CPU time, after the row
+    of the run it continued."""
+    from model_folders import TINY_MMDIT
+
+    from t2i.pipelines.model_card import card_text
+    from t2i.train.config import load_config
+    from t2i.train.loop import train
+
+    stage1, vae, clip = train_tiny_sd3(tmp_path)
+    first = f"{stage1}/checkpoints/step_00000002"
+    over = [
+        f"run.out_dir={tmp_path}",
+        "run.log_every=1",
+        "run.sample_every=0",
+        "run.ckpt_every=0",
+        "run.threads=0",
+        "run.precision=fp32",
+        "run.eval_every=0",
+        f"task.params.vae={vae}",
+        f"task.params.text={clip}",
+        "task.params.latent_scale=1.5",
+        "task.params.latent_shift=0.1",
+        "task.params.text_chars=0",
+        "task.params.caption_encoder=null",
+        *TINY_MMDIT,
+        "data.batch_size=2",
+        "run.name=later",
+        "run.steps=5",
+    ]
+    train(load_config("configs/default/sd3.yaml", over), resume=first)
+    later = tmp_path / "later"
+    assert json.loads((later / "continued_from.json").read_text()) == {"checkpoint": first, "step": 2}
+    train(load_config("configs/default/sd3.yaml", [*over, "run.steps=6"]), resume=True)  # its own resume: kept
+    assert json.loads((later / "continued_from.json").read_text())["step"] == 2
+    out = export_sd3(tmp_path / "m_later", transformer=str(later), vae=vae, clip=clip)
+    rec = json.loads((out / "model.json").read_text())["training"]["transformer"]
+    assert rec["step"] == 6 and rec["steps"] == 4 and rec["samples"] == 8 and rec["continued"]
+    assert rec["started_from"]["run"] == "default_sd3" and rec["started_from"]["step"] == 2
+    metrics = [json.loads(line) for line in (later / "metrics.jsonl").read_text().splitlines()]
+    total = next(r["cpu_seconds"] for r in reversed(metrics) if "cpu_seconds" in r)  # carried over the resume
+    assert rec["cpu_seconds"] == pytest.approx(total - rec["started_from"]["cpu_seconds"], abs=0.11)
+    card = card_text(out, None)
+    assert "| transformer, stage 1 |" in card and "| transformer, stage 2 (continues stage 1) |" in card
+    row = next(line for line in card.splitlines() if "stage 2 (continues" in line)
+    assert "`configs/default/sd3.yaml`" in row and "| 4 | 2 | 8 |" in row
+    assert "make train-defaults" in card
+
+
 def test_a_run_continuing_a_model_folder_counts_the_folders_stages(tmp_path):
     """A stage that continued a shipped folder's transformer (model.init_from=models/<name>/transformer.safetensors,
     as on a machine without the first stage's run): its record starts from the folder's record of that file."""
