@@ -32,6 +32,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -348,16 +349,9 @@ class ClipEncoder(nn.Module):
             + F.cross_entropy(text_to_image, target, reduction="none")
         )
 
-    def forward(
-        self,
-        images: Tensor,
-        ids: Tensor,
-        mask: Tensor | None = None,
-        negatives: tuple[Tensor, ...] | None = None,
-        image_negatives: Tensor | None = None,
-    ) -> Tensor:
-        """The per-sample contrastive loss (so DDP's forward hooks see the training computation)."""
-        return self.contrastive_loss(images, ids, mask, negatives, image_negatives)
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        """``contrastive_loss``, per sample (so DDP's forward hooks see the training computation)."""
+        return self.contrastive_loss(*args, **kwargs)
 
     # -- files --------------------------------------------------------------------------------------------------
 
