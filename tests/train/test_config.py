@@ -143,3 +143,6 @@ def test_the_default_recipe_chain_names_runs_it_makes():
                 assert parts[3] == f"step_{steps[parts[1]]:08d}", f"{config}: {ref} is not {parts[1]}'s last step"
         run = load_config(path, []).run
         steps[run.name] = run.steps
+    # a stage that continues another with --resume-from (the turbo's last) starts from that run's last checkpoint
+    for run_name, step in re.findall(r"--resume-from runs/(\w+)/checkpoints/step_(\d+)", makefile):
+        assert steps.get(run_name) == int(step), f"the Makefile resumes from {run_name} step {step}, not its last"
