@@ -97,7 +97,7 @@ def _checkpoint_record(weights: Path, cfg: dict[str, Any] | None, depth: int = 0
         cpu = _last_metric(run, "cpu_seconds", step)
         if cpu is not None:
             rec["cpu_seconds"] = round(cpu, 1)
-    if continued:
+    if continued:  # where the continued run is gone, its CPU time stays in this stage's (no way to split it)
         earlier = _stage_record(str(Path(continued["checkpoint"]) / weights.name), depth + 1)
         if earlier is not None and earlier.get("cpu_seconds") is not None and "cpu_seconds" in rec:
             rec["cpu_seconds"] = round(rec["cpu_seconds"] - earlier["cpu_seconds"], 1)

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from t2i.io import load_into
+from t2i.io import atomic_write_text, load_into
 from t2i.nn.precision import bf16_advice, bf16_is_native
 
 from . import distributed as D
@@ -306,7 +306,7 @@ class Trainer:
         note = self.run_dir / "continued_from.json"
         if path.parent.parent == self.run_dir.resolve() or note.exists():
             return
-        note.write_text(json.dumps({"checkpoint": str(self.resumed_from), "step": self.step}, indent=1) + "\n")
+        atomic_write_text(note, json.dumps({"checkpoint": str(self.resumed_from), "step": self.step}, indent=1) + "\n")
 
     def fit(self) -> dict[str, Any]:
         """Train until ``run.steps``; returns a summary (final loss, steps, seconds, samples/s)."""
