@@ -48,13 +48,15 @@ def counterfactual_probe(clip, split: str = "eval", per_category: int | None = N
     ``all`` row; each side's columns average over the prompts that have that side's counterfactuals."""
     clip = clip.eval()
     size = max(int(clip.image_size), 32)
-    by_cat: dict[str, list[tuple[Prompt, list[str], list]]] = {}
+    by_cat: dict[str, list[tuple[Prompt, np.ndarray, list[str], list]]] = {}
     for p in split_prompts(split):
+        kept = by_cat.get(p.spec.category, [])
+        if per_category is not None and len(kept) >= per_category:
+            continue
         gt = ground_truth(p, size)
         rewrites, scenes = counterfactual_captions(p.caption), counterfactual_scenes(p.spec, gt.scene)
-        kept = by_cat.setdefault(p.spec.category, []) if rewrites or scenes else None
-        if kept is not None and (per_category is None or len(kept) < per_category):
-            kept.append((p, rewrites, scenes))
+        if rewrites or scenes:
+            by_cat.setdefault(p.spec.category, []).append((p, gt.image, rewrites, scenes))
     if not by_cat:
         raise ValueError(f"no prompt of split {split!r} has a counterfactual caption or scene")
     rows, all_text, all_image, n = [], [], [], 0
@@ -62,8 +64,8 @@ def counterfactual_probe(clip, split: str = "eval", per_category: int | None = N
         text_side, image_side = [], []  # (ranked first, chance, cosine) per prompt
         for i in range(0, len(items), 64):
             chunk = items[i : i + 64]
-            images = clip.embed_image(to_tensor(np.stack([ground_truth(p, size).image for p, _, _ in chunk])))
-            for img, (p, rewrites, scenes) in zip(images, chunk, strict=True):
+            images = clip.embed_image(to_tensor(np.stack([image for _, image, _, _ in chunk])))
+            for img, (p, _, rewrites, scenes) in zip(images, chunk, strict=True):
                 txt, _, _ = clip.embed_text([p.caption, *rewrites])
                 if rewrites:
                     scores = img @ txt.t()

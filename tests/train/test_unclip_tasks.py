@@ -71,7 +71,6 @@ def test_clip_with_hard_negative_images_renders_each_samples_counterfactual(tmp_
     picks, at the batch's size; a source without scenes is refused with a message that names the fix."""
     from t2i.data.dataset import ShapesDataset, to_tensor
     from t2i.shapes.scenes import counterfactual_scenes, render
-    from t2i.train.tasks.unclip import ClipTask
 
     cfg = cfg_for("unclip_clip", tmp_path, **{"task.params.image_negatives": "true"})
     task = build_task(cfg)
@@ -95,8 +94,8 @@ def test_clip_with_hard_negative_images_renders_each_samples_counterfactual(tmp_
             expected.append(render(options[(i + 5) % len(options)], 32))
     assert 0 < len(expected) < 8  # the mix holds both kinds of sample
     torch.testing.assert_close(seen["args"][4], to_tensor(np.stack(expected)), rtol=0, atol=0)
-    with pytest.raises(ValueError, match=r"data\.source: shapes"):
-        ClipTask._image_negatives({k: v for k, v in batch.items() if k != "meta"}, "cpu")
+    with pytest.raises(ValueError, match=r"data\.source: shapes"):  # refused before anything is built
+        build_task(cfg_for("unclip_clip", tmp_path, **{"task.params.image_negatives": "true", "data.source": "toy"}))
     monkeypatch.undo()
     fit(cfg)  # and it trains through the loop
 

@@ -177,6 +177,14 @@ class ClipTask(Task):
 
     params_cls = ClipTaskConfig
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if self.params.image_negatives and cfg.data.source != "shapes":
+            raise ValueError(
+                "task.params.image_negatives renders each sample's scene changed, so it needs data.source: shapes "
+                f"(whose items carry their spec and scene), not {cfg.data.source!r}"
+            )
+
     def model_inputs(self) -> dict[str, Any]:
         return model_inputs("clip", self.cfg.model.params)
 
@@ -206,11 +214,6 @@ class ClipTask(Task):
         from t2i.shapes.scenes import Scene, counterfactual_scenes, render
         from t2i.shapes.specs import Spec
 
-        if "meta" not in batch:
-            raise ValueError(
-                "task.params.image_negatives renders each sample's scene changed, so it needs data.source: shapes "
-                "(whose items carry their spec and scene)"
-            )
         size = batch["image"].shape[-1]
         images = []
         for meta, draw in zip(batch["meta"], batch["id"], strict=True):
