@@ -16,6 +16,7 @@ from t2i.errors import unknown_choice
 from t2i.shapes.captions import focus_prompt, split_prompts, train_prompt
 from t2i.shapes.scenes import Sample, ground_truth
 from t2i.shapes.specs import RELATIONS, SPLITS, Prompt
+from t2i.shapes.text import TEXT_LAYOUTS
 from t2i.shapes.world import check_size
 
 
@@ -39,6 +40,8 @@ class ShapesDataset(torch.utils.data.Dataset):
             data of a fine-tune on one combination.
         relations: the relations the train stream's position prompts may use, e.g. ``("left of", "above")`` for
             the first stage of a curriculum (default: all four).
+        text_layout: where the train stream's words go: ``"random"`` (as in the fixed splits) or ``"centred"``
+            (one layout per word, ``t2i.shapes.text.centred_text``).
 
     Items are dicts: ``image`` (3, H, W) float in [-1, 1], ``caption``, ``category``, ``index`` and ``meta`` (the
     JSON metadata line: spec, scene, seed).
@@ -54,6 +57,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         weights: dict[str, float] | None = None,
         focus: tuple[str, str] | None = None,
         relations: Sequence[str] | None = None,
+        text_layout: str = "random",
     ) -> None:
         if split not in SPLITS:
             raise unknown_choice("split", split, SPLITS)
@@ -71,6 +75,12 @@ class ShapesDataset(torch.utils.data.Dataset):
             if split != "train" or focus is not None:
                 raise ValueError("relations limit the train stream's position prompts; they need split='train' and "
                                  "no focus pair")  # fmt: skip
+        if text_layout not in TEXT_LAYOUTS:
+            raise unknown_choice("text_layout", text_layout, TEXT_LAYOUTS)
+        if text_layout != "random" and split != "train":
+            raise ValueError(f"text_layout={text_layout!r} changes the train stream's words; the {split} split's "
+                             "ground truth stays as the benchmark draws it (text_layout='random')")  # fmt: skip
+        self.text_layout = text_layout
         if self.focus is not None and (split != "train" or weights is not None):
             raise ValueError("focus=(colour, shape) selects train prompts naming that pair; it needs split='train' "
                              "and no category weights")  # fmt: skip
@@ -96,7 +106,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         return train_prompt(self.seed, index, weights=self.weights, relations=self.relations)
 
     def sample(self, index: int) -> Sample:
-        return ground_truth(self.prompt(index), self.size)
+        return ground_truth(self.prompt(index), self.size, text_layout=self.text_layout)
 
     def __getitem__(self, index: int) -> dict:
         s = self.sample(index)

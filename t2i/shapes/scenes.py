@@ -28,7 +28,7 @@ from t2i.shapes.specs import (
     canonical_relation,
     relation_holds,
 )
-from t2i.shapes.text import LETTERS, draw_text, place_text
+from t2i.shapes.text import LETTERS, TEXT_LAYOUTS, centred_text, draw_text, place_text
 from t2i.shapes.world import BACKGROUND, COLORS, SHAPES, Scene, check_size, place, shape_coverage
 
 ################################################################################################################
@@ -130,9 +130,16 @@ def _free_color(shape: str, rng: np.random.Generator) -> str:
     return options[int(rng.integers(len(options)))]
 
 
-def scene_for(spec: Spec, rng: np.random.Generator, *, size: int = 64) -> Scene:
-    """A ground-truth scene for ``spec``: exactly the objects it names, laid out at random."""
+def scene_for(spec: Spec, rng: np.random.Generator, *, size: int = 64, text_layout: str = "random") -> Scene:
+    """A ground-truth scene for ``spec``: exactly the objects it names, laid out at random.
+
+    ``text_layout="centred"`` draws a word scene in its one canonical layout (``centred_text``) instead.
+    """
+    if text_layout not in TEXT_LAYOUTS:
+        raise unknown_choice("text_layout", text_layout, TEXT_LAYOUTS)
     if spec.category == TEXT_CATEGORY:
+        if text_layout == "centred":
+            return Scene(text=centred_text(spec.word, size))
         return Scene(text=place_text(spec.word, rng, size))
     inc = spec.include
     if spec.category == "counting":
@@ -167,9 +174,9 @@ class Sample:
         return d
 
 
-def ground_truth(prompt: Prompt, size: int = 32) -> Sample:
+def ground_truth(prompt: Prompt, size: int = 32, *, text_layout: str = "random") -> Sample:
     """Lay out and render the ground-truth image of ``prompt`` (deterministic in its seed)."""
-    scene = scene_for(prompt.spec, np.random.default_rng(prompt.seed), size=size)
+    scene = scene_for(prompt.spec, np.random.default_rng(prompt.seed), size=size, text_layout=text_layout)
     return Sample(prompt, scene, render(scene, size))
 
 

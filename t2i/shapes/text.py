@@ -98,18 +98,38 @@ def text_width(word: str, height: float, size: int) -> float:
     return (x_last + glyph_coverage(last, px).shape[1] - layout[0][1]) / size
 
 
-def place_text(word: str, rng: np.random.Generator, size: int = 64) -> Text:
-    """A word at a random height and position that fits the canvas with a small margin."""
+TEXT_LAYOUTS = ("random", "centred")
+
+
+def _max_height(word: str) -> float:
+    return 0.42 if len(word) <= 2 else 0.34
+
+
+def _fit_height(word: str, h: float, size: int) -> tuple[float, float]:
+    """(height, width) as canvas fractions: ``h`` shrunk until ``word`` spans at most 88% of the canvas."""
     # Glyph widths round differently at each size: fit at 32 and 64 px (and at ``size``), so one scene fits both.
     sizes = sorted({32, 64, max(size, 32)})
-    hi = 0.42 if len(word) <= 2 else 0.34
-    h = float(rng.uniform(0.28, hi))
     while max(text_width(word, h, z) for z in sizes) > 0.88 and h > 0.2:
         h *= 0.95
-    w = max(text_width(word, h, z) for z in sizes)
+    return h, max(text_width(word, h, z) for z in sizes)
+
+
+def place_text(word: str, rng: np.random.Generator, size: int = 64) -> Text:
+    """A word at a random height and position that fits the canvas with a small margin."""
+    h, w = _fit_height(word, float(rng.uniform(0.28, _max_height(word))), size)
     cx = float(rng.uniform(0.5 - (0.94 - w) / 2, 0.5 + (0.94 - w) / 2)) if w < 0.94 else 0.5
     cy = float(rng.uniform(0.5 - (0.9 - h) / 2, 0.5 + (0.9 - h) / 2))
     return Text(word, round(cx, 4), round(cy, 4), round(h, 4))
+
+
+def centred_text(word: str, size: int = 64) -> Text:
+    """``word`` in the canvas centre at the largest height ``place_text`` may draw it: one layout per word.
+
+    A training-data lever, not a split: where a word goes is the model's choice (the reader finds it anywhere),
+    and with one layout per word each image token always holds the same part of the same letter, so the model
+    learns letters' strokes instead of first working out where a randomly placed word starts.
+    """
+    return Text(word, 0.5, 0.5, round(_fit_height(word, _max_height(word), size)[0], 4))
 
 
 ################################################################################################################

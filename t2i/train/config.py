@@ -96,6 +96,9 @@ class DataConfig:
     # curriculum lever: with one direction per axis a model learns which object a sentence names first
     # (docs/quality_analysis.md measured that, and that the flip for "right of" was not learned after it)
     shapes_relations: list[str] | None = None
+    # shapes source: where the train stream's words go: "random" (as the benchmark's splits draw them) or "centred"
+    # (one layout per word: a model that need not first work out where a word starts learns its letters sooner)
+    shapes_text_layout: str = "random"
 
 
 @dataclass

@@ -60,8 +60,12 @@ def build_dataset(cfg: DataConfig, seed: int = 0) -> Dataset | IterableDataset:
                 )
         weights = _shapes_weights(cfg.shapes_weights, focus)
         relations = None if cfg.shapes_relations is None else tuple(cfg.shapes_relations)
+        from t2i.shapes.text import TEXT_LAYOUTS
+
+        if cfg.shapes_text_layout not in TEXT_LAYOUTS:
+            raise unknown_choice("data.shapes_text_layout", cfg.shapes_text_layout, TEXT_LAYOUTS)
         return ShapesDataset("train", cfg.image_size, seed=seed, length=cfg.num_samples, weights=weights, focus=focus,
-                             relations=relations)  # fmt: skip
+                             relations=relations, text_layout=cfg.shapes_text_layout)  # fmt: skip
     if cfg.source in ("folder", "tar", "embeddings") and not cfg.path:
         raise ValueError(f"data.source={cfg.source} needs data.path (a folder, shard list or embeddings file)")
     if cfg.source == "folder":

@@ -18,6 +18,10 @@ def test_bad_split_and_weights_are_rejected():
         ShapesDataset("train", weights={"colour": 1.0})[0]
     with pytest.raises(ValueError, match="train stream"):
         ShapesDataset("eval", weights={"colors": 1.0})
+    with pytest.raises(ValueError, match="unknown text_layout 'center'"):
+        ShapesDataset("train", text_layout="center")
+    with pytest.raises(ValueError, match="eval split's ground truth stays"):
+        ShapesDataset("eval", text_layout="centred")
 
 
 def test_dataset_items_and_weights():
@@ -32,3 +36,20 @@ def test_dataset_items_and_weights():
     assert {"caption", "spec", "scene", "seed"} <= set(meta)
     ev = ShapesDataset("eval", 64)
     assert len(ev) == len(split_prompts("eval")) and ev[0]["image"].shape == (3, 64, 64)
+
+
+def test_centred_text_layout_changes_only_the_train_streams_words():
+    weights = {"text": 1.0, "position": 1.0}
+    rand = ShapesDataset("train", 64, seed=3, weights=weights)
+    cent = ShapesDataset("train", 64, seed=3, weights=weights, text_layout="centred")
+    seen = set()
+    for i in range(12):
+        a, b = rand[i], cent[i]
+        assert a["caption"] == b["caption"]  # the same prompts
+        scene = json.loads(b["meta"])["scene"]
+        if a["category"] == "text":
+            assert (scene["text"]["cx"], scene["text"]["cy"]) == (0.5, 0.5)
+        else:  # every other scene is drawn exactly as before
+            assert torch.equal(a["image"], b["image"])
+        seen.add(a["category"])
+    assert seen == {"text", "position"}

@@ -202,3 +202,13 @@ def test_shapes_relations_limit_the_position_prompts_and_leave_the_rest():
         cfg = load_config(None, [*base[:2], f"data.shapes_relations={bad}"]).data
         with pytest.raises(ValueError, match="relations must be a non-empty list"):
             build_dataset(cfg)
+
+
+def test_shapes_text_layout_from_the_config_and_its_error():
+    base = ["data.source=shapes", "data.image_size=64", "data.num_samples=100"]
+    ds = build_dataset(load_config(None, [*base, "data.shapes_text_layout=centred"]).data)
+    words = [s.scene.text for s in map(ds.sample, range(30)) if s.prompt.spec.category == "text"]
+    assert ds.text_layout == "centred" and words and all((t.cx, t.cy) == (0.5, 0.5) for t in words)
+    assert build_dataset(load_config(None, base).data).text_layout == "random"
+    with pytest.raises(ValueError, match=r"unknown data\.shapes_text_layout 'centered'; did you mean 'centred'"):
+        build_dataset(load_config(None, [*base, "data.shapes_text_layout=centered"]).data)
