@@ -106,6 +106,10 @@ def _checkpoint_record(weights: Path, cfg: dict[str, Any] | None, depth: int = 0
         if not start and task.get("name") == "distill":  # a student that started from an earlier student's weights
             start = (task.get("params") or {}).get("student_init")
         earlier = _stage_record(start, depth + 1)
+        if earlier is not None and (earlier.get("run"), earlier.get("step")) == (rec["run"], step):
+            # it started from a model folder's component, and that folder has since been exported from this very
+            # run: the folder's record is this stage, and what this stage started from is that record's own start
+            earlier = earlier.get("started_from")
     if earlier is not None:  # a later stage of a curriculum: the card counts the stage it started from too
         rec["started_from"] = earlier
     return rec
@@ -243,6 +247,11 @@ def export_sd3(out: str | Path, *, transformer: str, vae: str, clip: str, name: 
         spec["training"]["caption"] = caption_rec
     if components:
         spec["components"] = components
+    if (out / "controlnet.safetensors").is_file() and (out / "model.json").is_file():
+        # a re-export over a folder with a ControlNet (`t2i export controlnet`) keeps it, and so keeps its record
+        kept = read_model_json(out).get("training", {}).get("controlnet")
+        if kept:
+            spec["training"]["controlnet"] = kept
     write_model_json(out, spec)
     return out
 

@@ -262,6 +262,17 @@ def test_a_run_continuing_a_model_folder_counts_the_folders_stages(tmp_path):
     assert rec["run"] == "default_sd3_polish" and rec["started_from"] == shipped
     assert "| transformer, stage 1 |" in card and "`configs/default/sd3.yaml`" in card
     assert "| transformer, stage 2 |" in card and "`configs/default/sd3_polish.yaml`" in card
+    # the folder re-exported from that second stage, then a third stage from its checkpoint: the second stage's
+    # record (read back from the folder it started from, now its own) is listed once, not twice
+    export_sd3(first, transformer=str(tmp_path / "default_sd3_polish"), vae=vae, clip=clip)
+    polish_ckpt = f"{tmp_path}/default_sd3_polish/checkpoints/step_00000002/ema.safetensors"
+    rec, card = _next_stage(tmp_path, vae, clip, polish_ckpt, "default_sd3_words")
+    chain, r = [], rec
+    while r:
+        chain, r = [*chain, r["run"]], r.get("started_from")
+    assert chain == ["default_sd3_words", "default_sd3_polish", "default_sd3"]
+    assert rec["started_from"]["started_from"] == shipped
+    assert "| transformer, stage 3 |" in card and "| transformer, stage 4 |" not in card
 
 
 def test_export_of_one_checkpoint_folder_takes_that_steps_weights_and_record(tmp_path):
@@ -401,3 +412,22 @@ def test_unclip_prior_reading_caption_states_exports_and_samples(tmp_path):
     assert gen.generate(["a red circle"], [0], gen.defaults).shape == (1, 3, 32, 32)
     with pytest.raises(ValueError, match="max_text_len >= 48"):
         train_default(tmp_path / "short", "prior", [*task, prior.replace("48", "24"), "data.batch_size=4"])
+
+
+def test_a_re_export_over_a_folder_keeps_its_controlnet_and_that_ones_record(tmp_path):
+    """`t2i export sd3` over a folder that also holds a ControlNet (`t2i export controlnet`, trained once): the file
+    stays and so does its record on the card; without the file no record is carried over."""
+    from t2i.pipelines.folders import read_model_json, write_model_json
+
+    stage1, vae, clip = train_tiny_sd3(tmp_path)
+    out = export_sd3(tmp_path / "m", transformer=stage1, vae=vae, clip=clip)
+    spec = read_model_json(out)
+    record = {"run": "controlnet_shapes_outlines", "step": 3, "control_type": "canny"}
+    write_model_json(out, {**spec, "training": {**spec["training"], "controlnet": record}})
+    (out / "controlnet.safetensors").write_bytes((out / "vae.safetensors").read_bytes())  # a file the export leaves
+    export_sd3(out, transformer=stage1, vae=vae, clip=clip)
+    assert read_model_json(out)["training"]["controlnet"] == record
+    assert (out / "controlnet.safetensors").is_file()
+    (out / "controlnet.safetensors").unlink()
+    export_sd3(out, transformer=stage1, vae=vae, clip=clip)
+    assert "controlnet" not in read_model_json(out)["training"]
