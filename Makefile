@@ -76,6 +76,7 @@ train-defaults: $(RUN_STAMP)
 	$(BIN)/t2i train configs/default/sd3.yaml --resume
 	$(BIN)/t2i train configs/default/sd3_polish.yaml --resume
 	$(BIN)/t2i train configs/default/sd3_words.yaml --resume
+	$(BIN)/t2i train configs/default/sd3_words_more.yaml --resume
 	$(BIN)/t2i train configs/distill/sd3_shapes_consistency.yaml --resume
 	$(BIN)/t2i train configs/distill/sd3_shapes_turbo_ladd.yaml --resume
 	if [ -d runs/sd3_turbo_ladd_hi/checkpoints ]; then from=--resume; \
@@ -87,7 +88,7 @@ train-defaults: $(RUN_STAMP)
 	$(MAKE) export-defaults
 
 export-defaults: $(RUN_STAMP)
-	$(BIN)/t2i export sd3 --transformer runs/default_sd3_words --out models/sd3-shapes --slg-scale 2.5 --slg-layers 2,3 --guidance-interval 0,0.8
+	$(BIN)/t2i export sd3 --transformer runs/default_sd3_words_more --out models/sd3-shapes --slg-scale 2.5 --slg-layers 2,3 --guidance-interval 0,0.8
 	$(BIN)/t2i export sd3 --transformer runs/sd3_turbo_ladd_hi --name sd3-shapes-turbo --out models/sd3-shapes-turbo \
 		--share-from models/sd3-shapes --sampler consistency
 	$(BIN)/t2i export unclip --out models/unclip-shapes --sampler ddpm --steps 25

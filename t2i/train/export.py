@@ -106,10 +106,13 @@ def _checkpoint_record(weights: Path, cfg: dict[str, Any] | None, depth: int = 0
         if not start and task.get("name") == "distill":  # a student that started from an earlier student's weights
             start = (task.get("params") or {}).get("student_init")
         earlier = _stage_record(start, depth + 1)
-        if earlier is not None and (earlier.get("run"), earlier.get("step")) == (rec["run"], step):
-            # it started from a model folder's component, and that folder has since been exported from this very
-            # run: the folder's record is this stage, and what this stage started from is that record's own start
-            earlier = earlier.get("started_from")
+        # it started from a model folder's component, and that folder has since been exported from this run or a
+        # later stage of it: the folder's record lists this stage, and what this stage started from is below it
+        stage = earlier
+        while stage is not None and (stage.get("run"), stage.get("step")) != (rec["run"], step):
+            stage = stage.get("started_from")
+        if stage is not None:
+            earlier = stage.get("started_from")
     if earlier is not None:  # a later stage of a curriculum: the card counts the stage it started from too
         rec["started_from"] = earlier
     return rec

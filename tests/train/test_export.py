@@ -273,6 +273,15 @@ def test_a_run_continuing_a_model_folder_counts_the_folders_stages(tmp_path):
     assert chain == ["default_sd3_words", "default_sd3_polish", "default_sd3"]
     assert rec["started_from"]["started_from"] == shipped
     assert "| transformer, stage 3 |" in card and "| transformer, stage 4 |" not in card
+    # and once more: the folder re-exported from that third stage, a fourth from the third's checkpoint
+    export_sd3(first, transformer=str(tmp_path / "default_sd3_words"), vae=vae, clip=clip)
+    words_ckpt = f"{tmp_path}/default_sd3_words/checkpoints/step_00000002/ema.safetensors"
+    rec, card = _next_stage(tmp_path, vae, clip, words_ckpt, "default_sd3_words_more")
+    chain, r = [], rec
+    while r:
+        chain, r = [*chain, r["run"]], r.get("started_from")
+    assert chain == ["default_sd3_words_more", "default_sd3_words", "default_sd3_polish", "default_sd3"]
+    assert "| transformer, stage 4 |" in card and "| transformer, stage 5 |" not in card
 
 
 def test_export_of_one_checkpoint_folder_takes_that_steps_weights_and_record(tmp_path):
