@@ -123,7 +123,8 @@ def place_text(word: str, rng: np.random.Generator, size: int = 64) -> Text:
 
 
 def centred_text(word: str, size: int = 64) -> Text:
-    """``word`` in the canvas centre at the largest height ``place_text`` may draw it: one layout per word.
+    """``word`` in the canvas centre at the top of ``place_text``'s height range (shrunk to fit as it shrinks
+    there): one layout per word.
 
     A training-data lever, not a split: where a word goes is the model's choice (the reader finds it anywhere),
     and with one layout per word each image token always holds the same part of the same letter, so the model
