@@ -252,6 +252,11 @@ def test_a_run_resumed_from_another_runs_checkpoint_is_a_stage_with_its_own_coun
     assert "make train-defaults" in card
 
 
+def _stage_runs(rec: dict) -> list[str]:
+    """The run names of a transformer record and the stages it started from, latest first."""
+    return [rec["run"], *(_stage_runs(rec["started_from"]) if rec.get("started_from") else [])]
+
+
 def test_a_run_continuing_a_model_folder_counts_the_folders_stages(tmp_path):
     """A stage that continued a shipped folder's transformer (model.init_from=models/<name>/transformer.safetensors,
     as on a machine without the first stage's run): its record starts from the folder's record of that file."""
@@ -267,20 +272,14 @@ def test_a_run_continuing_a_model_folder_counts_the_folders_stages(tmp_path):
     export_sd3(first, transformer=str(tmp_path / "default_sd3_polish"), vae=vae, clip=clip)
     polish_ckpt = f"{tmp_path}/default_sd3_polish/checkpoints/step_00000002/ema.safetensors"
     rec, card = _next_stage(tmp_path, vae, clip, polish_ckpt, "default_sd3_words")
-    chain, r = [], rec
-    while r:
-        chain, r = [*chain, r["run"]], r.get("started_from")
-    assert chain == ["default_sd3_words", "default_sd3_polish", "default_sd3"]
+    assert _stage_runs(rec) == ["default_sd3_words", "default_sd3_polish", "default_sd3"]
     assert rec["started_from"]["started_from"] == shipped
     assert "| transformer, stage 3 |" in card and "| transformer, stage 4 |" not in card
     # and once more: the folder re-exported from that third stage, a fourth from the third's checkpoint
     export_sd3(first, transformer=str(tmp_path / "default_sd3_words"), vae=vae, clip=clip)
     words_ckpt = f"{tmp_path}/default_sd3_words/checkpoints/step_00000002/ema.safetensors"
     rec, card = _next_stage(tmp_path, vae, clip, words_ckpt, "default_sd3_words_more")
-    chain, r = [], rec
-    while r:
-        chain, r = [*chain, r["run"]], r.get("started_from")
-    assert chain == ["default_sd3_words_more", "default_sd3_words", "default_sd3_polish", "default_sd3"]
+    assert _stage_runs(rec) == ["default_sd3_words_more", "default_sd3_words", "default_sd3_polish", "default_sd3"]
     assert "| transformer, stage 4 |" in card and "| transformer, stage 5 |" not in card
 
 
