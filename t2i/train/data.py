@@ -44,6 +44,7 @@ def build_dataset(cfg: DataConfig, seed: int = 0) -> Dataset | IterableDataset:
         )
     if cfg.source == "shapes":
         from t2i.data.dataset import ShapesDataset
+        from t2i.shapes.text import TEXT_LAYOUTS
 
         if cfg.random_flip or cfg.random_crop:
             # a flip turns "a circle left of a square" into a wrong caption; the renderer has no crop margin
@@ -60,8 +61,6 @@ def build_dataset(cfg: DataConfig, seed: int = 0) -> Dataset | IterableDataset:
                 )
         weights = _shapes_weights(cfg.shapes_weights, focus)
         relations = None if cfg.shapes_relations is None else tuple(cfg.shapes_relations)
-        from t2i.shapes.text import TEXT_LAYOUTS
-
         if cfg.shapes_text_layout not in TEXT_LAYOUTS:
             raise unknown_choice("data.shapes_text_layout", cfg.shapes_text_layout, TEXT_LAYOUTS)
         return ShapesDataset("train", cfg.image_size, seed=seed, length=cfg.num_samples, weights=weights, focus=focus,
