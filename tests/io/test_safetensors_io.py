@@ -51,6 +51,18 @@ def test_atomic_write_failure_keeps_previous_file(tmp_path):
     assert os.listdir(tmp_path) == ["f.bin"]  # no temporary left behind
 
 
+def test_atomic_write_gives_the_mode_a_plain_open_gives(tmp_path):
+    # the temporary file is private (0600) while written; the finished file follows the umask like open() would
+    old = os.umask(0o027)
+    try:
+        save_weights(tmp_path / "w.safetensors", {"a": torch.ones(2)})
+        (tmp_path / "plain").write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "plain").stat().st_mode & 0o777 == 0o640
+
+
 def test_pickle_refused_without_flag_and_weights_only_with_it(tmp_path):
     path = tmp_path / "old.pt"
     torch.save({"w": torch.ones(2)}, path)
