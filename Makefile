@@ -66,8 +66,8 @@ quality: $(RUN_STAMP)
 
 # Retrain the default models from scratch (configs/default, seed 0; hours on 2 CPU cores), resuming where a
 # previous run stopped, then write models/. The stages that do not depend on each other could run side by side.
-# The turbo's last 300 steps: its adversarial run continued from step 1500 with re-noising times drawn higher.
-TURBO_HI = run.name=sd3_turbo_ladd_hi run.steps=1800 task.params.disc_time_logit_mean=1.0
+# The turbo's last 300 steps: its adversarial run continued from step 1000 with re-noising times drawn higher.
+TURBO_HI = run.name=sd3_turbo_ladd_hi run.steps=1300 task.params.disc_time_logit_mean=1.0
 
 train-defaults: $(RUN_STAMP)
 	$(BIN)/t2i train configs/default/clip.yaml --resume
@@ -80,7 +80,7 @@ train-defaults: $(RUN_STAMP)
 	$(BIN)/t2i train configs/distill/sd3_shapes_consistency.yaml --resume
 	$(BIN)/t2i train configs/distill/sd3_shapes_turbo_ladd.yaml --resume
 	if [ -d runs/sd3_turbo_ladd_hi/checkpoints ]; then from=--resume; \
-	else from="--resume-from runs/sd3_turbo_ladd/checkpoints/step_00001500"; fi; \
+	else from="--resume-from runs/sd3_turbo_ladd/checkpoints/step_00001000"; fi; \
 	$(BIN)/t2i train configs/distill/sd3_shapes_turbo_ladd.yaml $$from $(TURBO_HI)
 	$(BIN)/t2i train configs/default/prior.yaml --resume
 	$(BIN)/t2i train configs/default/decoder.yaml --resume
