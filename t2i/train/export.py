@@ -185,8 +185,8 @@ def export_sd3(out: str | Path, *, transformer: str, vae: str, clip: str, name: 
     if cfg["task"]["name"] == "distill":  # a few-step student: its base task's settings, its own step preset
         from .tasks.sd3 import SD3TaskConfig
 
-        student = {"steps": task["student_steps"], "guidance": 1.0,
-                   "sampler": "consistency" if task["method"] == "consistency" else "euler"}  # fmt: skip
+        sampler = task.get("student_sampler") or ("consistency" if task["method"] == "consistency" else "euler")
+        student = {"steps": task["student_steps"], "guidance": 1.0, "sampler": sampler}
         task = {**dataclasses.asdict(SD3TaskConfig()), **task["base_params"]}
     vae_net, _, vae_rec = _run_part(vae, "sd3_vae")
     if task.get("latent_scale") is None:

@@ -130,3 +130,43 @@ def test_eval_curve_png(tmp_path):
         rgb = img.convert("RGB")
         colours = {c for _, c in rgb.getcolors(maxcolors=10**6)}
     assert (148, 103, 189) in colours and (0, 0, 0) in colours  # the position series and the overall line
+
+
+def _distill_overrides(tmp_path, folder, *extra: str) -> list[str]:
+    """A consistency student of the tiny folder's transformer, on the sd3 task with the folder's encoders."""
+    mmdit = MMDIT.replace("qk_norm: rms}", "qk_norm: rms, pos_embed_base_size: 8, x_block_self_attn_layers: [0]}")
+    base = (f"{{vae: {folder / 'vae.safetensors'}, text: {folder / 'clip.safetensors'}, latent_scale: 1.0, "
+            "latent_shift: 0.0, guidance: 2.0, shift: 1.0}")  # fmt: skip
+    params = (f"task.params={{method: consistency, teacher: {folder / 'transformer.safetensors'}, base_task: sd3, "
+              f"base_params: {base}, student_steps: 2, teacher_steps: 4}}")  # fmt: skip
+    run = {"run.steps": 2, "model.params": mmdit, "task.name": "distill"}
+    sd3 = [o for o in sd3_overrides(tmp_path, folder, **run) if not o.startswith("task.params.")]
+    return [*sd3, params, *extra]
+
+
+def test_a_distilled_student_is_scored_as_it_samples(tmp_path, folder):
+    """A distillation run on the sd3 task scores its student while it trains, as the student samples: its few steps
+    whatever run.eval_steps says, each on the batch alone (no CFG), with its sampler (task.params.student_sampler)."""
+    import torch
+
+    from t2i.train.tasks import build_task
+
+    trainer, summary, _ = _fit(load_config(None, _distill_overrides(tmp_path, folder)))
+    scored = [r for r in read_metrics(trainer.run_dir / "metrics.jsonl") if "eval/overall" in r]
+    assert [r["step"] for r in scored] == [2] and summary["scores"]["overall"] == scored[0]["eval/overall"]
+    assert (trainer.run_dir / "eval_curve.png").exists()
+
+    images = {}
+    for sampler in ("consistency", "euler"):
+        cfg = load_config(None, _distill_overrides(tmp_path, folder, f"task.params.student_sampler={sampler}"))
+        task = build_task(cfg)
+        model = task.build_model()
+        calls = []
+        model.student.register_forward_hook(lambda m, args, out, calls=calls: calls.append(args[0].shape[0]))
+        fn = task.caption_sampler(model, steps=28, device=torch.device("cpu"))
+        images[sampler] = fn(["a red circle", 'the word "CAT"'], [0, 1])
+        assert images[sampler].shape == (2, 3, 32, 32) and calls == [2, 2]  # student_steps calls, batch alone
+        assert (task.base.params.guidance, task.base.params.sampler) == (2.0, "euler")  # restored afterwards
+    assert not torch.equal(images["consistency"], images["euler"])  # the sampler asked for is the one used
+    with pytest.raises(ValueError, match=r"task\.params\.student_sampler must be one of"):
+        build_task(load_config(None, _distill_overrides(tmp_path, folder, "task.params.student_sampler=fast")))

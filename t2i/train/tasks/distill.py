@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +39,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from t2i.data.transforms import sample_generator, sample_seed
-from t2i.diffusion import Denoiser, SkipLayerGuidance, check_guidance_interval, classifier_free_guidance
+from t2i.diffusion import SAMPLERS, Denoiser, SkipLayerGuidance, check_guidance_interval, classifier_free_guidance
 from t2i.diffusion.paths import append_dims
 from t2i.diffusion.samplers import sample_consistency
 from t2i.nn.noise import Seeds
@@ -67,6 +69,10 @@ class DistillTaskConfig:
     slg_layers: list[int] = field(default_factory=list)
     slg_interval: list[float] | None = None
     student_steps: int = 4  # the student's step count (its preset); the adversarial method trains on its grid
+    # how the student samples for grids, scores (run.eval_every) and its export's defaults; None: `consistency` for a
+    # consistency student, the base task's sampler for an adversarial one (an adversarial student that continues a
+    # consistency student keeps its sampler: set `consistency`)
+    student_sampler: str | None = None
     teacher_steps: int = 32  # consistency: the teacher grid's size N (adjacent pairs of it are distilled)
     loss: str = "huber"  # consistency distance: l2 | huber (pseudo-Huber, Song & Dhariwal 2023)
     huber_c: float = 0.03
@@ -157,6 +163,9 @@ class DistillTask(Task):
         if not 0 <= p.backward_simulation <= 1 or (p.backward_simulation and p.method != "adversarial"):
             raise ValueError(f"task.params.backward_simulation is a share in [0, 1] for the adversarial method, got "
                              f"{p.backward_simulation} with method {p.method}")  # fmt: skip
+        if p.student_sampler is not None and p.student_sampler not in SAMPLERS:
+            raise ValueError(f"task.params.student_sampler must be one of {', '.join(sorted(SAMPLERS))}, got "
+                             f"{p.student_sampler!r}")  # fmt: skip
         self.guidance_interval = None  # the teacher guides at every time
         if p.guidance_interval is not None:
             self.guidance_interval = check_guidance_interval(p.guidance_interval, "task.params.guidance_interval")
@@ -351,20 +360,37 @@ class DistillTask(Task):
 
     # -- samples -----------------------------------------------------------------------------------------------
 
-    def sample(self, model, n, *, seed, device, steps=None):
-        """Student samples in its few steps, without guidance, with the base task's grid and sampler (the
-        ``consistency`` sampler for consistency students)."""
-        net = unwrap(model)
+    @property
+    def student_sampler(self) -> str:
+        """The sampler the student draws with (``student_sampler``, else by method)."""
+        if self.params.student_sampler is not None:
+            return self.params.student_sampler
+        return "consistency" if self.params.method == "consistency" else self.base.params.sampler
+
+    @contextmanager
+    def _as_student(self) -> Iterator[Any]:
+        """The base task set to sample as the student does: its sampler, no guidance; restored on exit."""
         base = self.base
         saved = (base.params.guidance, base.params.sampler, getattr(base, "sampler_name", None))
-        base.params.guidance = 1.0
-        if self.params.method == "consistency":
-            base.params.sampler = "consistency"
-            if saved[2] is not None:
-                base.sampler_name = "consistency"
+        base.params.guidance, base.params.sampler = 1.0, self.student_sampler
+        if saved[2] is not None:
+            base.sampler_name = self.student_sampler
         try:
-            return base.sample(net.student, n, seed=seed, device=device, steps=self.params.student_steps)
+            yield base
         finally:
             base.params.guidance, base.params.sampler = saved[0], saved[1]
             if saved[2] is not None:
                 base.sampler_name = saved[2]
+
+    def sample(self, model, n, *, seed, device, steps=None):
+        """Student samples in its few steps, without guidance, with the base task's grid and the student's sampler
+        (``student_sampler``)."""
+        with self._as_student() as base:
+            return base.sample(unwrap(model).student, n, seed=seed, device=device, steps=self.params.student_steps)
+
+    def caption_sampler(self, model, *, steps, device):
+        """The student drawing from captions as it samples (its ``student_steps``, whatever ``steps`` asks, no
+        guidance, the student's sampler), for ``run.eval_every``; None where the base task cannot draw from captions
+        (``base_task: diffusion``, or an sd3 base without its encoders)."""
+        with self._as_student() as base:  # the pipeline keeps the settings it is built with
+            return base.caption_sampler(unwrap(model).student, steps=self.params.student_steps, device=device)
