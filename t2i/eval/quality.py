@@ -226,8 +226,9 @@ def _learning_curves(models: Sequence[dict[str, Any]], out_dir: Path) -> list[st
         return []
     return ["", "## Learning curves", "",
             "Score per category on the first `eval` prompts of each category (`run.eval_per_category`) while each "
-            "model's last training stage ran (EMA weights, the model's default sampler), against that run's training "
-            "CPU-minutes (`run.eval_every`, docs/training.md; the model cards give every stage's time):", "",
+            "model trained (EMA weights, sampled as the model samples), against training CPU-minutes from the start "
+            "of the first stage that was scored and still on disk at export (`run.eval_every`, docs/training.md; "
+            "the model cards give every stage's time):", "",
             *lines]  # fmt: skip
 
 

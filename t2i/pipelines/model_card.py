@@ -207,9 +207,9 @@ def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str
     lines += ["", f"Weights are the EMA weights of each run's last checkpoint, stored in fp16 (loaded as fp32). "
               f"{retrain}", ""]  # fmt: skip
     if (folder / "learning_curve.png").exists():
-        lines += ["Shapes benchmark score per category while the transformer trained (its last stage, when "
-                  "there are several; the first `eval` prompts of each category, EMA weights), against that run's "
-                  "training CPU-minutes:", "",
+        lines += ["Shapes benchmark score per category while the transformer trained (its stages that were scored "
+                  "and still on disk at export, in order; the first `eval` prompts of each category, EMA weights), "
+                  "against training CPU-minutes from the first of them:", "",
                   "![learning curve](learning_curve.png)", ""]  # fmt: skip
     q = _quality(name, Path(quality_json)) if quality_json else None
     lines += ["## Shapes benchmark", ""]

@@ -31,7 +31,7 @@ from t2i.pipelines.folders import (
     write_model_json,
 )
 
-from .report import read_metrics
+from .report import plot_eval_curves, read_metrics
 from .trained import load_trained
 
 
@@ -144,6 +144,43 @@ def _stage_record(init_from: str | None, depth: int = 0) -> dict[str, Any] | Non
     return _checkpoint_record(p, read_config(p) if p.is_file() else None, depth)
 
 
+def _earlier_run(run: Path) -> tuple[Path, int, bool] | None:
+    """(run folder, step, continued) of the checkpoint a run continued (``--resume-from``: its counters carry on) or
+    started from (``model.init_from``, a student's ``student_init``: they start again), where that run is on disk."""
+    if (run / "continued_from.json").is_file():
+        ckpt = Path(json.loads((run / "continued_from.json").read_text())["checkpoint"])
+        return ckpt.parent.parent, checkpoint_step(ckpt), True
+    weights = trained_weights_file(run) if (run / "checkpoints").is_dir() else None
+    cfg = (read_config(weights) if weights is not None else None) or {}
+    start = (cfg.get("model") or {}).get("init_from") or ((cfg.get("task") or {}).get("params") or {}).get(
+        "student_init"
+    )
+    p = Path(start) if start else None
+    if p is None or p.parent.parent.name != "checkpoints" or not (p.parents[2] / "metrics.jsonl").is_file():
+        return None
+    return p.parents[2], checkpoint_step(p.parent), False
+
+
+def _learning_curve(run: Path, upto: int, out: Path) -> bool:
+    """The scores a run logged while it trained (``run.eval_every``) to step ``upto``, after those of the runs it
+    continued or started from that are still on disk, against training CPU-minutes counted from the first of them,
+    written to ``out`` as a PNG; False when none of them was scored."""
+    chain, links = [(run, upto)], []  # the latest stage first; links[i]: chain[i] continued chain[i + 1]'s counters
+    while len(chain) < 16 and (earlier := _earlier_run(chain[-1][0])) is not None:
+        chain.append(earlier[:2])
+        links.append(earlier[2])
+    records, offset = [], 0.0
+    for i in reversed(range(len(chain))):  # the first stage first
+        stage, last = chain[i]
+        first = chain[i + 1][1] if i + 1 < len(chain) and links[i] else 0  # a continued run's rows from its start
+        rows = [r for r in read_metrics(stage / "metrics.jsonl") if first < r["step"] <= last and "cpu_seconds" in r]
+        records += [{**r, "cpu_seconds": r["cpu_seconds"] + offset} for r in rows if "eval/overall" in r]
+        if i > 0 and not links[i - 1]:  # the next stage started from these weights with its CPU count at zero
+            offset += _last_metric(stage, "cpu_seconds", last) or 0.0
+    title = " -> ".join(stage.name for stage, _ in reversed(chain))
+    return plot_eval_curves(records, out, title=title) is not None
+
+
 def _last_metric(run: Path, key: str, upto: int | None = None) -> float | None:
     """The last logged value of ``key`` in a run's ``metrics.jsonl`` at step ``upto`` or before (None when it never
     logged one)."""
@@ -206,9 +243,12 @@ def export_sd3(out: str | Path, *, transformer: str, vae: str, clip: str, name: 
         defaults = {**defaults, "guidance_interval": list(check_guidance_interval(defaults["guidance_interval"]))}
     out.mkdir(parents=True, exist_ok=True)
     save_model_file(out / "transformer.safetensors", "mmdit", net)
-    curve = Path(transformer) / "eval_curve.png"  # the run's learning curve, when it was scored while training
-    if curve.is_file():
-        shutil.copyfile(curve, out / "learning_curve.png")
+    # the learning curve: the scores logged while it trained, the stages it started from included
+    run = Path(transformer)
+    run = run.parent.parent if run.parent.name == "checkpoints" else run
+    drawn = (run / "metrics.jsonl").is_file() and _learning_curve(run, rec["step"], out / "learning_curve.png")
+    if not drawn and (run / "eval_curve.png").is_file():  # the run's own plot, where its metrics are gone
+        shutil.copyfile(run / "eval_curve.png", out / "learning_curve.png")
     components = {}
     if share_from is not None:
         shared = Path(share_from)

@@ -170,3 +170,35 @@ def test_a_distilled_student_is_scored_as_it_samples(tmp_path, folder):
     assert not torch.equal(images["consistency"], images["euler"])  # the sampler asked for is the one used
     with pytest.raises(ValueError, match=r"task\.params\.student_sampler must be one of"):
         build_task(load_config(None, _distill_overrides(tmp_path, folder, "task.params.student_sampler=fast")))
+
+
+def test_the_exported_learning_curve_spans_the_stages_a_run_started_from(tmp_path, folder, monkeypatch):
+    """A curriculum's curve: the scores of a run that started from another's weights (model.init_from: its CPU count
+    starts again) and of one that continued it (--resume-from: its count carries on), after the first stage's, on
+    one axis of training CPU-seconds from the first stage's start."""
+    from t2i.train import export
+
+    def stage(name, **extra):
+        over = {"run.name": name, "run.eval_every": 1, "run.steps": 2, "run.ckpt_every": 1, **extra}
+        return load_config(None, sd3_overrides(tmp_path, folder, **over))
+
+    first, _, _ = _fit(stage("first"))
+    ckpt = first.run_dir / "checkpoints" / "step_00000002"
+    second, _, _ = _fit(stage("second", **{"model.init_from": str(ckpt / "ema.safetensors")}))
+    third, _, _ = _fit(stage("third", **{"run.steps": 4}), resume=str(second.run_dir / "checkpoints/step_00000002"))
+
+    drawn = {}
+    monkeypatch.setattr(
+        export, "plot_eval_curves", lambda records, path, title: drawn.update(r=records, t=title) or path
+    )
+    assert export._learning_curve(third.run_dir, 3, tmp_path / "curve.png")  # up to the exported step
+    cpu = {n: {r["step"]: r["cpu_seconds"] for r in read_metrics(t.run_dir / "metrics.jsonl") if "eval/overall" in r}
+           for n, t in (("first", first), ("second", second), ("third", third))}  # fmt: skip
+    end_first = read_metrics(first.run_dir / "metrics.jsonl")[-1]["cpu_seconds"]
+    want = [cpu["first"][1], cpu["first"][2], end_first + cpu["second"][1], end_first + cpu["second"][2],
+            end_first + cpu["third"][3]]  # fmt: skip
+    assert [r["step"] for r in drawn["r"]] == [1, 2, 1, 2, 3] and drawn["t"] == "first -> second -> third"
+    assert [r["cpu_seconds"] for r in drawn["r"]] == pytest.approx(want)
+    assert want == sorted(want)
+    monkeypatch.undo()
+    assert export._learning_curve(third.run_dir, 4, tmp_path / "curve.png") and (tmp_path / "curve.png").is_file()
