@@ -234,6 +234,11 @@ def test_student_samples_with_the_requested_nfe_and_no_cfg():
     assert out.shape == (4, 3, 16, 16)
     assert calls == [4, 4]  # student_steps calls, each on the batch alone (no unconditional half)
     assert task.base.params.guidance == 2.0 and task.base.sampler_name == "euler"  # restored afterwards
+    # an adversarial student samples with its base task's sampler (resolved by the path: euler on flow, ddim on vp)
+    for path, sampler in (("flow", "euler"), ("vp", "ddim")):
+        task = build_task(_cfg("adversarial", path))
+        assert task.base.params.sampler is None and task.student_sampler == sampler
+        assert task.sample(task.build_model(), 2, seed=0, device=torch.device("cpu")).shape == (2, 3, 16, 16)
 
 
 def test_bad_params_are_refused():

@@ -365,7 +365,11 @@ class DistillTask(Task):
         """The sampler the student draws with (``student_sampler``, else by method)."""
         if self.params.student_sampler is not None:
             return self.params.student_sampler
-        return "consistency" if self.params.method == "consistency" else self.base.params.sampler
+        if self.params.method == "consistency":
+            return "consistency"
+        return (
+            getattr(self.base, "sampler_name", None) or self.base.params.sampler
+        )  # the diffusion task's, resolved by path
 
     @contextmanager
     def _as_student(self) -> Iterator[Any]:
