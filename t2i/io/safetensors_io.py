@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import subprocess
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -89,10 +88,16 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    return mask
+def _create_sibling(path: Path) -> tuple[int, str]:
+    """A new file beside ``path`` under an unused hidden ``.tmp`` name, opened for writing. Created with mode 0666
+    so the umask applies as for a plain ``open()`` (mkstemp's files are private, 0600, and a rename keeps that)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = str(path.parent / f".{path.name}.{os.urandom(6).hex()}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # another writer drew the same name: draw again
+            continue
 
 
 @contextmanager
@@ -104,10 +109,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_sibling(path)
     try:
-        # mkstemp makes the file private (0600); the written file gets the mode a plain open() would give it
-        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()

@@ -65,6 +65,22 @@ def _run_part(run: str | Path, name: str) -> tuple[nn.Module, dict[str, Any], di
     return net, cfg, record
 
 
+def _continued_from(run: Path) -> dict[str, Any] | None:
+    """``{"checkpoint", "step"}`` of the run a run continued with ``t2i train --resume-from``, or None."""
+    note = run / "continued_from.json"
+    return json.loads(note.read_text()) if note.is_file() else None
+
+
+def _started_from(cfg: dict[str, Any] | None) -> str | None:
+    """The weights a run started from (``model.init_from``, or a distillation student's ``student_init``), or None."""
+    cfg = cfg or {}
+    task = cfg.get("task") or {}
+    start = (cfg.get("model") or {}).get("init_from")
+    if not start and task.get("name") == "distill":  # a student that started from an earlier student's weights
+        start = (task.get("params") or {}).get("student_init")
+    return start or None
+
+
 def _checkpoint_record(weights: Path, cfg: dict[str, Any] | None, depth: int = 0, **extra: Any) -> dict[str, Any]:
     """The training record of a checkpoint's weights file (``<run>/checkpoints/step_N/<file>``): its step, batch,
     images seen, precision, threads and seed (from ``cfg``, the config stored with it), wall-clock and CPU time up to
@@ -83,9 +99,7 @@ def _checkpoint_record(weights: Path, cfg: dict[str, Any] | None, depth: int = 0
         rec["distilled"] = {k: task["params"][k] for k in ("method", "teacher", "guidance", "student_steps")}
     # a run resumed from another run's checkpoint (`t2i train --resume-from`) continues that run as a later stage:
     # its counters (step, images, CPU time) carry the earlier stage's, which its own record leaves out
-    continued = (
-        json.loads((run / "continued_from.json").read_text()) if (run / "continued_from.json").is_file() else None
-    )
+    continued = _continued_from(run)
     first_step = int(continued["step"]) if continued else 0
     if continued:
         rec["continued"] = True
@@ -102,10 +116,7 @@ def _checkpoint_record(weights: Path, cfg: dict[str, Any] | None, depth: int = 0
         if earlier is not None and earlier.get("cpu_seconds") is not None and "cpu_seconds" in rec:
             rec["cpu_seconds"] = round(rec["cpu_seconds"] - earlier["cpu_seconds"], 1)
     else:
-        start = (cfg or {}).get("model", {}).get("init_from")
-        if not start and task.get("name") == "distill":  # a student that started from an earlier student's weights
-            start = (task.get("params") or {}).get("student_init")
-        earlier = _stage_record(start, depth + 1)
+        earlier = _stage_record(_started_from(cfg), depth + 1)
         # it started from a model folder's component, and that folder has since been exported from this run or a
         # later stage of it: the folder's record lists this stage, and what this stage started from is below it
         stage = earlier
@@ -147,14 +158,11 @@ def _stage_record(init_from: str | None, depth: int = 0) -> dict[str, Any] | Non
 def _earlier_run(run: Path) -> tuple[Path, int, bool] | None:
     """(run folder, step, continued) of the checkpoint a run continued (``--resume-from``: its counters carry on) or
     started from (``model.init_from``, a student's ``student_init``: they start again), where that run is on disk."""
-    if (run / "continued_from.json").is_file():
-        ckpt = Path(json.loads((run / "continued_from.json").read_text())["checkpoint"])
+    if (continued := _continued_from(run)) is not None:
+        ckpt = Path(continued["checkpoint"])
         return ckpt.parent.parent, checkpoint_step(ckpt), True
     weights = trained_weights_file(run) if (run / "checkpoints").is_dir() else None
-    cfg = (read_config(weights) if weights is not None else None) or {}
-    start = (cfg.get("model") or {}).get("init_from") or ((cfg.get("task") or {}).get("params") or {}).get(
-        "student_init"
-    )
+    start = _started_from(read_config(weights) if weights is not None else None)
     p = Path(start) if start else None
     if p is None or p.parent.parent.name != "checkpoints" or not (p.parents[2] / "metrics.jsonl").is_file():
         return None
@@ -175,8 +183,8 @@ def _learning_curve(run: Path, upto: int, out: Path) -> bool:
         first = chain[i + 1][1] if i + 1 < len(chain) and links[i] else 0  # a continued run's rows from its start
         rows = [r for r in read_metrics(stage / "metrics.jsonl") if first < r["step"] <= last and "cpu_seconds" in r]
         records += [{**r, "cpu_seconds": r["cpu_seconds"] + offset} for r in rows if "eval/overall" in r]
-        if i > 0 and not links[i - 1]:  # the next stage started from these weights with its CPU count at zero
-            offset += _last_metric(stage, "cpu_seconds", last) or 0.0
+        if i > 0 and not links[i - 1] and rows:  # the next stage started from these weights, its CPU count at zero
+            offset += rows[-1]["cpu_seconds"]
     title = " -> ".join(stage.name for stage, _ in reversed(chain))
     return plot_eval_curves(records, out, title=title) is not None
 
@@ -222,9 +230,12 @@ def export_sd3(out: str | Path, *, transformer: str, vae: str, clip: str, name: 
     if cfg["task"]["name"] == "distill":  # a few-step student: its base task's settings, its own step preset
         from .tasks.sd3 import SD3TaskConfig
 
-        sampler = task.get("student_sampler") or ("consistency" if task["method"] == "consistency" else "euler")
+        base = {**dataclasses.asdict(SD3TaskConfig()), **task["base_params"]}
+        sampler = task.get("student_sampler") or (
+            "consistency" if task["method"] == "consistency" else base["sampler"]
+        )
         student = {"steps": task["student_steps"], "guidance": 1.0, "sampler": sampler}
-        task = {**dataclasses.asdict(SD3TaskConfig()), **task["base_params"]}
+        task = base
     vae_net, _, vae_rec = _run_part(vae, "sd3_vae")
     if task.get("latent_scale") is None:
         raise ValueError(f"{transformer}: pin task.params.latent_scale/latent_shift in its config before export")

@@ -39,7 +39,13 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from t2i.data.transforms import sample_generator, sample_seed
-from t2i.diffusion import SAMPLERS, Denoiser, SkipLayerGuidance, check_guidance_interval, classifier_free_guidance
+from t2i.diffusion import (
+    Denoiser,
+    SkipLayerGuidance,
+    check_guidance_interval,
+    check_sampler,
+    classifier_free_guidance,
+)
 from t2i.diffusion.paths import append_dims
 from t2i.diffusion.samplers import sample_consistency
 from t2i.nn.noise import Seeds
@@ -163,9 +169,8 @@ class DistillTask(Task):
         if not 0 <= p.backward_simulation <= 1 or (p.backward_simulation and p.method != "adversarial"):
             raise ValueError(f"task.params.backward_simulation is a share in [0, 1] for the adversarial method, got "
                              f"{p.backward_simulation} with method {p.method}")  # fmt: skip
-        if p.student_sampler is not None and p.student_sampler not in SAMPLERS:
-            raise ValueError(f"task.params.student_sampler must be one of {', '.join(sorted(SAMPLERS))}, got "
-                             f"{p.student_sampler!r}")  # fmt: skip
+        if p.student_sampler is not None:
+            check_sampler(p.student_sampler, "task.params.student_sampler")
         self.guidance_interval = None  # the teacher guides at every time
         if p.guidance_interval is not None:
             self.guidance_interval = check_guidance_interval(p.guidance_interval, "task.params.guidance_interval")
@@ -367,9 +372,8 @@ class DistillTask(Task):
             return self.params.student_sampler
         if self.params.method == "consistency":
             return "consistency"
-        return (
-            getattr(self.base, "sampler_name", None) or self.base.params.sampler
-        )  # the diffusion task's, resolved by path
+        # the base task's; the diffusion task resolves an unset params.sampler by its path (sampler_name)
+        return getattr(self.base, "sampler_name", None) or self.base.params.sampler
 
     @contextmanager
     def _as_student(self) -> Iterator[Any]:
