@@ -3,12 +3,13 @@ backward) and inference (forward without gradients).
 
     python benchmarks/attention_kernels.py [--threads 1]
 
-Training shapes: the unCLIP Unet's cross-attention at its two attention levels of the DALLE2 comparison config
-(32x32 and 16x16 feature maps, 8 heads x 32, 82 context tokens with key padding), its 16x16 self-attention, and
-the prior's causal self-attention (batch 32, 8 heads x 64, 81 tokens). Inference shapes: the shipped models at
-their default sampling batch (64 prompts, classifier-free guidance doubling it): ``sd3-shapes``' joint attention
-(64 latent + 56 text tokens) and its MMDiT-X image-only attention, the ``unclip-shapes`` decoder's cross- and
-self-attention, and its prior (two candidates per prompt, causal). Median of ``--repeats`` calls.
+Training shapes: the unCLIP Unet's cross-attention at its two attention levels of the DALLE2 comparison config (32x32
+and 16x16 feature maps, 8 heads x 32, 82 context tokens with key padding), its 16x16 self-attention, and the prior's
+causal self-attention (batch 32, 8 heads x 64, 81 tokens), ``sd3-shapes``' joint and image-only attention at its
+training batch (64 images) and the joint attention of the diffusers comparison's MMDiT. Inference shapes: the shipped
+models at their default sampling batch (64 prompts, classifier-free guidance doubling it): ``sd3-shapes``' joint
+attention (64 latent + 56 text tokens) and its MMDiT-X image-only attention, the ``unclip-shapes`` decoder's cross-
+and self-attention, and its prior (two candidates per prompt, causal). Median of ``--repeats`` calls.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ CASES = {  # name: (B, H, N, M, d, mask kind)
     "unet cross 16x16": (4, 8, 256, 82, 32, "padding"),
     "unet self 16x16": (4, 8, 256, 256, 32, None),
     "prior causal": (32, 8, 81, 81, 64, "causal"),
+    "sd3-shapes joint": (64, 4, 120, 120, 32, None),  # its training batch: 64 latent + 56 text tokens
+    "sd3-shapes image-only": (64, 4, 64, 64, 32, None),
+    "mmdit-bench joint": (4, 4, 333, 333, 64, None),  # benchmarks/vs_diffusers.py's config
 }
 INFERENCE_CASES = {
     "sd3-shapes joint": (128, 4, 120, 120, 32, None),
