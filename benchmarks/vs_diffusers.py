@@ -15,6 +15,11 @@ and its opt-in fused path (``MMDiT.set_fast_path``).
 
     python benchmarks/vs_diffusers.py                  # both configs
     python benchmarks/vs_diffusers.py --configs bench --reps 5
+    python benchmarks/vs_diffusers.py --configs bench --compile   # adds both models under torch.compile
+
+``--compile`` adds a third path: t2i's fast path under ``torch.compile`` against diffusers' model under
+``torch.compile``, forward and training step, and each side's one-time compile cost (its first calls less steady
+ones). A t2i training run compiles its model with ``run.compile: true``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -79,7 +85,10 @@ def timed_pair(f_t2i, f_dif, reps: int) -> tuple[float, float]:
     return min(a), min(b)
 
 
-def run_case(case: Case, amp: bool, fast: bool, reps: int, sample_reps: int, steps_list) -> list[tuple]:
+def run_case(case: Case, amp: bool, fast: bool, reps: int, sample_reps: int, steps_list,
+             compiled: bool = False) -> list[tuple]:  # fmt: skip
+    """Rows ``(measurement, t2i seconds, diffusers seconds)``. ``compiled``: both models under ``torch.compile``
+    (t2i on its fast path), forward and training step only, plus a row with each side's compile time."""
     torch.manual_seed(0)
     model = MMDiT(case.cfg)
     with torch.no_grad():  # non-trivial weights (a fresh model is adaLN-zero: output 0)
@@ -87,7 +96,9 @@ def run_case(case: Case, amp: bool, fast: bool, reps: int, sample_reps: int, ste
             if "adaLN" in name or name.startswith("final_layer.linear"):
                 p.normal_(0, 0.02)
     ref = diffusers_model(model)
-    model.set_fast_path(fast)
+    model.set_fast_path(fast or compiled)
+    ours, theirs = (torch.compile(model), torch.compile(ref)) if compiled else (model, ref)
+    first_calls = {}
     c, B, S = case.cfg, case.batch, case.latent
     g = torch.Generator().manual_seed(1)
     x = torch.randn(B, c.in_channels, S, S, generator=g)
@@ -97,14 +108,24 @@ def run_case(case: Case, amp: bool, fast: bool, reps: int, sample_reps: int, ste
     amp_ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
     rows = []
 
+    def first_call_timed(f, key):  # the first call compiles (when compiled); its time, less a steady call's, is
+        def g():  # the compile cost
+            t0 = time.perf_counter()
+            f()
+            if key not in first_calls:
+                first_calls[key] = time.perf_counter() - t0
+            return None
+
+        return g
+
     def fwd(m, dif):
         def f():
             with torch.no_grad(), amp_ctx():
-                return ref(x, ctx, pooled, t).sample if dif else m(x, t, ctx, pooled)
+                return m(x, ctx, pooled, t).sample if dif else m(x, t, ctx, pooled)
 
-        return f
+        return first_call_timed(f, ("forward", dif))
 
-    rows.append(("forward", *timed_pair(fwd(model, False), fwd(ref, True), reps)))
+    rows.append(("forward", *timed_pair(fwd(ours, False), fwd(theirs, True), reps)))
 
     def fwd_bwd(m, dif):
         def f():
@@ -114,7 +135,8 @@ def run_case(case: Case, amp: bool, fast: bool, reps: int, sample_reps: int, ste
 
         return f
 
-    rows.append(("forward+backward", *timed_pair(fwd_bwd(model, False), fwd_bwd(ref, True), reps)))
+    if not compiled:
+        rows.append(("forward+backward", *timed_pair(fwd_bwd(model, False), fwd_bwd(ref, True), reps)))
 
     eps = torch.randn(x.shape, generator=g)
     sig = torch.sigmoid(torch.randn(B, generator=g))  # logit-normal sigma
@@ -127,17 +149,21 @@ def run_case(case: Case, amp: bool, fast: bool, reps: int, sample_reps: int, ste
     def train_step(m, opt, dif):
         def f():
             with amp_ctx():
-                v = ref(x_t, ctx, pooled, sig * 1000).sample if dif else m(x_t, sig * 1000, ctx, pooled)
+                v = m(x_t, ctx, pooled, sig * 1000).sample if dif else m(x_t, sig * 1000, ctx, pooled)
             loss = (v.float() - (eps - x)).square().mean()
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        return f
+        return first_call_timed(f, ("train", dif))
 
-    rows.append(
-        ("train step (AdamW)", *timed_pair(train_step(model, opt_t2i, False), train_step(ref, opt_dif, True), reps))
-    )
+    step_times = timed_pair(train_step(ours, opt_t2i, False), train_step(theirs, opt_dif, True), reps)
+    rows.append(("train step (AdamW)", *step_times))
+    if compiled:  # first calls (forward, then the training step's forward + backward graphs) less steady calls
+        cost = [first_calls[("forward", d)] + first_calls[("train", d)] - rows[0][1 + d] - step_times[d]
+                for d in (False, True)]  # fmt: skip
+        rows.append(("compile (s, once)", *cost))
+        return rows
 
     neg_ctx, neg_pooled = torch.zeros_like(ctx), torch.zeros_like(pooled)
     pipe = StableDiffusion3Pipeline(
@@ -171,6 +197,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sample-reps", type=int, default=2, help="timed repetitions of each sampling run")
     ap.add_argument("--steps", type=int, nargs="+", default=[4, 28])
     ap.add_argument("--no-fast", action="store_true", help="skip the fused-path rows")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="add rows with both models under torch.compile (t2i's fast path; forward and training step)",
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared machine)")
     ap.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"),
                     help="default: fp32, and bf16 where this CPU multiplies bf16 natively")  # fmt: skip
@@ -178,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fastest repetition; ratio diffusers / t2i")
     header = (
-        f"{'config':<8} {'dtype':<5} {'t2i path':<6} {'measurement':<22} {'t2i':>10} {'diffusers':>10} {'ratio':>6}"
+        f"{'config':<8} {'dtype':<5} {'t2i path':<8} {'measurement':<22} {'t2i':>10} {'diffusers':>10} {'ratio':>6}"
     )
     for name in args.configs:
         case = CASES[name]
@@ -188,11 +219,12 @@ def main(argv: list[str] | None = None) -> None:
         print(header)
         print("-" * len(header))
         for amp in [p == "bf16" for p in args.precisions or timed_precisions()]:
-            for fast in (False,) if args.no_fast else (False, True):
-                rows = run_case(case, amp, fast, args.reps, args.sample_reps, args.steps)
+            paths = ["plain"] + ([] if args.no_fast else ["fast"]) + (["compiled"] if args.compile else [])
+            for path in paths:
+                rows = run_case(case, amp, path == "fast", args.reps, args.sample_reps, args.steps, path == "compiled")
                 for what, a, b in rows:
-                    unit = (a * 1e3, b * 1e3, "ms") if a < 2 else (a, b, "s ")
-                    print(f"{name:<8} {'bf16' if amp else 'fp32':<5} {'fast' if fast else 'plain':<6} {what:<22} "
+                    unit = (a * 1e3, b * 1e3, "ms") if a < 2 and what[0] != "c" else (a, b, "s ")
+                    print(f"{name:<8} {'bf16' if amp else 'fp32':<5} {path:<8} {what:<22} "
                           f"{unit[0]:>8.1f}{unit[2]} {unit[1]:>8.1f}{unit[2]} {b / a:>6.2f}")  # fmt: skip
                 sys.stdout.flush()
 

@@ -175,17 +175,18 @@ class SD3Task(Task):
         """MMDiT-space latents: a posterior sample per image from its own generator (posteriors memoised)."""
         if self.vae is None:
             raise ValueError("batches carry images but no VAE is set; set task.params.vae or cache latents")
-        keys = [hashlib.sha1(im.float().cpu().numpy().tobytes()).hexdigest() for im in images]
-        missing = [i for i, k in enumerate(keys) if k not in self._latent_cache]
-        if missing:
-            dev = next(self.vae.parameters()).device
-            mean, std = self.vae.moments(images[missing].to(dev))
-            for i, m, s in zip(missing, mean, std, strict=True):
-                self._latent_cache[keys[i]] = (m.cpu(), s.cpu())
-        mean = torch.stack([self._latent_cache[k][0] for k in keys])
-        std = torch.stack([self._latent_cache[k][1] for k in keys])
-        if not self.params.cache_latents:
-            self._latent_cache.clear()
+        dev = next(self.vae.parameters()).device
+        if self.params.cache_latents:
+            keys = [hashlib.sha1(im.float().cpu().numpy().tobytes()).hexdigest() for im in images]
+            missing = [i for i, k in enumerate(keys) if k not in self._latent_cache]
+            if missing:
+                mean, std = self.vae.moments(images[missing].to(dev))
+                for i, m, s in zip(missing, mean, std, strict=True):
+                    self._latent_cache[keys[i]] = (m.cpu(), s.cpu())
+            mean = torch.stack([self._latent_cache[k][0] for k in keys])
+            std = torch.stack([self._latent_cache[k][1] for k in keys])
+        else:  # a streamed dataset never repeats an image: no hashing, no lookups
+            mean, std = (m.cpu() for m in self.vae.moments(images.to(dev)))
         eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in gens])
         return self.vae.latent_format.process_in(mean + std * eps)
 
