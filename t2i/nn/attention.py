@@ -62,10 +62,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropo
     if mask is not None:
         # the dtype's lowest value, not -inf: a row with every key masked gives uniform weights instead of NaN
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    # softmax in the inputs' dtype: the CPU and CUDA kernels accumulate bf16/fp16 in fp32 internally, as SDPA's
-    # do, and skipping the round trip through an fp32 copy of the scores (and its backward) made bf16 training of
-    # sd3-shapes' joint attention 2.4x faster (benchmarks/attention_kernels.py)
-    probs = scores.softmax(-1)
+    if scores.requires_grad:
+        # training: the softmax in the inputs' dtype (the kernels accumulate bf16/fp16 in fp32 internally, as
+        # SDPA's do), whose forward + backward is faster on CPU than a round trip through an fp32 copy
+        probs = scores.softmax(-1)
+    else:  # inference: the fp32 softmax kernel with the upcast fused into it is the faster forward
+        probs = torch.softmax(scores, -1, dtype=torch.float32).to(v.dtype)
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
     return probs @ v
