@@ -53,9 +53,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropo
     """Softmax attention; ``mask`` is boolean, True where a query may attend to a key."""
     if pick_kernel(q, masked=mask is not None) == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-    *batch, n, d = q.shape
-    m = k.shape[-2]
-    q3, k3 = q.reshape(-1, n, d), k.expand(*batch, m, d).reshape(-1, m, d)
+    (n, d), m = q.shape[-2:], k.shape[-2]
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])  # leading dims broadcast, as in q @ k^T
+    q3, k3 = q.expand(*batch, n, d).reshape(-1, n, d), k.expand(*batch, m, d).reshape(-1, m, d)
     # the 1/sqrt(d) scale rides on the matmul (baddbmm's alpha) instead of a pass over q or the scores
     scores = torch.baddbmm(q3.new_zeros(()).expand(q3.shape[0], n, m), q3, k3.transpose(1, 2), beta=0, alpha=d**-0.5)
     scores = scores.view(*batch, n, m)  # (B, H, N, M), in the inputs' precision

@@ -113,3 +113,17 @@ def test_math_kernel_softmax_precision_for_inference_and_training():
     assert train.requires_grad
     torch.testing.assert_close(train.float(), infer.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(infer.float(), reference(q.float(), k.float(), v.float(), None), atol=3e-2, rtol=3e-2)
+
+
+def test_math_kernel_broadcasts_leading_dims():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (
+        torch.randn(2, 3, 5, 8, generator=g),
+        torch.randn(1, 3, 7, 8, generator=g),
+        torch.randn(1, 3, 7, 8, generator=g),
+    )
+    with attention_kernel("math"):
+        torch.testing.assert_close(attention(q, k, v), reference(q, k, v, None), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            attention(k[:, :, :5], q, q), reference(k[:, :, :5], q, q, None), atol=1e-5, rtol=1e-5
+        )
