@@ -171,3 +171,20 @@ def test_a_component_that_was_never_trained_is_named(tmp_path, capsys):
                  f"task.params.base_params.vae={tmp_path / 'nothing'}", "--dry-run"]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert "does not exist: train that component first" in err and "pickle" not in err
+
+
+def test_bf16_training_runs_the_frozen_vae_in_channels_last(tmp_path):
+    # the encoder runs on every batch; channels-last is oneDNN's faster bf16 layout and computes the same function
+    files = {"task.params.vae": "models/sd3-shapes/vae.safetensors", "task.params.latent_scale": 0.8938,
+             "task.params.latent_shift": 0.0821, "data.image_size": 64}  # fmt: skip
+    fast = build_task(load_config(None, overrides(tmp_path, **files, **{"run.precision": "bf16"})))
+    plain = build_task(load_config(None, overrides(tmp_path, **files)))
+    convs = [p for p in fast.vae.parameters() if p.ndim == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert all(p.is_contiguous() for p in plain.vae.parameters())
+    images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(4)]  # noqa: E731
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z_fast, z_plain = fast.encode_images(images, gens()), plain.encode_images(images, gens())
+    assert z_fast.shape == (4, 8, 16, 16)
+    torch.testing.assert_close(z_fast, z_plain, atol=0.05, rtol=0)  # bf16 rounding: 0.028 measured, latents up to 4.5
