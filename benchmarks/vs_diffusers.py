@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
             for path in paths:
                 rows = run_case(case, amp, path == "fast", args.reps, args.sample_reps, args.steps, path == "compiled")
                 for what, a, b in rows:
-                    unit = (a * 1e3, b * 1e3, "ms") if a < 2 and what[0] != "c" else (a, b, "s ")
+                    unit = (a * 1e3, b * 1e3, "ms") if a < 2 and not what.startswith("compile") else (a, b, "s ")
                     print(f"{name:<8} {'bf16' if amp else 'fp32':<5} {path:<8} {what:<22} "
                           f"{unit[0]:>8.1f}{unit[2]} {unit[1]:>8.1f}{unit[2]} {b / a:>6.2f}")  # fmt: skip
                 sys.stdout.flush()

@@ -98,21 +98,22 @@ def test_models_under_bf16_autocast_match_across_kernels(model):
 
 
 def test_math_kernel_softmax_precision_for_inference_and_training():
-    # inference: the fp32 softmax, rounded once to bf16; training: the softmax in bf16 (fp32 inside the kernel),
-    # so the two forwards agree to one bf16 rounding step of the weights, and both match the fp64 reference
+    # the 1/sqrt(d) scale is applied in the matmul's fp32 accumulator (d = 24: not a power of two, so scaling q in
+    # bf16 first rounds differently), inference takes the fp32 softmax rounded once to bf16, training the bf16
+    # softmax (fp32 inside the kernel), which agrees with it to a bf16 rounding step; both kernels are checked
+    # against fp64 in test_kernels_agree_with_the_reference_forward_and_backward
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 2, 24, 16, generator=g).bfloat16() for _ in range(3))
+    q, k, v = (3 * torch.randn(2, 4, 64, 24, generator=g).bfloat16() for _ in range(3))
     with attention_kernel("math"):
         with torch.no_grad():
             infer = attention(q, k, v)
         train = attention(q.clone().requires_grad_(), k, v)
-    scores = torch.baddbmm(torch.zeros(4, 24, 24, dtype=torch.bfloat16), q.flatten(0, 1),
-                           k.flatten(0, 1).transpose(1, 2), beta=0, alpha=0.25)  # fmt: skip
+    scores = torch.baddbmm(torch.zeros(8, 64, 64, dtype=torch.bfloat16), q.flatten(0, 1),
+                           k.flatten(0, 1).transpose(1, 2), beta=0, alpha=24**-0.5)  # fmt: skip
     expected = (scores.float().softmax(-1).bfloat16() @ v.flatten(0, 1)).view_as(infer)
     assert torch.equal(infer, expected)
     assert train.requires_grad
-    torch.testing.assert_close(train.float(), infer.float(), atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(infer.float(), reference(q.float(), k.float(), v.float(), None), atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(train.float(), infer.float(), atol=5e-2, rtol=2e-2)
 
 
 def test_math_kernel_broadcasts_leading_dims():

@@ -172,7 +172,8 @@ class SD3Task(Task):
 
     @torch.no_grad()
     def encode_images(self, images: Tensor, gens: list[torch.Generator]) -> Tensor:
-        """MMDiT-space latents: a posterior sample per image from its own generator (posteriors memoised)."""
+        """MMDiT-space latents: a posterior sample per image from its own generator (posteriors memoised by image
+        content when ``cache_latents``)."""
         if self.vae is None:
             raise ValueError("batches carry images but no VAE is set; set task.params.vae or cache latents")
         dev = next(self.vae.parameters()).device
