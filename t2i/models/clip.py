@@ -142,6 +142,11 @@ class ClipConfig:
     vision_heads: int = 12
     image_size: int = 224
     patch_size: int = 32
+    # > 0: a head that predicts each image's coarse picture (its mean colour over a picture_grid x picture_grid
+    # partition) from the image embedding; trained with ``contrastive_loss(picture=...)`` so that the embedding
+    # keeps where each colour is, which a contrastive loss against captions that cannot tell left from right
+    # does not (the shapes CLIP embeds a scene and its mirror image at cosine 0.98). Not used at inference.
+    picture_grid: int = 0
 
 
 # a table: one configuration per row
@@ -316,6 +321,8 @@ class ClipEncoder(nn.Module):
         mask: Tensor | None = None,
         negatives: tuple[Tensor, ...] | None = None,
         image_negatives: Tensor | None = None,
+        picture: Tensor | None = None,
+        picture_weight: float = 1.0,
     ) -> Tensor:
         """Per-sample symmetric InfoNCE (Radford et al. 2021, Fig. 3): mean of image->text and text->image CE.
 
@@ -328,6 +335,10 @@ class ClipEncoder(nn.Module):
         mirrored, its colours swapped, an object left out): every caption is also contrasted against each of them,
         so the image embedding has to change when the sides, the binding or the count do. Image->text stays over
         the real images.
+
+        ``picture`` (B, 3, g, g), the images' coarse pictures (``t2i.models.caption.coarse_picture`` with the
+        config's ``picture_grid``), adds ``picture_weight`` times the mean squared error of the picture head's
+        prediction from each image embedding.
         """
         img = self.embed_image(images)
         txt, _ = self.encode_text(ids, mask)
@@ -344,10 +355,21 @@ class ClipEncoder(nn.Module):
             neg_img = self.embed_image(image_negatives)
             text_to_image = torch.cat([text_to_image, scale * txt @ neg_img.t()], 1)  # (B, B + N)
         target = torch.arange(len(img), device=img.device)
-        return 0.5 * (
+        loss = 0.5 * (
             F.cross_entropy(image_to_text, target, reduction="none")
             + F.cross_entropy(text_to_image, target, reduction="none")
         )
+        if picture is not None:
+            loss = loss + picture_weight * (self.predict_picture(img) - picture.float()).square().mean((1, 2, 3))
+        return loss
+
+    def predict_picture(self, image_embed: Tensor) -> Tensor:
+        """The coarse picture (B, 3, g, g) the picture head reads from unit-norm image embeddings (B, E)."""
+        head = getattr(self, "picture_head", None)
+        if head is None:
+            raise ValueError("this CLIP has no picture head: build it with picture_grid > 0 (ClipConfig)")
+        g = self.cfg.picture_grid
+        return head(image_embed.to(head[0].weight.dtype)).float().view(-1, 3, g, g)
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         """``contrastive_loss``, per sample (so DDP's forward hooks see the training computation)."""
@@ -432,3 +454,10 @@ class ScratchClip(ClipEncoder):
         super().__init__(
             ClipTowers(towers_config(cfg, tokenizer)), tokenizer, image_mean=(0.5,) * 3, image_std=(0.5,) * 3
         )
+        if cfg.picture_grid < 0:
+            raise ValueError(f"picture_grid must be >= 0 (0: no picture head), got {cfg.picture_grid}")
+        if cfg.picture_grid:
+            e = cfg.embed_dim
+            self.picture_head = nn.Sequential(
+                nn.Linear(e, 4 * e), nn.GELU(), nn.Linear(4 * e, 3 * cfg.picture_grid**2)
+            )

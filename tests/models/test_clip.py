@@ -224,3 +224,26 @@ def test_contrastive_loss_with_hard_negative_images():
         t2i = F.cross_entropy(scale * txt @ torch.cat([img, neg]).t(), torch.arange(4), reduction="none")
         torch.testing.assert_close(got, 0.5 * (i2t + t2i))
         assert (got >= plain - 1e-6).all()
+
+
+def test_picture_head_adds_its_weighted_error_and_only_when_built():
+    """With ``picture_grid`` the CLIP predicts each image's coarse picture from its unit-norm embedding; the loss
+    adds ``picture_weight`` times that prediction's mean squared error, per sample. Without a head it is refused."""
+    from t2i.models.caption import coarse_picture
+
+    torch.manual_seed(0)
+    base = {k: v for k, v in CLIP_PRESETS["tiny"].__dict__.items() if k != "picture_grid"} | {"context_length": 24}
+    enc = shapes_clip(ClipConfig(**base, picture_grid=4)).eval()
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    ids, mask = enc.tokenize(CAPTIONS[:4])
+    target = coarse_picture(images, 4)
+    with torch.no_grad():
+        plain = enc.contrastive_loss(images, ids, mask)
+        got = enc(images, ids, mask, None, None, target, 2.5)
+        picture = enc.predict_picture(enc.embed_image(images))
+        assert picture.shape == (4, 3, 4, 4)
+        torch.testing.assert_close(got, plain + 2.5 * (picture - target).square().mean((1, 2, 3)))
+    with pytest.raises(ValueError, match="picture_grid > 0"):
+        shapes_clip(ClipConfig(**base)).predict_picture(torch.randn(2, 32))
+    with pytest.raises(ValueError, match="picture_grid must be >= 0"):
+        shapes_clip(ClipConfig(**base, picture_grid=-1))

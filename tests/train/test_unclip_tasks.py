@@ -100,6 +100,27 @@ def test_clip_with_hard_negative_images_renders_each_samples_counterfactual(tmp_
     fit(cfg)  # and it trains through the loop
 
 
+def test_clip_picture_loss_trains_the_image_side_from_a_trained_clips_towers(tmp_path):
+    """``init_towers`` starts from a trained CLIP's towers (the picture head, which that CLIP lacks, starts fresh),
+    ``freeze_text`` keeps its text side bit for bit (what the caption encoder and sd3 read), and the image side and
+    the head train on the picture loss; a picture weight without a head is refused with the fix."""
+    source = fit(cfg_for("unclip_clip", tmp_path / "src"))
+    over = {"model.params.picture_grid": 4, "task.params.picture_weight": 5.0, "task.params.freeze_text": "true",
+            "task.params.init_towers": str(source.run_dir)}  # fmt: skip
+    cfg = cfg_for("unclip_clip", tmp_path / "pic", **over)
+    start = build_task(cfg).build_model().state_dict()  # the fresh head the run starts from (same seed)
+    run = fit(cfg)
+    before, after = source.model.state_dict(), run.model.state_dict()
+    for key, value in before.items():
+        if key.startswith(("model.text_model.", "model.text_projection.")):
+            torch.testing.assert_close(after[key], value, rtol=0, atol=0)
+    vision = [k for k in before if k.startswith("model.vision_model.")]
+    assert any(not torch.equal(after[k], before[k]) for k in vision)
+    assert not torch.equal(after["picture_head.2.weight"], start["picture_head.2.weight"])
+    with pytest.raises(ValueError, match="picture_grid"):
+        build_task(cfg_for("unclip_clip", tmp_path, **{"task.params.picture_weight": 1.0}))
+
+
 def test_prior_from_precomputed_embeddings_does_not_mutate_them(tmp_path):
     from t2i.data.dataset import ShapesDataset
     from t2i.train.tasks.unclip import load_clip, precompute_embeddings

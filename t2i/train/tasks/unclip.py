@@ -169,6 +169,15 @@ class ClipTaskConfig:
     # across the relation's axis, colours or shapes swapped, an object left out), so the image tower must encode
     # the sides, the binding and the count; needs the shapes source (its items carry their scene)
     image_negatives: bool = False
+    # > 0: weight of the picture loss (the image embedding must predict the image's coarse picture through the
+    # model's picture head; model.params.picture_grid > 0), so that it keeps where each colour is
+    picture_weight: float = 0.0
+    # train the image side only: the text tower and its projection stay as they are, so whatever reads the text
+    # side (the caption encoder trained on its input embeddings, sd3-shapes) is unaffected
+    freeze_text: bool = False
+    # start from this trained CLIP's towers (a run, checkpoint, weights or model file); unlike model.init_from it
+    # leaves a picture head the source lacks at its fresh initialisation
+    init_towers: str | None = None
 
 
 class ClipTask(Task):
@@ -184,6 +193,24 @@ class ClipTask(Task):
                 "task.params.image_negatives renders each sample's scene changed, so it needs data.source: shapes "
                 f"(whose items carry their spec and scene), not {cfg.data.source!r}"
             )
+        grid = int(cfg.model.params.get("picture_grid", 0) or 0)
+        if self.params.picture_weight < 0:
+            raise ValueError(f"task.params.picture_weight must be >= 0, got {self.params.picture_weight}")
+        if self.params.picture_weight > 0 and not grid:
+            raise ValueError("task.params.picture_weight > 0 trains the picture head: set model.params.picture_grid "
+                             "(e.g. 8) so the CLIP has one")  # fmt: skip
+        if grid and cfg.data.image_size % grid:
+            raise ValueError(f"data.image_size={cfg.data.image_size} does not split into a {grid} x {grid} grid "
+                             "(model.params.picture_grid)")  # fmt: skip
+
+    def setup_model(self, model: nn.Module) -> None:
+        p = self.params
+        if p.init_towers:
+            source = load_trained(p.init_towers, "clip")
+            model.model.load_state_dict(source.model.state_dict(), strict=True)
+        if p.freeze_text:
+            model.model.text_model.requires_grad_(False)
+            model.model.text_projection.requires_grad_(False)
 
     def model_inputs(self) -> dict[str, Any]:
         return model_inputs("clip", self.cfg.model.params)
@@ -204,8 +231,14 @@ class ClipTask(Task):
             valid = torch.tensor([bool(o) for o in options], device=device)
             negatives = (*enc.tokenize(texts, device=device), valid)
         image_negatives = self._image_negatives(batch, device) if self.params.image_negatives else None
+        images = batch["image"].to(device)
+        picture = None
+        if self.params.picture_weight > 0:
+            from t2i.models.caption import coarse_picture
+
+            picture = coarse_picture(images.float(), enc.cfg.picture_grid)
         # in-batch negatives only: under DDP each rank contrasts its own micro-batch (no all-gather)
-        return model(batch["image"].to(device), ids, mask, negatives, image_negatives)
+        return model(images, ids, mask, negatives, image_negatives, picture, self.params.picture_weight)
 
     @staticmethod
     def _image_negatives(batch: dict[str, Any], device) -> Tensor:
