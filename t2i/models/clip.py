@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from t2i.models.clip_towers import ClipTextConfig, ClipTowers, ClipTowersConfig, ClipVisionConfig
+from t2i.models.mmdit import sincos_pos_embed_2d
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -147,6 +148,13 @@ class ClipConfig:
     # keeps where each colour is, which a contrastive loss against captions that cannot tell left from right
     # does not (the shapes CLIP embeds a scene and its mirror image at cosine 0.98). Not used at inference.
     picture_grid: int = 0
+    # How the vision tower's position table starts. "learned": transformers' init, normal(0, 0.02): next to patch
+    # tokens about ten times larger it barely registers, and a contrastive loss against captions that cannot tell
+    # left from right never grows it, so the tower ends a bag of patches (shuffling the shapes CLIP's 64 patches
+    # moves its image embedding by cosine 0.996). "sincos": the 2-D sin-cos table of MAE and SD3, scaled to the
+    # patch tokens' size at init and still trained, so where a patch is counts from the first step. Only the
+    # initial values differ: the parameters, and loading into transformers' CLIPModel, are the same.
+    vision_positions: str = "learned"
 
 
 # a table: one configuration per row
@@ -456,8 +464,24 @@ class ScratchClip(ClipEncoder):
         )
         if cfg.picture_grid < 0:
             raise ValueError(f"picture_grid must be >= 0 (0: no picture head), got {cfg.picture_grid}")
+        if cfg.vision_positions not in ("learned", "sincos"):
+            raise ValueError(f"vision_positions must be 'learned' or 'sincos', got {cfg.vision_positions!r}")
+        if cfg.vision_positions == "sincos":
+            self._init_sincos_positions()
         if cfg.picture_grid:
             e = cfg.embed_dim
             self.picture_head = nn.Sequential(
                 nn.Linear(e, 4 * e), nn.GELU(), nn.Linear(4 * e, 3 * cfg.picture_grid**2)
             )
+
+    @torch.no_grad()
+    def _init_sincos_positions(self) -> None:
+        # The table's RMS is set to what the freshly drawn patch embedding gives a unit-variance input, so position
+        # and content enter the first layer norm at one scale; the class token's row starts at zero.
+        emb = self.model.vision_model.embeddings
+        conv = emb.patch_embedding
+        grid = self.cfg.image_size // self.cfg.patch_size
+        table = sincos_pos_embed_2d(self.cfg.vision_width, grid, grid)
+        target = conv.weight.std() * conv.weight[0].numel() ** 0.5
+        emb.position_embedding.weight[0].zero_()
+        emb.position_embedding.weight[1:] = table * (target / table.pow(2).mean().sqrt())

@@ -247,3 +247,43 @@ def test_picture_head_adds_its_weighted_error_and_only_when_built():
         shapes_clip(ClipConfig(**base)).predict_picture(torch.randn(2, 32))
     with pytest.raises(ValueError, match="picture_grid must be >= 0"):
         shapes_clip(ClipConfig(**base, picture_grid=-1))
+
+
+def test_sincos_positions_make_where_a_patch_is_count_from_the_first_step(tmp_path):
+    """``vision_positions="sincos"`` starts the vision tower's position table as the 2-D sin-cos table, scaled to
+    the patch tokens' size, with the class token's row at zero. Only the initial values change: the parameters are
+    the same, so the file saves and loads as before, and shuffling the patches of an image moves its embedding
+    far more than under transformers' small random table."""
+    from t2i.models.mmdit import sincos_pos_embed_2d
+
+    base = {k: v for k, v in CLIP_PRESETS["tiny"].__dict__.items() if k != "vision_positions"} | {"context_length": 24}
+    torch.manual_seed(0)
+    learned = shapes_clip(ClipConfig(**base)).eval()
+    torch.manual_seed(0)
+    sincos = shapes_clip(ClipConfig(**base, vision_positions="sincos")).eval()
+    assert learned.state_dict().keys() == sincos.state_dict().keys()
+    table = sincos.model.vision_model.embeddings.position_embedding.weight.detach()
+    assert (table[0] == 0).all()
+    ref = sincos_pos_embed_2d(32, 4, 4)
+    torch.testing.assert_close(table[1:] / table[1:].norm(), ref / ref.norm())
+    conv = sincos.model.vision_model.embeddings.patch_embedding.weight.detach()
+    assert table[1:].square().mean().sqrt() == pytest.approx(float(conv.std() * conv[0].numel() ** 0.5), rel=1e-5)
+
+    torch.manual_seed(1)
+    images = torch.rand(16, 3, 32, 32) * 2 - 1
+    tiles = images.unfold(2, 8, 8).unfold(3, 8, 8).reshape(16, 3, 16, 8, 8)[:, :, torch.randperm(16)]
+    shuffled = tiles.reshape(16, 3, 4, 4, 8, 8).permute(0, 1, 2, 4, 3, 5).reshape(16, 3, 32, 32)
+    with torch.no_grad():
+        moved = {
+            name: 1 - (enc.embed_image(images) * enc.embed_image(shuffled)).sum(-1).mean().item()
+            for name, enc in (("learned", learned), ("sincos", sincos))
+        }
+    assert moved["sincos"] > 3 * moved["learned"], moved
+    for enc, low, high in ((learned, 0.0, 0.2), (sincos, 0.5, 2.0)):  # the table's size against the patch tokens'
+        emb = enc.model.vision_model.embeddings
+        with torch.no_grad():
+            tokens = emb.patch_embedding(enc.preprocess(images)).flatten(2)
+            ratio = emb.position_embedding.weight[1:].square().mean().sqrt() / tokens.square().mean().sqrt()
+        assert low < ratio < high
+    with pytest.raises(ValueError, match="vision_positions must be"):
+        shapes_clip(ClipConfig(**base, vision_positions="rope"))
