@@ -226,7 +226,7 @@ def test_contrastive_loss_with_hard_negative_images():
         assert (got >= plain - 1e-6).all()
 
 
-def test_picture_head_adds_its_weighted_error_and_only_when_built():
+def test_picture_head_adds_its_weighted_error_and_only_when_built(tmp_path):
     """With ``picture_grid`` the CLIP predicts each image's coarse picture from its unit-norm embedding; the loss
     adds ``picture_weight`` times that prediction's mean squared error, per sample. Without a head it is refused."""
     from t2i.models.caption import coarse_picture
@@ -245,6 +245,13 @@ def test_picture_head_adds_its_weighted_error_and_only_when_built():
         torch.testing.assert_close(got, plain + 2.5 * (picture - target).square().mean((1, 2, 3)))
     with pytest.raises(ValueError, match="picture_grid > 0"):
         shapes_clip(ClipConfig(**base)).predict_picture(torch.randn(2, 32))
+    # a model file (what `t2i export unclip` writes) keeps the head, and loads back with it
+    from t2i.models.files import clip_extra, load_model_file, save_model_file
+
+    save_model_file(tmp_path / "clip.safetensors", "clip", enc, dtype=None, **clip_extra(enc))
+    back, _ = load_model_file(tmp_path / "clip.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(back.predict_picture(back.embed_image(images)), picture)
     with pytest.raises(ValueError, match="picture_grid must be >= 0"):
         shapes_clip(ClipConfig(**base, picture_grid=-1))
 
