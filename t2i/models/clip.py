@@ -226,11 +226,11 @@ class ClipEncoder(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ClipConfig, tokenizer: WordTokenizer) -> ClipEncoder:
-        """A randomly initialised CLIP (use ``torch.manual_seed`` for reproducibility) for ``tokenizer``."""
+        """A randomly initialised CLIP (use ``torch.manual_seed`` for reproducibility) for ``tokenizer``: a
+        ``ScratchClip``, so every field of ``cfg`` (the picture head, the position table's start) is honoured."""
         if tokenizer.context_length > cfg.context_length:
             raise ValueError("the tokenizer's context_length must not exceed ClipConfig.context_length")
-        model = ClipTowers(towers_config(cfg, tokenizer))
-        return cls(model, tokenizer, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+        return ScratchClip(cfg, tokenizer)
 
     # -- properties -------------------------------------------------------------------------------------------
 

@@ -60,10 +60,10 @@ def _build(name: str, params: dict[str, Any], extra: dict[str, Any]) -> nn.Modul
 
     cfg = model_config(name, tuples_from_json(MODELS[name][0], params))
     if name == "clip":  # the tokenizer is part of the file, not of the architecture
-        from t2i.models.clip import ScratchClip, WordTokenizer
+        from t2i.models.clip import ClipEncoder, WordTokenizer
 
-        tok = extra["tokenizer"]  # ScratchClip: a training head the config names (picture_grid) is in the file too
-        return ScratchClip(cfg, WordTokenizer(tok["vocab"], tok["context_length"]))
+        tok = extra["tokenizer"]  # a training head the config names (picture_grid) is in the file too
+        return ClipEncoder.from_config(cfg, WordTokenizer(tok["vocab"], tok["context_length"]))
     return MODELS[name][1](cfg)
 
 

@@ -292,5 +292,13 @@ def test_sincos_positions_make_where_a_patch_is_count_from_the_first_step(tmp_pa
             tokens = emb.patch_embedding(enc.preprocess(images)).flatten(2)
             ratio = emb.position_embedding.weight[1:].square().mean().sqrt() / tokens.square().mean().sqrt()
         assert low < ratio < high
+    from t2i.models.files import clip_extra, load_model_file, save_model_file
+
+    save_model_file(tmp_path / "clip.safetensors", "clip", sincos, dtype=None, **clip_extra(sincos))
+    back, _ = load_model_file(tmp_path / "clip.safetensors")
+    assert back.cfg.vision_positions == "sincos"
+    torch.testing.assert_close(back.model.vision_model.embeddings.position_embedding.weight, table)
     with pytest.raises(ValueError, match="vision_positions must be"):
         shapes_clip(ClipConfig(**base, vision_positions="rope"))
+    with pytest.raises(ValueError, match="vision_positions must be"):  # the public constructor checks it too
+        ClipEncoder.from_config(ClipConfig(**base, vision_positions="rope"), learned.tokenizer)
