@@ -160,6 +160,13 @@ class UnetConfig:
     time_dim: int | None = None  # conditioning vector width (default 4 * dim)
     image_embed_dim: int = 0  # CLIP image embedding width (0: no image conditioning)
     num_image_tokens: int = 4  # tokens the image embedding is split into for cross-attention
+    # > 0: the image embedding also becomes an image_map_grid x image_map_grid map (an MLP), upsampled to the input's
+    # size and added after the first conv. Four tokens and a FiLM shift hand the Unet what the embedding names
+    # (colours, shapes) but not where: a decoder trained on them leaves a CLIP embedding that holds the layout
+    # (vision_positions='sincos') at chance on position. On a map, where is first-order at every pixel. The MLP
+    # has the shape of a CLIP picture head (ClipConfig.picture_grid; 3 channels), so it can start as one.
+    image_map_grid: int = 0
+    image_map_channels: int = 3  # channels of that map
     text_embed_dim: int = 0  # width of the text encodings attended to (0: no text conditioning)
     lowres_cond: bool = False  # super-resolution stage: concatenate the upsampled low-res image
     lowres_noise_cond: bool = False  # embed the low-res noise augmentation level
@@ -183,6 +190,13 @@ class UnetConfig:
             raise ValueError("lowres_noise_cond needs lowres_cond=True (it embeds the low-res image's noise level)")
         if self.num_res_blocks < 1 or self.num_image_tokens < 1:
             raise ValueError("num_res_blocks and num_image_tokens must be at least 1")
+        if self.image_map_grid < 0 or self.image_map_channels < 1:
+            raise ValueError(
+                f"image_map_grid must be >= 0 (0: no map) and image_map_channels >= 1, got {self.image_map_grid} "
+                f"and {self.image_map_channels}"
+            )
+        if self.image_map_grid and not self.image_embed_dim:
+            raise ValueError("image_map_grid > 0 maps the image embedding: it needs image_embed_dim > 0")
 
 
 # a table: one configuration per row
@@ -223,11 +237,18 @@ class Unet(SavableModel):
             self.image_to_cond = nn.Linear(cfg.image_embed_dim, emb)
             self.image_to_tokens = nn.Linear(cfg.image_embed_dim, cfg.num_image_tokens * ctx)
             self.null_image_embed = nn.Parameter(torch.randn(cfg.image_embed_dim) * 0.02)
+        if cfg.image_map_grid:
+            e, g, c = cfg.image_embed_dim, cfg.image_map_grid, cfg.image_map_channels
+            self.image_to_map = nn.Sequential(nn.Linear(e, 4 * e), nn.GELU(), nn.Linear(4 * e, c * g * g))
         if cfg.text_embed_dim:
             self.text_proj = nn.Linear(cfg.text_embed_dim, ctx)
 
         cin = cfg.channels * (1 + int(cfg.lowres_cond) + int(cfg.self_cond))
         self.init_conv = nn.Conv2d(cin, widths[0], 3, padding=1)
+        if cfg.image_map_grid:
+            self.map_conv = nn.Conv2d(cfg.image_map_channels, widths[0], 3, padding=1)
+            nn.init.zeros_(self.map_conv.weight)  # the map starts as no change, like every residual branch
+            nn.init.zeros_(self.map_conv.bias)
         self.down, self.up = nn.ModuleList(), nn.ModuleList()
         skips = [widths[0]]
         ch = widths[0]
@@ -275,6 +296,7 @@ class Unet(SavableModel):
                 raise ValueError("this Unet has lowres_noise_cond=True: pass lowres_t (augmentation level, [B])")
             emb = emb + self.lowres_noise_mlp(timestep_embedding(lowres_t * 1000, cfg.dim))
         tokens, masks = [self.time_token(emb)[:, None]], [torch.ones(b, 1, dtype=torch.bool, device=t.device)]
+        image_map = None
         if cfg.image_embed_dim:
             null = self.null_image_embed.to(emb.dtype).expand(b, -1)
             if image_embed is None:
@@ -283,6 +305,9 @@ class Unet(SavableModel):
                 image_embed = torch.where(drop_image[:, None], null, image_embed.to(emb.dtype))
             emb = emb + self.image_to_cond(image_embed)
             tokens.append(self.image_to_tokens(image_embed).view(b, cfg.num_image_tokens, -1))
+            if cfg.image_map_grid:
+                g = cfg.image_map_grid
+                image_map = self.image_to_map(image_embed).view(b, cfg.image_map_channels, g, g)
             masks.append(torch.ones(b, cfg.num_image_tokens, dtype=torch.bool, device=t.device))
         elif image_embed is not None:
             raise ValueError("this Unet has image_embed_dim=0 and cannot take an image_embed")
@@ -296,7 +321,7 @@ class Unet(SavableModel):
             masks.append(keep)
         elif text_tokens is not None:
             raise ValueError("this Unet has text_embed_dim=0 and cannot take text_tokens")
-        return emb, torch.cat(tokens, 1), torch.cat(masks, 1)
+        return emb, torch.cat(tokens, 1), torch.cat(masks, 1), image_map
 
     def _run(self, block, h, emb, ctx, mask):
         if isinstance(block, (Downsample, PixelShuffleUpsample)):
@@ -335,7 +360,9 @@ class Unet(SavableModel):
         if x.shape[1] != cfg.channels:
             raise ValueError(f"expected {cfg.channels} input channels, got {x.shape[1]}")
         t = torch.as_tensor(t, device=x.device).float().expand(x.shape[0])
-        emb, ctx, mask = self._conditioning(t, image_embed, drop_image, text_tokens, text_mask, drop_text, lowres_t)
+        emb, ctx, mask, image_map = self._conditioning(
+            t, image_embed, drop_image, text_tokens, text_mask, drop_text, lowres_t
+        )
         parts = [x]
         if cfg.lowres_cond:
             if lowres is None:
@@ -351,6 +378,9 @@ class Unet(SavableModel):
             # oneDNN reorders at every call (measured 1.2x slower in bf16)
             h = h.contiguous(memory_format=torch.channels_last)
         h = self.init_conv(h)
+        if image_map is not None:
+            image_map = F.interpolate(image_map.to(h.dtype), size=h.shape[-2:], mode="bilinear", align_corners=False)
+            h = h + self.map_conv(image_map)
         hs = [h]
         for block in self.down:
             h = self._maybe_ckpt(block, h, emb, ctx, mask)

@@ -143,6 +143,49 @@ def test_cfg_masks_really_drop_the_condition():
     torch.testing.assert_close(mixed[1], run(model, d)[1])
 
 
+def test_image_map_starts_as_no_change_and_carries_the_embedding_alone():
+    torch.manual_seed(0)
+    mapped = tiny(image_map_grid=2, image_map_channels=4)
+    plain = tiny()
+    state = {k: v for k, v in mapped.state_dict().items() if not k.startswith(("image_to_map.", "map_conv."))}
+    assert set(mapped.state_dict()) - set(state) == {
+        "image_to_map.0.weight", "image_to_map.0.bias", "image_to_map.2.weight", "image_to_map.2.bias",
+        "map_conv.weight", "map_conv.bias",
+    }  # fmt: skip
+    randomize(plain)
+    mapped.load_state_dict({**mapped.state_dict(), **plain.state_dict()})
+    mapped.eval()
+    # the zero-initialised map conv: a fresh map changes nothing, so the rest of the Unet starts as without it
+    torch.testing.assert_close(run(mapped, inputs()), run(plain, inputs()), rtol=0, atol=0)
+    with torch.no_grad():
+        mapped.map_conv.weight.normal_(0, 0.1)
+        # cut the embedding's other two ways in (FiLM shift and context tokens): what is left goes through the map
+        for layer in (mapped.image_to_cond, mapped.image_to_tokens):
+            layer.weight.zero_()
+            layer.bias.zero_()
+    d = inputs()
+    other = {**d, "image_embed": torch.randn(2, 12)}
+    assert (run(mapped, d) - run(mapped, other)).abs().max() > 1e-3
+    # a dropped embedding is the null embedding's map, whatever was passed
+    drop = torch.tensor([True, True])
+    torch.testing.assert_close(run(mapped, d, drop_image=drop), run(mapped, other, drop_image=drop))
+    torch.testing.assert_close(run(mapped, d, drop_image=drop), run(mapped, {**d, "image_embed": None}))
+    # the map is drawn at any input size (it is upsampled to the first level)
+    assert run(mapped, inputs(size=16)).shape == (2, 3, 16, 16)
+
+
+def test_image_map_config_errors_and_round_trip(tmp_path):
+    with pytest.raises(ValueError, match="needs image_embed_dim > 0"):
+        Unet(image_map_grid=4)
+    with pytest.raises(ValueError, match="image_map_grid must be >= 0"):
+        tiny(image_map_grid=-1)
+    model = randomize(tiny(image_map_grid=4, image_map_channels=2))
+    model.save(tmp_path / "unet.safetensors")
+    loaded = Unet.load(tmp_path / "unet.safetensors").eval()
+    assert loaded.cfg.image_map_grid == 4 and loaded.cfg.image_map_channels == 2
+    torch.testing.assert_close(run(model, inputs()), run(loaded, inputs()), rtol=0, atol=0)
+
+
 def test_self_conditioning_input():
     model = randomize(tiny(self_cond=True))
     d = inputs()

@@ -148,6 +148,28 @@ def test_decoder_and_sr_stages_train_and_sample(tmp_path):
     assert sr.task.sample(sr.model, 2, seed=0, device=torch.device("cpu"), steps=2).shape == (2, 3, 32, 32)
 
 
+def test_decoder_image_map_starts_as_the_clips_picture_head_and_trains(tmp_path):
+    """``map_from_clip`` copies the trained CLIP's picture head into the Unet's image map, so the map is the coarse
+    picture the embedding holds from step 0; a resume keeps the trained map; a CLIP without a head, or a map of
+    another grid, is refused with the fix."""
+    clip_run = fit(cfg_for("unclip_clip", tmp_path / "clip", **{"model.params.picture_grid": 4,
+                                                                 "task.params.picture_weight": 1.0}))  # fmt: skip
+    over = {"task.params.clip_path": str(clip_run.run_dir), "model.params.image_map_grid": 4,
+            "task.params.map_from_clip": "true"}  # fmt: skip
+    cfg = cfg_for("unclip_decoder", tmp_path / "dec", **over)
+    task = build_task(cfg)
+    model = task.build_model()
+    e = torch.nn.functional.normalize(torch.randn(3, task.embeddings.embed_dim), dim=-1)
+    picture = task.embeddings.clip.predict_picture(e)
+    torch.testing.assert_close(model.image_to_map(e).view(3, 3, 4, 4), picture, rtol=0, atol=0)
+    run = fit(cfg)
+    assert not torch.equal(run.model.map_conv.weight, torch.zeros_like(run.model.map_conv.weight))  # it trains
+    with pytest.raises(ValueError, match="image_map_grid=4"):
+        build_task(cfg_for("unclip_decoder", tmp_path, **{**over, "model.params.image_map_grid": 2})).build_model()
+    with pytest.raises(ValueError, match="picture_grid > 0"):
+        build_task(cfg_for("unclip_decoder", tmp_path, **{**over, "task.params.clip_path": "null"})).build_model()
+
+
 def test_decoder_task_refuses_mismatched_models(tmp_path):
     cfg = cfg_for("unclip_decoder", tmp_path, **{"task.params.lowres_size": 16})
     with pytest.raises(ValueError, match="lowres_cond must be true"):

@@ -370,6 +370,10 @@ class DecoderTaskConfig:
     # ``text_words``. They say where each object goes, which the CLIP image embedding barely does (a scene and its
     # mirror image embed at cosine 0.98), so a decoder that reads them can place what the prior's embedding cannot
     caption_encoder: str | None = None
+    # start the Unet's image map (model.params.image_map_grid) as the CLIP's picture head (ClipConfig.picture_grid,
+    # the same grid, image_map_channels 3): the map is then the coarse picture the embedding holds from the first
+    # step, and the Unet learns to draw on it as a super-resolution stage does on its low-res image
+    map_from_clip: bool = False
 
 
 class DecoderTask(Task):
@@ -406,6 +410,21 @@ class DecoderTask(Task):
             raise ValueError(
                 f"model.params.channels must be {want} for this stage's {'latent' if self.latent else 'pixel'} space"
             )
+        if self.params.map_from_clip:
+            clip = self.embeddings.clip
+            grid = getattr(getattr(clip, "cfg", None), "picture_grid", 0) if clip is not None else 0
+            if not grid:
+                raise ValueError(
+                    "task.params.map_from_clip starts the image map as the CLIP's picture head: it needs a CLIP "
+                    "trained with model.params.picture_grid > 0 (task.params.clip_path, no cache_path)"
+                )
+            if (c.image_map_grid, c.image_map_channels) != (grid, 3):
+                raise ValueError(
+                    f"task.params.map_from_clip: set model.params.image_map_grid={grid} (the CLIP's picture_grid) "
+                    f"and image_map_channels=3, got {c.image_map_grid} and {c.image_map_channels}"
+                )
+            # here, before model.init_from or a resume, which then keep their own trained map
+            model.image_to_map.load_state_dict(clip.picture_head.state_dict())
         return model
 
     def _space(self, images: Tensor) -> Tensor:
