@@ -82,6 +82,8 @@ train-defaults: $(RUN_STAMP)
 	if [ -d runs/sd3_turbo_ladd_hi/checkpoints ]; then from=--resume; \
 	else from="--resume-from runs/sd3_turbo_ladd/checkpoints/step_00001000"; fi; \
 	$(BIN)/t2i train configs/distill/sd3_shapes_turbo_ladd.yaml $$from $(TURBO_HI)
+	$(BIN)/t2i train configs/default/unclip_clip.yaml --resume
+	$(BIN)/t2i train configs/default/unclip_caption.yaml --resume
 	$(BIN)/t2i train configs/default/prior.yaml --resume
 	$(BIN)/t2i train configs/default/decoder.yaml --resume
 	$(BIN)/t2i train configs/default/sr.yaml --resume
@@ -91,7 +93,7 @@ export-defaults: $(RUN_STAMP)
 	$(BIN)/t2i export sd3 --transformer runs/default_sd3_words_more --out models/sd3-shapes --slg-scale 2.5 --slg-layers 2,3 --guidance-interval 0,0.8
 	$(BIN)/t2i export sd3 --transformer runs/sd3_turbo_ladd_hi --name sd3-shapes-turbo --out models/sd3-shapes-turbo \
 		--share-from models/sd3-shapes --sampler consistency
-	$(BIN)/t2i export unclip --out models/unclip-shapes --sampler ddpm --steps 25
+	$(BIN)/t2i export unclip --clip runs/default_unclip_clip --out models/unclip-shapes --sampler ddpm --steps 25
 
 # Load test of `t2i serve` on sd3-shapes: throughput and latency with dynamic batching on and off.
 bench-serve: $(STAMP)
