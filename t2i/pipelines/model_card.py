@@ -19,9 +19,9 @@ _PARTS = {
     "sd3": [("transformer", "MMDiT-X (QK-norm) denoiser", "sd3"), ("vae", "KL autoencoder (SD3 VAE design)", "vae"),
             ("clip", "CLIP (text tower used)", "clip"),
             ("caption", "caption encoder (word roles, T5's slot)", "caption")],
-    "unclip": [("clip", "CLIP (text and image towers)", "clip"), ("prior", "diffusion prior", "prior"),
+    "unclip": [("clip", "CLIP (text and image towers)", "unclip_clip"), ("prior", "diffusion prior", "prior"),
                ("decoder", "32 px base decoder Unet", "decoder"), ("sr", "32 -> 64 px upsampler Unet", "sr"),
-               ("caption", "caption encoder (word roles, read by the decoder)", "caption")],
+               ("caption", "caption encoder (word roles)", "unclip_caption")],
 }  # fmt: skip
 
 _LIMITS = {
@@ -129,7 +129,10 @@ def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str
                      "diffusion prior from text to CLIP image embeddings, a 32 px base decoder conditioned on the "
                      "image embedding and caption, and a 32 -> 64 px upsampler.")  # fmt: skip
         if spec.get("caption_encoder"):
-            lines[-1] += (" The base decoder also reads the states of a small caption encoder, trained to predict "
+            readers = ["prior"] if (spec.get("prior") or {}).get("text_words") else []
+            readers += ["base decoder"] if any(st.get("text_words") for st in spec.get("stages", [])) else []
+            lines[-1] += (f" The {' and the '.join(readers) or 'cascade'} also read{'s' if len(readers) < 2 else ''} "
+                          "the states of a small caption encoder, trained to predict "
                           "each caption's coarse picture, which say where each named object goes: CLIP's image "
                           "embedding barely tells a scene from its mirror image (`caption.safetensors`, "
                           "t2i.models.caption).")  # fmt: skip

@@ -101,8 +101,13 @@ def test_export_from_training_runs_round_trips(tmp_path):
         "self_attn: [false, false], heads: 2, head_dim: 8, groups: 4, image_embed_dim: 32, text_embed_dim: 32}"
     )
     prior_model = ["model.params.embed_dim=32", "model.params.text_token_dim=32", "model.params.depth=1"]
-    prior = train_default(tmp_path, "prior", [f"task.params.clip_path={clip}", *prior_model, "data.batch_size=2"])
-    dec = train_default(tmp_path, "decoder", [f"task.params.clip_path={clip}", unet, "data.batch_size=2"])
+    # the default prior reads a caption encoder and the default decoder starts its map from a CLIP picture head:
+    # this tiny CLIP has neither, so both read the CLIP alone here
+    plain = ["task.params.text_words=false", "task.params.caption_encoder=null"]
+    prior = train_default(tmp_path, "prior", [f"task.params.clip_path={clip}", *plain, *prior_model,
+                                              "data.batch_size=2"])  # fmt: skip
+    dec = train_default(tmp_path, "decoder", [f"task.params.clip_path={clip}", unet, "task.params.map_from_clip=false",
+                                              "data.batch_size=2"])  # fmt: skip
     sr_unet = (
         "model.params={dim: 8, dim_mults: [1, 2], num_res_blocks: 1, attn_levels: [false, false], "
         "self_attn: [false, false], groups: 4, lowres_cond: true, lowres_noise_cond: true}"
@@ -330,7 +335,8 @@ def test_unclip_decoder_with_word_tokens_exports_beside_an_existing_folders_stag
         "self_attn: [false, false], heads: 2, head_dim: 8, groups: 4, image_embed_dim: 32, text_embed_dim: 32}"
     )
     dec = train_default(tmp_path, "decoder", [f"task.params.clip_path={base}/clip.safetensors", unet,
-                                              "task.params.text_words=true", "task.params.stage_size=16",
+                                              "task.params.text_words=true", "task.params.map_from_clip=false",
+                                              "task.params.stage_size=16",
                                               "data.batch_size=2"])  # fmt: skip
     out = export_unclip(tmp_path / "m", clip=f"{base}/clip.safetensors", prior=f"{base}/prior.safetensors",
                         decoder=dec, sr=f"{base}/sr.safetensors")  # fmt: skip
@@ -367,6 +373,7 @@ def test_unclip_decoder_with_a_caption_encoder_exports_it_and_reads_its_states(t
         "self_attn: [false, false], heads: 2, head_dim: 8, groups: 4, image_embed_dim: 32, text_embed_dim: 32}"
     )
     dec = train_default(tmp_path, "decoder", [f"task.params.clip_path={clip}", unet, "task.params.text_words=true",
+                                              "task.params.map_from_clip=false",
                                               f"task.params.caption_encoder={caption}", "task.params.stage_size=16",
                                               "data.batch_size=2"])  # fmt: skip
     out = export_unclip(tmp_path / "m", clip=clip, prior=f"{base}/prior.safetensors", decoder=dec,
