@@ -150,8 +150,8 @@ def test_decoder_and_sr_stages_train_and_sample(tmp_path):
 
 def test_decoder_image_map_starts_as_the_clips_picture_head_and_trains(tmp_path):
     """``map_from_clip`` copies the trained CLIP's picture head into the Unet's image map, so the map is the coarse
-    picture the embedding holds from step 0; a resume keeps the trained map; a CLIP without a head, or a map of
-    another grid, is refused with the fix."""
+    picture the embedding holds from step 0; a run started from trained weights (``model.init_from``) keeps their
+    map; a CLIP without a head, or a map of another grid, is refused with the fix."""
     clip_run = fit(cfg_for("unclip_clip", tmp_path / "clip", **{"model.params.picture_grid": 4,
                                                                  "task.params.picture_weight": 1.0}))  # fmt: skip
     over = {"task.params.clip_path": str(clip_run.run_dir), "model.params.image_map_grid": 4,
@@ -163,7 +163,16 @@ def test_decoder_image_map_starts_as_the_clips_picture_head_and_trains(tmp_path)
     picture = task.embeddings.clip.predict_picture(e)
     torch.testing.assert_close(model.image_to_map(e).view(3, 3, 4, 4), picture, rtol=0, atol=0)
     run = fit(cfg)
-    assert not torch.equal(run.model.map_conv.weight, torch.zeros_like(run.model.map_conv.weight))  # it trains
+    trained = run.model.state_dict()
+    assert not torch.equal(trained["map_conv.weight"], torch.zeros_like(trained["map_conv.weight"]))  # it trains
+    assert not torch.equal(trained["image_to_map.2.weight"], model.state_dict()["image_to_map.2.weight"])
+    weights = tmp_path / "trained.safetensors"
+    run.model.save(weights)
+    again = Trainer(cfg_for("unclip_decoder", tmp_path / "again", **over, **{"model.init_from": str(weights)}),
+                    out=io.StringIO())  # fmt: skip
+    for key in ("image_to_map.2.weight", "map_conv.weight"):
+        torch.testing.assert_close(again.model.state_dict()[key], trained[key], rtol=0, atol=0)
+    again.close()
     with pytest.raises(ValueError, match="image_map_grid=4"):
         build_task(cfg_for("unclip_decoder", tmp_path, **{**over, "model.params.image_map_grid": 2})).build_model()
     with pytest.raises(ValueError, match="picture_grid > 0"):

@@ -412,19 +412,20 @@ class DecoderTask(Task):
             )
         if self.params.map_from_clip:
             clip = self.embeddings.clip
-            grid = getattr(getattr(clip, "cfg", None), "picture_grid", 0) if clip is not None else 0
-            if not grid:
+            head = getattr(clip, "picture_head", None)
+            if head is None:
                 raise ValueError(
                     "task.params.map_from_clip starts the image map as the CLIP's picture head: it needs a CLIP "
                     "trained with model.params.picture_grid > 0 (task.params.clip_path, no cache_path)"
                 )
+            grid = clip.cfg.picture_grid
             if (c.image_map_grid, c.image_map_channels) != (grid, 3):
                 raise ValueError(
                     f"task.params.map_from_clip: set model.params.image_map_grid={grid} (the CLIP's picture_grid) "
                     f"and image_map_channels=3, got {c.image_map_grid} and {c.image_map_channels}"
                 )
             # here, before model.init_from or a resume, which then keep their own trained map
-            model.image_to_map.load_state_dict(clip.picture_head.state_dict())
+            model.image_to_map.load_state_dict(head.state_dict())
         return model
 
     def _space(self, images: Tensor) -> Tensor:
