@@ -68,6 +68,9 @@ quality: $(RUN_STAMP)
 # previous run stopped, then write models/. The stages that do not depend on each other could run side by side.
 # The turbo's last 300 steps: its adversarial run continued from step 1000 with re-noising times drawn higher.
 TURBO_HI = run.name=sd3_turbo_ladd_hi run.steps=1300 task.params.disc_time_logit_mean=1.0
+# The unCLIP base decoder's third stage: configs/default/decoder_more.yaml again, 2000 steps from its own EMA weights.
+DECODER_MORE2 = run.name=default_decoder_more2 run.steps=2000 \
+	model.init_from=runs/default_decoder_more/checkpoints/step_00003000/ema.safetensors
 
 train-defaults: $(RUN_STAMP)
 	$(BIN)/t2i train configs/default/clip.yaml --resume
@@ -86,6 +89,8 @@ train-defaults: $(RUN_STAMP)
 	$(BIN)/t2i train configs/default/unclip_caption.yaml --resume
 	$(BIN)/t2i train configs/default/prior.yaml --resume
 	$(BIN)/t2i train configs/default/decoder.yaml --resume
+	$(BIN)/t2i train configs/default/decoder_more.yaml --resume
+	$(BIN)/t2i train configs/default/decoder_more.yaml --resume $(DECODER_MORE2)
 	$(BIN)/t2i train configs/default/sr.yaml --resume
 	$(MAKE) export-defaults
 
@@ -93,7 +98,8 @@ export-defaults: $(RUN_STAMP)
 	$(BIN)/t2i export sd3 --transformer runs/default_sd3_words_more --out models/sd3-shapes --slg-scale 2.5 --slg-layers 2,3 --guidance-interval 0,0.8
 	$(BIN)/t2i export sd3 --transformer runs/sd3_turbo_ladd_hi --name sd3-shapes-turbo --out models/sd3-shapes-turbo \
 		--share-from models/sd3-shapes --sampler consistency
-	$(BIN)/t2i export unclip --clip runs/default_unclip_clip --out models/unclip-shapes --sampler ddpm --steps 25
+	$(BIN)/t2i export unclip --clip runs/default_unclip_clip --decoder runs/default_decoder_more2 \
+		--out models/unclip-shapes --sampler ddpm --steps 25 --upsampler-steps 8
 
 # Load test of `t2i serve` on sd3-shapes: throughput and latency with dynamic batching on and off.
 bench-serve: $(STAMP)

@@ -46,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--name", default="unclip-shapes")
     u.add_argument("--out", required=True)
     _defaults(u)
+    g = u.add_argument_group("the upsamplers' own sampling settings in model.json (default: the sr run's)")
+    g.add_argument("--upsampler-steps", type=int, help="steps of each super-resolution stage")
+    g.add_argument("--upsampler-sampler", help="sampler of each super-resolution stage")
     u.set_defaults(func=run)
     c = kinds.add_parser("controlnet", help="add a controlnet task run's ControlNet to an sd3 model folder")
     c.add_argument("--run", required=True, help="the controlnet task run")
@@ -113,8 +116,17 @@ def run(args: argparse.Namespace) -> int:
         out = export_sd3(args.out, transformer=args.transformer, vae=args.vae, clip=args.clip, name=args.name,
                          defaults=defaults, share_from=args.share_from, precision=args.precision)  # fmt: skip
     else:
+        upsampler = {}
+        if args.upsampler_sampler is not None:
+            check_sampler(args.upsampler_sampler, "--upsampler-sampler")
+            upsampler["sampler"] = args.upsampler_sampler
+        if args.upsampler_steps is not None:
+            if args.upsampler_steps < 1:
+                raise CLIError(f"--upsampler-steps must be at least 1, got {args.upsampler_steps}")
+            upsampler["steps"] = args.upsampler_steps
         out = export_unclip(args.out, clip=args.clip, prior=args.prior, decoder=args.decoder, sr=args.sr,
-                            name=args.name, defaults=defaults, precision=args.precision)  # fmt: skip
+                            name=args.name, defaults=defaults, precision=args.precision,
+                            upsampler_settings=upsampler)  # fmt: skip
     card = write_model_card(out)
     sizes = {f.name: f.stat().st_size for f in sorted(out.glob("*.safetensors"))}
     for name, size in sizes.items():

@@ -299,12 +299,49 @@ class UnCLIPGenerator(Generator):
     def size_ok(self, size: int) -> bool:
         return size in self.sizes
 
+    def check(self, s: Settings) -> None:
+        super().check(s)
+        opts = s.options
+        for key in ("prior_steps", "upsampler_steps"):
+            n = opts.get(key, 1)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise SettingsError(key, f"{key} must be a whole number >= 1, got {n!r}")
+        scale = opts.get("prior_guidance", 1.0)
+        if isinstance(scale, bool) or not (isinstance(scale, int | float) and math.isfinite(scale) and scale >= 0):
+            raise SettingsError("prior_guidance", f"prior_guidance must be a finite number >= 0 (1 disables it), "
+                                f"got {scale!r}")  # fmt: skip
+        for key in ("prior_sampler", "upsampler_sampler"):
+            if key in opts:
+                try:
+                    check_sampler(opts[key])
+                except ValueError as err:
+                    raise SettingsError(key, str(err)) from None
+
     def _prior_steps(self, s: Settings) -> int:
         return int(s.options.get("prior_steps", self.pipe.prior.steps))
 
+    def _prior_settings(self, s: Settings) -> dict:
+        """The prior samples embeddings, not images: it keeps its own sampler, steps and guidance (the model
+        folder's ``prior`` entry) unless the ``prior_sampler`` / ``prior_steps`` / ``prior_guidance`` options say
+        otherwise; ``sampler``, ``steps`` and ``guidance`` are the decoder's."""
+        prior = self.pipe.prior
+        return {"steps": self._prior_steps(s), "sampler": str(s.options.get("prior_sampler", prior.sampler)),
+                "guidance": float(s.options.get("prior_guidance", prior.guidance))}  # fmt: skip
+
+    def _stage_settings(self, s: Settings) -> dict:
+        """``steps``, ``sampler`` and ``guidance`` are the base stage's; the upsamplers keep the folder's own
+        settings (each stage's entry in model.json) unless ``upsampler_steps`` / ``upsampler_sampler`` say
+        otherwise: a super-resolution stage is trained and tuned apart, and usually needs fewer steps."""
+        n = len(self.sizes) - 1
+        return {"steps": [s.steps] + [s.options.get("upsampler_steps")] * n,
+                "sampler": [s.sampler] + [s.options.get("upsampler_sampler")] * n,
+                "guidance": [s.guidance] + [None] * n}  # fmt: skip
+
     def total_steps(self, s: Settings) -> int:
         """The prior's steps, then each stage's up to ``s.size``."""
-        return self._prior_steps(s) + s.steps * (self.sizes.index(s.size) + 1)
+        steps = self._stage_settings(s)["steps"]
+        stages = self.pipe.stages[: self.sizes.index(s.size) + 1]
+        return self._prior_steps(s) + sum(st.steps if n is None else n for st, n in zip(stages, steps, strict=False))
 
     def generate(self, prompts, seeds, settings, *, init_images=None, masks=None, controls=None, progress=False,
                  callback=None):  # fmt: skip
@@ -322,12 +359,10 @@ class UnCLIPGenerator(Generator):
 
         step = None if callback is None else step
         seeds = Seeds(list(seeds))
-        # the base stage is guided by s.guidance; the upsamplers are unconditional
-        guidance = [s.guidance] + [1.0] * (len(self.sizes) - 1)
         embed, tokens, mask = self.pipe.image_embeds_from_text(
-            list(prompts), seeds, steps=self._prior_steps(s), sampler=s.sampler, callback=step
+            list(prompts), seeds, **self._prior_settings(s), callback=step
         )
         images = self.pipe.decode(embed, seeds=seeds, text_tokens=tokens, text_mask=mask,
-                                  stop_stage=self.sizes.index(s.size), steps=s.steps, sampler=s.sampler,
-                                  guidance=guidance, callback=step)  # fmt: skip
+                                  stop_stage=self.sizes.index(s.size), **self._stage_settings(s),
+                                  callback=step)  # fmt: skip
         return ((images.float() + 1) / 2).clamp(0, 1)

@@ -52,6 +52,28 @@ def _part_row(part: str, what: str, config: str, params: int, rec: dict[str, Any
             f"{_fmt_seconds(rec.get('cpu_seconds'))} | {file} |")  # fmt: skip
 
 
+def _unclip_parts_settings(spec: dict[str, Any]) -> str:
+    """What the defaults leave to the prior and the upsamplers: their own settings in model.json."""
+    p, ups = spec.get("prior") or {}, spec.get("stages", [])[1:]
+    parts = []
+    if p:
+        best = f", best of {p['candidates']}" if p.get("candidates", 1) > 1 else ""
+        parts.append(f"the prior samples {p['steps']} steps of `{p['sampler']}` at CFG {p['guidance']}{best}")
+    parts += [f"the {st['size']} px upsampler {st['steps']} steps of `{st['sampler']}`" for st in ups]
+    return "; steps, sampler and CFG are the base decoder's" + (f" ({'; '.join(parts)})" if parts else "")
+
+
+def _image_map_grid(path: Path) -> int:
+    """The image-map grid of a Unet file (``UnetConfig.image_map_grid``, from its metadata); 0 for none."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return int(json.loads((f.metadata() or {}).get("model_config", "{}")).get("image_map_grid") or 0)
+    except (OSError, ValueError, SafetensorError):
+        return 0
+
+
 def _config_of_run(run: str | None) -> str:
     """The config under ``configs/`` whose ``run.name`` is ``run`` (the card is written from the repository root),
     or "-" when none is found."""
@@ -125,9 +147,13 @@ def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str
                      "small CLIP text tower's per-token states and pooled embedding, sampled with classifier-free "
                      "guidance.")  # fmt: skip
     else:
+        stages = spec.get("stages") or [{}]
+        grid = _image_map_grid(folder / stages[0].get("file", "decoder.safetensors"))
+        how = f" (also as a coarse {grid} x {grid} map read from it, which places the objects)" if grid else ""
         lines.append("A small DALL-E 2 (unCLIP) cascade trained by t2i from scratch on the shapes world: CLIP, a "
-                     "diffusion prior from text to CLIP image embeddings, a 32 px base decoder conditioned on the "
-                     "image embedding and caption, and a 32 -> 64 px upsampler.")  # fmt: skip
+                     f"diffusion prior from text to CLIP image embeddings, a {stages[0].get('size', 32)} px base "
+                     f"decoder conditioned on the image embedding{how} and the caption, and a 32 -> 64 px "
+                     "upsampler.")  # fmt: skip
         if spec.get("caption_encoder"):
             readers = ["prior"] if (spec.get("prior") or {}).get("text_words") else []
             readers += ["base decoder"] if any(st.get("text_words") for st in spec.get("stages", [])) else []
@@ -159,6 +185,7 @@ def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str
                  if d.get("slg_scale") else "")
               + (", classifier-free guidance only while the noise level lies in "
                  f"{d['guidance_interval'][0]}-{d['guidance_interval'][1]}" if d.get("guidance_interval") else "")
+              + (_unclip_parts_settings(spec) if kind == "unclip" else "")
               + "."
               + _precision_note(kind, spec.get("precision", "fp32")), ""]  # fmt: skip
     lines += ["## Parts and training", "",
@@ -185,6 +212,9 @@ def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str
                 label, continued = f"{key}, stage {i} (continues stage {i - 1})", True
             elif len(stages) > 1:
                 label, config = f"{key}, stage {i}", _run_config(st.get("run"), "configs/default")
+                recipe = f"configs/default/{cfgname}{'' if i == 1 else '_more'}.yaml"
+                if not Path(config).exists() and Path(recipe).exists():  # an experiment's run: the recipe's stage
+                    config = recipe
             elif st.get("distilled"):
                 label, config = key, _run_config(st.get("run"), "configs/distill")
             else:

@@ -205,10 +205,9 @@ class UnCLIPPipeline:
             image, inpaint_mask: inpainting: the image and its mask (B, 1, H, W), True where the image is kept.
             resample: RePaint passes per step when inpainting.
             callback: gets each stage sampler's per-step dict, with the stage index under ``"stage"``.
-            steps, sampler: this call's settings for every stage it runs; None keeps each stage's own.
-            guidance: this call's guidance scale: one number for every stage, or one per stage of the pipeline
-                (e.g. ``[3.0, 1.0]``: guide the base stage only); None keeps each stage's own. The pipeline's
-                stages are never changed.
+            steps, sampler, guidance: this call's settings: one value for every stage, or one per stage of the
+                pipeline (e.g. guidance ``[3.0, 1.0]``: guide the base stage only; steps ``[25, None]``: the
+                upsampler keeps its own); None keeps each stage's own. The pipeline's stages are never changed.
         """
         stop = len(self.stages) - 1 if stop_stage is None else stop_stage
         if not 0 <= start_stage <= stop < len(self.stages):
@@ -217,14 +216,11 @@ class UnCLIPPipeline:
             raise ValueError(f"start_stage={start_stage} needs image= (the output of stage {start_stage - 1})")
         if inpaint_mask is not None and image is None:
             raise ValueError("inpainting needs image= (the image whose masked-in region is kept)")
-        per_stage = (
-            [guidance] * len(self.stages) if guidance is None or isinstance(guidance, (int, float)) else guidance
-        )
-        if len(per_stage) != len(self.stages):
-            raise ValueError(f"guidance needs one number or one per stage ({len(self.stages)}), got {len(per_stage)}")
+        steps, sampler, guidance = (self._per_stage(v, name) for v, name in
+                                    ((steps, "steps"), (sampler, "sampler"), (guidance, "guidance")))  # fmt: skip
         prev = image if start_stage > 0 else None
         for k in range(start_stage, stop + 1):
-            stage = _with_settings(self.stages[k], steps=steps, sampler=sampler, guidance=per_stage[k])
+            stage = _with_settings(self.stages[k], steps=steps[k], sampler=sampler[k], guidance=guidance[k])
             tokens, mask = self._text_for(stage.text_words, text_tokens, text_mask)
             if stage.text_words and tokens is not None and tokens.shape[1] != 2 * self.clip.context_length:
                 raise ValueError(f"stage {k} reads word tokens too: pass text_tokens from encode_prompts")
@@ -242,6 +238,14 @@ class UnCLIPPipeline:
                     callback=None if callback is None else lambda d, k=k: callback({**d, "stage": k}),
                 ).float()
         return prev
+
+    def _per_stage(self, value, name: str) -> list:
+        """One setting per stage from one value for all (or None) or a sequence of one per stage."""
+        if value is None or isinstance(value, int | float | str):
+            return [value] * len(self.stages)
+        if len(value) != len(self.stages):
+            raise ValueError(f"{name} needs one value or one per stage ({len(self.stages)}), got {len(value)}")
+        return list(value)
 
     # -- 4. user-facing entry points -----------------------------------------------------------------------------
 

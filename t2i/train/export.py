@@ -328,8 +328,11 @@ def export_unclip(
     defaults: dict[str, Any] | None = None,
     prior_settings: dict[str, Any] | None = None,
     precision: str = "bf16",
+    upsampler_settings: dict[str, Any] | None = None,
 ) -> Path:
-    """An ``unclip`` model folder from CLIP, prior, base-decoder and super-resolution runs."""
+    """An ``unclip`` model folder from CLIP, prior, base-decoder and super-resolution runs. ``prior_settings``
+    and ``upsampler_settings`` (``steps``, ``sampler``, ...) override the sampling settings those parts get in
+    model.json (by default the runs' own)."""
     out = Path(out)
     clip_net, _, clip_rec = _run_part(clip, "clip")
     prior_net, pcfg, prior_rec = _run_part(prior, "unclip_prior")
@@ -381,6 +384,8 @@ def export_unclip(
             if stage.get("text_words") and kept.get("caption_encoder"):  # it keeps the caption encoder it reads
                 captions.append(str(component_file(Path(run).parent, kept, "caption")))
         save_model_file(out / f"{key}.safetensors", "unclip_unet", net)
+        if key == "sr":
+            stage.update(upsampler_settings or {})
         stages.append({**stage, "file": f"{key}.safetensors"})
     spec = {"kind": "unclip", "name": name, "precision": _precision(precision), "prior": prior_spec}
     if len(set(captions)) > 1:

@@ -132,6 +132,46 @@ def test_requests_never_change_the_shared_pipeline(unclip_gen):
     torch.testing.assert_close(unclip_gen.generate(["a red circle"], [2], s), before, rtol=0, atol=0)
 
 
+def test_unclip_prior_and_upsamplers_keep_their_own_settings(unclip_gen, monkeypatch):
+    """The base decoder's sampler, steps and guidance are the call's; the prior and the upsamplers sample with the
+    folder's own settings (chosen for each part) unless the prior_* / upsampler_* options say otherwise."""
+    seen: list[dict] = []
+    pipe = unclip_gen.pipe
+    prior_fn, decode_fn = pipe.image_embeds_from_text, pipe.decode
+
+    def spy(fn):
+        def call(*args, **kw):
+            seen.append({k: kw[k] for k in ("steps", "sampler", "guidance")})
+            return fn(*args, **kw)
+
+        return call
+
+    monkeypatch.setattr(pipe, "image_embeds_from_text", spy(prior_fn))
+    monkeypatch.setattr(pipe, "decode", spy(decode_fn))
+    prior = pipe.prior
+    calls: list[tuple[int, int]] = []
+    unclip_gen.generate(["a red circle"], [0], unclip_gen.settings(sampler="euler", steps=2, guidance=5.0),
+                        callback=lambda done, total: calls.append((done, total)))  # fmt: skip
+    assert seen[-2] == {"steps": prior.steps, "sampler": prior.sampler, "guidance": prior.guidance}
+    assert seen[-1] == {"steps": [2, None], "sampler": ["euler", None], "guidance": [5.0, None]}  # upsampler: own
+    assert calls[-1] == (prior.steps + 2 + pipe.stages[1].steps,) * 2
+    s = unclip_gen.settings(extra={"prior_sampler": "ddpm", "prior_steps": 3, "prior_guidance": 1.0,
+                                   "upsampler_steps": 1, "upsampler_sampler": "euler"})  # fmt: skip
+    calls.clear()
+    a = unclip_gen.generate(["a red circle"], [0], s, callback=lambda done, total: calls.append((done, total)))
+    assert seen[-2] == {"steps": 3, "sampler": "ddpm", "guidance": 1.0}
+    assert seen[-1]["steps"] == [s.steps, 1] and seen[-1]["sampler"] == [s.sampler, "euler"]
+    assert calls[-1] == (3 + s.steps + 1,) * 2
+    torch.testing.assert_close(unclip_gen.generate(["a red circle"], [0], s), a, rtol=0, atol=0)
+    for extra, field in (({"prior_sampler": "eulr"}, "prior_sampler"), ({"prior_steps": 0}, "prior_steps"),
+                         ({"prior_steps": 2.5}, "prior_steps"), ({"prior_guidance": -1.0}, "prior_guidance"),
+                         ({"prior_guidance": float("nan")}, "prior_guidance"), ({"upsampler_steps": 0},
+                         "upsampler_steps"), ({"upsampler_sampler": "magic"}, "upsampler_sampler")):  # fmt: skip
+        with pytest.raises(SettingsError) as err:
+            unclip_gen.settings(extra=extra)
+        assert err.value.field == field
+
+
 def test_sd3_edits_through_the_generator(sd3_gen, unclip_gen):
     s = sd3_gen.settings(steps=4, extra={"strength": 0.5})
     init = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))

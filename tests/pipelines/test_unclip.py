@@ -306,6 +306,11 @@ def test_per_call_settings_match_a_pipeline_built_with_them_and_leave_the_specs_
         rtol=0,
         atol=0,
     )
+    # per stage: the base stage's settings, the upsampler's own (None)
+    mixed = pipe.decode(embed, seeds=seeds, steps=[2, None], sampler=["euler_ancestral", None], guidance=[4.0, None])
+    built = UnCLIPPipeline(pipe.clip, pipe.prior, [replace(pipe.stages[0], steps=2, sampler="euler_ancestral",
+                                                           guidance=4.0), pipe.stages[1]])  # fmt: skip
+    torch.testing.assert_close(mixed, built.decode(embed, seeds=seeds), rtol=0, atol=0)
     prior_out = pipe.image_embeds_from_text(PROMPTS, Seeds([1, 2]), steps=2, sampler="ddpm", guidance=3.0)[0]
     prior_built = UnCLIPPipeline(pipe.clip, replace(pipe.prior, steps=2, sampler="ddpm", guidance=3.0), pipe.stages)
     torch.testing.assert_close(
@@ -319,6 +324,8 @@ def test_per_call_settings_are_validated(parts):
     embed = pipe.embed_images(images(1))
     with pytest.raises(ValueError, match="one per stage"):
         pipe.decode(embed, seeds=Seeds([0]), guidance=[1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match=r"steps needs one value or one per stage \(2\), got 1"):
+        pipe.decode(embed, seeds=Seeds([0]), steps=[3])
     with pytest.raises(ValueError, match="unknown sampler"):
         pipe.decode(embed, seeds=Seeds([0]), sampler="magic")
     with pytest.raises(ValueError, match="unknown sampler"):

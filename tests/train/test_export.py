@@ -321,6 +321,30 @@ def test_export_of_one_checkpoint_folder_takes_that_steps_weights_and_record(tmp
     assert not (tmp_path / "m_partial").exists()
 
 
+def test_export_cli_sets_the_upsamplers_own_settings(tmp_path, capsys):
+    """--upsampler-steps / --upsampler-sampler write the super-resolution stage's own settings, which generate then
+    uses (the call's steps and sampler are the base stage's); bad values are refused before anything is written."""
+    from model_folders import tiny_unclip_folder
+
+    from t2i.cli.main import main
+
+    base = tiny_unclip_folder(tmp_path / "base")
+    parts = ["export", "unclip", *(x for k in ("clip", "prior", "decoder", "sr")
+                                   for x in (f"--{k}", str(base / f"{k}.safetensors")))]  # fmt: skip
+    args = [*parts, "--out", str(tmp_path / "m"), "--upsampler-steps", "3", "--upsampler-sampler", "euler"]
+    assert main(args) == 0
+    spec = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert spec["stages"][1]["steps"] == 3 and spec["stages"][1]["sampler"] == "euler"
+    assert spec["stages"][0] == json.loads((base / "model.json").read_text())["stages"][0]
+    gen = load_generator(str(tmp_path / "m"))
+    assert gen.total_steps(gen.defaults) == gen.pipe.prior.steps + gen.defaults.steps + 3
+    assert main([*parts, "--out", str(tmp_path / "bad"), "--upsampler-steps", "0"]) != 0
+    assert "--upsampler-steps must be at least 1" in capsys.readouterr().err
+    assert main([*parts, "--out", str(tmp_path / "bad"), "--upsampler-sampler", "eulr"]) != 0
+    assert "unknown --upsampler-sampler 'eulr'; did you mean 'euler'?" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_unclip_decoder_with_word_tokens_exports_beside_an_existing_folders_stages(tmp_path):
     """A decoder retrained with the CLIP's word embeddings (task.params.text_words), exported with the prior and
     upsampler of an existing folder: their specs and records come along, and the pipeline feeds each part its own
