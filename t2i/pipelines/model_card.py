@@ -65,12 +65,11 @@ def _unclip_parts_settings(spec: dict[str, Any]) -> str:
 
 def _image_map_grid(path: Path) -> int:
     """The image-map grid of a Unet file (``UnetConfig.image_map_grid``, from its metadata); 0 for none."""
-    from safetensors import SafetensorError, safe_open
+    from t2i.io.safetensors_io import read_metadata
 
     try:
-        with safe_open(str(path), "pt") as f:
-            return int(json.loads((f.metadata() or {}).get("model_config", "{}")).get("image_map_grid") or 0)
-    except (OSError, ValueError, SafetensorError):
+        return int(json.loads(read_metadata(path).get("model_config", "{}")).get("image_map_grid") or 0)
+    except (OSError, ValueError):  # no file, or not a model file: the card just leaves the map out
         return 0
 
 

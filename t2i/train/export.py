@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from t2i.diffusion import check_guidance_interval
+from t2i.diffusion import check_guidance_interval, check_sampler
 from t2i.errors import check_choice
 from t2i.io import read_config, read_metadata
 from t2i.io.runs import STEP_PREFIX, checkpoint_step, list_checkpoints, trained_weights_file
@@ -333,6 +333,14 @@ def export_unclip(
     """An ``unclip`` model folder from CLIP, prior, base-decoder and super-resolution runs. ``prior_settings``
     and ``upsampler_settings`` (``steps``, ``sampler``, ...) override the sampling settings those parts get in
     model.json (by default the runs' own)."""
+    upsampler_settings = dict(upsampler_settings or {})
+    if set(upsampler_settings) - {"steps", "sampler"}:
+        raise ValueError(f"upsampler_settings takes steps and sampler, got {sorted(upsampler_settings)}")
+    if "sampler" in upsampler_settings:  # refused here, before a folder every generate would reject is written
+        check_sampler(upsampler_settings["sampler"], "the upsampler's sampler")
+    steps = upsampler_settings.get("steps", 1)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"the upsampler's steps must be a whole number >= 1, got {steps!r}")
     out = Path(out)
     clip_net, _, clip_rec = _run_part(clip, "clip")
     prior_net, pcfg, prior_rec = _run_part(prior, "unclip_prior")
@@ -385,7 +393,7 @@ def export_unclip(
                 captions.append(str(component_file(Path(run).parent, kept, "caption")))
         save_model_file(out / f"{key}.safetensors", "unclip_unet", net)
         if key == "sr":
-            stage.update(upsampler_settings or {})
+            stage.update(upsampler_settings)
         stages.append({**stage, "file": f"{key}.safetensors"})
     spec = {"kind": "unclip", "name": name, "precision": _precision(precision), "prior": prior_spec}
     if len(set(captions)) > 1:

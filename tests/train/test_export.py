@@ -338,11 +338,40 @@ def test_export_cli_sets_the_upsamplers_own_settings(tmp_path, capsys):
     assert spec["stages"][0] == json.loads((base / "model.json").read_text())["stages"][0]
     gen = load_generator(str(tmp_path / "m"))
     assert gen.total_steps(gen.defaults) == gen.pipe.prior.steps + gen.defaults.steps + 3
+    card = (tmp_path / "m" / "README.md").read_text()  # the card says what the defaults leave to each part
+    prior = spec["prior"]
+    assert (f"steps, sampler and CFG are the base decoder's (the prior samples {prior['steps']} steps of "
+            f"`{prior['sampler']}` at CFG {prior['guidance']}") in card  # fmt: skip
+    assert "the 32 px upsampler 3 steps of `euler`)" in card
+    assert "map read from it" not in card  # the tiny base decoder has no image map
     assert main([*parts, "--out", str(tmp_path / "bad"), "--upsampler-steps", "0"]) != 0
     assert "--upsampler-steps must be at least 1" in capsys.readouterr().err
     assert main([*parts, "--out", str(tmp_path / "bad"), "--upsampler-sampler", "eulr"]) != 0
     assert "unknown --upsampler-sampler 'eulr'; did you mean 'euler'?" in capsys.readouterr().err
+    files = {k: str(base / f"{k}.safetensors") for k in ("clip", "prior", "decoder", "sr")}
+    for bad, match in (
+        ({"steps": 0}, "steps must be a whole number >= 1"),
+        ({"sampler": "eulr"}, "did you mean"),
+        ({"guidance": 2.0}, "takes steps and sampler"),
+    ):  # the Python API checks them too
+        with pytest.raises(ValueError, match=match):
+            export_unclip(tmp_path / "bad", **files, upsampler_settings=bad)
     assert not (tmp_path / "bad").exists()
+
+
+def test_card_reads_the_base_decoders_image_map_from_its_file(tmp_path):
+    from t2i.models.files import save_model_file
+    from t2i.models.unet import Unet, UnetConfig
+    from t2i.pipelines.model_card import _image_map_grid
+
+    cfg = dict(dim=8, dim_mults=(1, 2), num_res_blocks=1, attn_levels=(False, False), self_attn=(False, False),
+               groups=4, image_embed_dim=16)  # fmt: skip
+    save_model_file(tmp_path / "map.safetensors", "unclip_unet", Unet(UnetConfig(**cfg, image_map_grid=4)))
+    save_model_file(tmp_path / "plain.safetensors", "unclip_unet", Unet(UnetConfig(**cfg)))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    assert _image_map_grid(tmp_path / "map.safetensors") == 4
+    assert _image_map_grid(tmp_path / "plain.safetensors") == 0
+    assert _image_map_grid(tmp_path / "junk.safetensors") == 0 and _image_map_grid(tmp_path / "missing") == 0
 
 
 def test_unclip_decoder_with_word_tokens_exports_beside_an_existing_folders_stages(tmp_path):
