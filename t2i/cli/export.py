@@ -12,6 +12,7 @@ sampling settings are read from the runs' own configs; a model card (README.md) 
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,6 +47,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--name", default="unclip-shapes")
     u.add_argument("--out", required=True)
     _defaults(u)
+    g = u.add_argument_group(
+        "the prior's own sampling settings in model.json (default: 32 DDIM steps, guidance 2, "
+        "best of 2; an existing folder's prior keeps its folder's)"
+    )
+    g.add_argument("--prior-steps", type=int, help="steps of the prior's sampler")
+    g.add_argument("--prior-sampler", help="the prior's sampler")
+    g.add_argument("--prior-guidance", type=float, help="the prior's classifier-free guidance scale")
+    g.add_argument("--prior-candidates", type=int,
+                   help="embeddings the prior samples per prompt; the one closest to the caption is kept")  # fmt: skip
     g = u.add_argument_group("the upsamplers' own sampling settings in model.json (default: the sr run's)")
     g.add_argument("--upsampler-steps", type=int, help="steps of each super-resolution stage")
     g.add_argument("--upsampler-sampler", help="sampler of each super-resolution stage")
@@ -124,9 +134,23 @@ def run(args: argparse.Namespace) -> int:
             if args.upsampler_steps < 1:
                 raise CLIError(f"--upsampler-steps must be at least 1, got {args.upsampler_steps}")
             upsampler["steps"] = args.upsampler_steps
+        prior = {}
+        if args.prior_sampler is not None:
+            check_sampler(args.prior_sampler, "--prior-sampler")
+            prior["sampler"] = args.prior_sampler
+        for flag, key in (("--prior-steps", "steps"), ("--prior-candidates", "candidates")):
+            n = getattr(args, f"prior_{key}")
+            if n is not None:
+                if n < 1:
+                    raise CLIError(f"{flag} must be at least 1, got {n}")
+                prior[key] = n
+        if args.prior_guidance is not None:
+            if not (math.isfinite(args.prior_guidance) and args.prior_guidance >= 0):
+                raise CLIError(f"--prior-guidance must be a finite number >= 0, got {args.prior_guidance}")
+            prior["guidance"] = args.prior_guidance
         out = export_unclip(args.out, clip=args.clip, prior=args.prior, decoder=args.decoder, sr=args.sr,
                             name=args.name, defaults=defaults, precision=args.precision,
-                            upsampler_settings=upsampler)  # fmt: skip
+                            prior_settings=prior, upsampler_settings=upsampler)  # fmt: skip
     card = write_model_card(out)
     sizes = {f.name: f.stat().st_size for f in sorted(out.glob("*.safetensors"))}
     for name, size in sizes.items():

@@ -302,7 +302,7 @@ class UnCLIPGenerator(Generator):
     def check(self, s: Settings) -> None:
         super().check(s)
         opts = s.options
-        for key in ("prior_steps", "upsampler_steps"):
+        for key in ("prior_steps", "prior_candidates", "upsampler_steps"):
             n = opts.get(key, 1)
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise SettingsError(key, f"{key} must be a whole number >= 1, got {n!r}")
@@ -321,12 +321,14 @@ class UnCLIPGenerator(Generator):
         return int(s.options.get("prior_steps", self.pipe.prior.steps))
 
     def _prior_settings(self, s: Settings) -> dict:
-        """The prior samples embeddings, not images: it keeps its own sampler, steps and guidance (the model
-        folder's ``prior`` entry) unless the ``prior_sampler`` / ``prior_steps`` / ``prior_guidance`` options say
-        otherwise; ``sampler``, ``steps`` and ``guidance`` are the decoder's."""
+        """The prior samples embeddings, not images: it keeps its own sampler, steps, guidance and candidates per
+        prompt (the model folder's ``prior`` entry) unless the ``prior_sampler`` / ``prior_steps`` /
+        ``prior_guidance`` / ``prior_candidates`` options say otherwise; ``sampler``, ``steps`` and ``guidance`` are
+        the decoder's."""
         prior = self.pipe.prior
         return {"steps": self._prior_steps(s), "sampler": str(s.options.get("prior_sampler", prior.sampler)),
-                "guidance": float(s.options.get("prior_guidance", prior.guidance))}  # fmt: skip
+                "guidance": float(s.options.get("prior_guidance", prior.guidance)),
+                "candidates": int(s.options.get("prior_candidates", prior.num_candidates))}  # fmt: skip
 
     def _stage_settings(self, s: Settings) -> dict:
         """``steps``, ``sampler`` and ``guidance`` are the base stage's; the upsamplers keep the folder's own

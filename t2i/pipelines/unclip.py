@@ -156,18 +156,20 @@ class UnCLIPPipeline:
         steps: int | None = None,
         sampler: str | None = None,
         guidance: float | None = None,
+        candidates: int | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """CLIP image embeddings (B, E) sampled by the prior for ``prompts``, with the prompts' tokens and mask.
 
         Args:
             prompts, seeds: one seed per prompt.
             callback: gets the prior sampler's per-step dict.
-            steps, sampler, guidance: this call's prior settings; None keeps the ``PriorSpec``'s. The spec itself
-                is never changed.
+            steps, sampler, guidance, candidates: this call's prior settings (``candidates``: samples per prompt,
+                the one closest to the text embedding kept); None keeps the ``PriorSpec``'s. The spec itself is
+                never changed.
         """
         if self.prior is None:
             raise ValueError("this pipeline has no prior; pass image embeddings or images instead of prompts")
-        spec = _with_settings(self.prior, steps=steps, sampler=sampler, guidance=guidance)
+        spec = _with_settings(self.prior, steps=steps, sampler=sampler, guidance=guidance, num_candidates=candidates)
         embed, tokens, mask = self.encode_prompts(prompts)
         prior_tokens, prior_mask = self._text_for(spec.text_words, tokens, mask)
         with self._where(spec.net):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -341,6 +342,18 @@ def export_unclip(
     steps = upsampler_settings.get("steps", 1)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"the upsampler's steps must be a whole number >= 1, got {steps!r}")
+    prior_settings = dict(prior_settings or {})
+    if set(prior_settings) - {"steps", "sampler", "guidance", "candidates"}:
+        raise ValueError(f"prior_settings takes steps, sampler, guidance and candidates, got {sorted(prior_settings)}")
+    if "sampler" in prior_settings:
+        check_sampler(prior_settings["sampler"], "the prior's sampler")
+    for key in ("steps", "candidates"):
+        n = prior_settings.get(key, 1)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"the prior's {key} must be a whole number >= 1, got {n!r}")
+    scale = prior_settings.get("guidance", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale) or scale < 0:
+        raise ValueError(f"the prior's guidance must be a finite number >= 0, got {scale!r}")
     out = Path(out)
     clip_net, _, clip_rec = _run_part(clip, "clip")
     prior_net, pcfg, prior_rec = _run_part(prior, "unclip_prior")
@@ -365,7 +378,7 @@ def export_unclip(
         prior_spec = dict(kept["prior"])
         if prior_spec.get("text_words") and kept.get("caption_encoder"):
             captions.append(str(component_file(Path(prior).parent, kept, "caption")))
-    prior_spec = {**prior_spec, "file": "prior.safetensors", **(prior_settings or {})}
+    prior_spec = {**prior_spec, "file": "prior.safetensors", **prior_settings}
     out.mkdir(parents=True, exist_ok=True)
     save_model_file(out / "clip.safetensors", "clip", clip_net, **clip_extra(clip_net))
     save_model_file(out / "prior.safetensors", "unclip_prior", prior_net)

@@ -141,7 +141,7 @@ def test_unclip_prior_and_upsamplers_keep_their_own_settings(unclip_gen, monkeyp
 
     def spy(fn):
         def call(*args, **kw):
-            seen.append({k: kw[k] for k in ("steps", "sampler", "guidance")})
+            seen.append({k: kw[k] for k in ("steps", "sampler", "guidance", "candidates") if k in kw})
             return fn(*args, **kw)
 
         return call
@@ -152,19 +152,23 @@ def test_unclip_prior_and_upsamplers_keep_their_own_settings(unclip_gen, monkeyp
     calls: list[tuple[int, int]] = []
     unclip_gen.generate(["a red circle"], [0], unclip_gen.settings(sampler="euler", steps=2, guidance=5.0),
                         callback=lambda done, total: calls.append((done, total)))  # fmt: skip
-    assert seen[-2] == {"steps": prior.steps, "sampler": prior.sampler, "guidance": prior.guidance}
+    assert seen[-2] == {"steps": prior.steps, "sampler": prior.sampler, "guidance": prior.guidance,
+                        "candidates": prior.num_candidates}  # fmt: skip
     assert seen[-1] == {"steps": [2, None], "sampler": ["euler", None], "guidance": [5.0, None]}  # upsampler: own
     assert calls[-1] == (prior.steps + 2 + pipe.stages[1].steps,) * 2
     s = unclip_gen.settings(extra={"prior_sampler": "ddpm", "prior_steps": 3, "prior_guidance": 1.0,
-                                   "upsampler_steps": 1, "upsampler_sampler": "euler"})  # fmt: skip
+                                   "prior_candidates": 3, "upsampler_steps": 1,
+                                   "upsampler_sampler": "euler"})  # fmt: skip
     calls.clear()
     a = unclip_gen.generate(["a red circle"], [0], s, callback=lambda done, total: calls.append((done, total)))
-    assert seen[-2] == {"steps": 3, "sampler": "ddpm", "guidance": 1.0}
+    assert seen[-2] == {"steps": 3, "sampler": "ddpm", "guidance": 1.0, "candidates": 3}
     assert seen[-1]["steps"] == [s.steps, 1] and seen[-1]["sampler"] == [s.sampler, "euler"]
     assert calls[-1] == (3 + s.steps + 1,) * 2
     torch.testing.assert_close(unclip_gen.generate(["a red circle"], [0], s), a, rtol=0, atol=0)
     for extra, field in (({"prior_sampler": "eulr"}, "prior_sampler"), ({"prior_steps": 0}, "prior_steps"),
                          ({"prior_steps": 2.5}, "prior_steps"), ({"prior_guidance": -1.0}, "prior_guidance"),
+                         ({"prior_candidates": 0}, "prior_candidates"),
+                         ({"prior_candidates": True}, "prior_candidates"),
                          ({"prior_guidance": float("nan")}, "prior_guidance"), ({"upsampler_steps": 0},
                          "upsampler_steps"), ({"upsampler_sampler": "magic"}, "upsampler_sampler")):  # fmt: skip
         with pytest.raises(SettingsError) as err:

@@ -311,8 +311,10 @@ def test_per_call_settings_match_a_pipeline_built_with_them_and_leave_the_specs_
     built = UnCLIPPipeline(pipe.clip, pipe.prior, [replace(pipe.stages[0], steps=2, sampler="euler_ancestral",
                                                            guidance=4.0), pipe.stages[1]])  # fmt: skip
     torch.testing.assert_close(mixed, built.decode(embed, seeds=seeds), rtol=0, atol=0)
-    prior_out = pipe.image_embeds_from_text(PROMPTS, Seeds([1, 2]), steps=2, sampler="ddpm", guidance=3.0)[0]
-    prior_built = UnCLIPPipeline(pipe.clip, replace(pipe.prior, steps=2, sampler="ddpm", guidance=3.0), pipe.stages)
+    prior_out = pipe.image_embeds_from_text(PROMPTS, Seeds([1, 2]), steps=2, sampler="ddpm", guidance=3.0,
+                                            candidates=3)[0]  # fmt: skip
+    prior_built = UnCLIPPipeline(pipe.clip, replace(pipe.prior, steps=2, sampler="ddpm", guidance=3.0,
+                                                    num_candidates=3), pipe.stages)  # fmt: skip
     torch.testing.assert_close(
         prior_out, prior_built.image_embeds_from_text(PROMPTS, Seeds([1, 2]))[0], rtol=0, atol=0
     )
@@ -330,6 +332,8 @@ def test_per_call_settings_are_validated(parts):
         pipe.decode(embed, seeds=Seeds([0]), sampler="magic")
     with pytest.raises(ValueError, match="unknown sampler"):
         pipe.image_embeds_from_text(PROMPTS[:1], Seeds([0]), sampler="magic")
+    with pytest.raises(ValueError, match="num_candidates and steps must be at least 1"):
+        pipe.image_embeds_from_text(PROMPTS[:1], Seeds([0]), candidates=0)
 
 
 def test_inpainting_reports_each_step_of_each_stage(parts):

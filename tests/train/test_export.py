@@ -321,9 +321,10 @@ def test_export_of_one_checkpoint_folder_takes_that_steps_weights_and_record(tmp
     assert not (tmp_path / "m_partial").exists()
 
 
-def test_export_cli_sets_the_upsamplers_own_settings(tmp_path, capsys):
-    """--upsampler-steps / --upsampler-sampler write the super-resolution stage's own settings, which generate then
-    uses (the call's steps and sampler are the base stage's); bad values are refused before anything is written."""
+def test_export_cli_sets_the_priors_and_upsamplers_own_settings(tmp_path, capsys):
+    """--prior-* and --upsampler-steps / --upsampler-sampler write the prior's and the super-resolution stage's own
+    settings, which generate then uses (the call's steps and sampler are the base stage's); bad values are refused
+    before anything is written."""
     from model_folders import tiny_unclip_folder
 
     from t2i.cli.main import main
@@ -331,13 +332,36 @@ def test_export_cli_sets_the_upsamplers_own_settings(tmp_path, capsys):
     base = tiny_unclip_folder(tmp_path / "base")
     parts = ["export", "unclip", *(x for k in ("clip", "prior", "decoder", "sr")
                                    for x in (f"--{k}", str(base / f"{k}.safetensors")))]  # fmt: skip
-    args = [*parts, "--out", str(tmp_path / "m"), "--upsampler-steps", "3", "--upsampler-sampler", "euler"]
+    args = [
+        *parts,
+        "--out",
+        str(tmp_path / "m"),
+        "--upsampler-steps",
+        "3",
+        "--upsampler-sampler",
+        "euler",
+        "--prior-steps",
+        "5",
+        "--prior-candidates",
+        "1",
+        "--prior-sampler",
+        "ddpm",
+        "--prior-guidance",
+        "1.5",
+    ]
     assert main(args) == 0
     spec = json.loads((tmp_path / "m" / "model.json").read_text())
     assert spec["stages"][1]["steps"] == 3 and spec["stages"][1]["sampler"] == "euler"
     assert spec["stages"][0] == json.loads((base / "model.json").read_text())["stages"][0]
+    assert {k: spec["prior"][k] for k in ("steps", "candidates", "sampler", "guidance")} == {
+        "steps": 5,
+        "candidates": 1,
+        "sampler": "ddpm",
+        "guidance": 1.5,
+    }
     gen = load_generator(str(tmp_path / "m"))
-    assert gen.total_steps(gen.defaults) == gen.pipe.prior.steps + gen.defaults.steps + 3
+    assert (gen.pipe.prior.steps, gen.pipe.prior.num_candidates, gen.pipe.prior.sampler) == (5, 1, "ddpm")
+    assert gen.total_steps(gen.defaults) == 5 + gen.defaults.steps + 3
     card = (tmp_path / "m" / "README.md").read_text()  # the card says what the defaults leave to each part
     prior = spec["prior"]
     assert (f"steps, sampler and CFG are the base decoder's (the prior samples {prior['steps']} steps of "
@@ -348,6 +372,12 @@ def test_export_cli_sets_the_upsamplers_own_settings(tmp_path, capsys):
     assert "--upsampler-steps must be at least 1" in capsys.readouterr().err
     assert main([*parts, "--out", str(tmp_path / "bad"), "--upsampler-sampler", "eulr"]) != 0
     assert "unknown --upsampler-sampler 'eulr'; did you mean 'euler'?" in capsys.readouterr().err
+    for flag, value, message in (("--prior-steps", "0", "--prior-steps must be at least 1"),
+                                 ("--prior-candidates", "0", "--prior-candidates must be at least 1"),
+                                 ("--prior-guidance", "nan", "--prior-guidance must be a finite number"),
+                                 ("--prior-sampler", "ddmp", "unknown --prior-sampler 'ddmp'")):  # fmt: skip
+        assert main([*parts, "--out", str(tmp_path / "bad"), flag, value]) != 0
+        assert message in capsys.readouterr().err
     files = {k: str(base / f"{k}.safetensors") for k in ("clip", "prior", "decoder", "sr")}
     for bad, match in (
         ({"steps": 0}, "steps must be a whole number >= 1"),
@@ -356,6 +386,15 @@ def test_export_cli_sets_the_upsamplers_own_settings(tmp_path, capsys):
     ):  # the Python API checks them too
         with pytest.raises(ValueError, match=match):
             export_unclip(tmp_path / "bad", **files, upsampler_settings=bad)
+    for bad, match in (
+        ({"candidates": 0}, "candidates must be a whole number >= 1"),
+        ({"steps": 2.5}, "steps must be a whole number >= 1"),
+        ({"guidance": -1.0}, "guidance must be a finite number >= 0"),
+        ({"sampler": "eulr"}, "did you mean"),
+        ({"eta": 1.0}, "takes steps, sampler, guidance and candidates"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            export_unclip(tmp_path / "bad", **files, prior_settings=bad)
     assert not (tmp_path / "bad").exists()
 
 
