@@ -99,7 +99,7 @@ export-defaults: $(RUN_STAMP)
 	$(BIN)/t2i export sd3 --transformer runs/sd3_turbo_ladd_hi --name sd3-shapes-turbo --out models/sd3-shapes-turbo \
 		--share-from models/sd3-shapes --sampler consistency
 	$(BIN)/t2i export unclip --clip runs/default_unclip_clip --decoder runs/default_decoder_more2 \
-		--out models/unclip-shapes --sampler ddpm --steps 25 --upsampler-steps 8
+		--out models/unclip-shapes --sampler ddpm --steps 25 --upsampler-steps 8 --prior-steps 8
 
 # Load test of `t2i serve` on sd3-shapes: throughput and latency with dynamic batching on and off.
 bench-serve: $(STAMP)

