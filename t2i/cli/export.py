@@ -12,7 +12,6 @@ sampling settings are read from the runs' own configs; a model card (README.md) 
 from __future__ import annotations
 
 import argparse
-import math
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -105,15 +104,22 @@ def run_controlnet(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sampling_flags(args: argparse.Namespace, part: str, keys: tuple[str, ...]) -> dict:
+    """The sampling settings given as ``--{part}-{key}`` flags (``--{key}`` for no part), each checked under its
+    flag's name."""
+    from t2i.diffusion import check_sampling_setting
+
+    given = {k: getattr(args, f"{part}_{k}" if part else k) for k in keys}
+    return {k: check_sampling_setting(k, v, f"--{part}-{k}" if part else f"--{k}") for k, v in given.items()
+            if v is not None}  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> int:
     from t2i.cli.main import CLIError
-    from t2i.diffusion import check_sampler
     from t2i.pipelines.model_card import write_model_card
     from t2i.train.export import export_sd3, export_unclip
 
-    if args.sampler is not None:
-        check_sampler(args.sampler, "--sampler")
-    defaults = {k: getattr(args, k) for k in ("steps", "guidance", "sampler") if getattr(args, k) is not None}
+    defaults = _sampling_flags(args, "", ("steps", "guidance", "sampler"))
     if args.kind == "sd3":
         if args.slg_scale is not None:
             defaults["slg_scale"] = args.slg_scale
@@ -126,28 +132,8 @@ def run(args: argparse.Namespace) -> int:
         out = export_sd3(args.out, transformer=args.transformer, vae=args.vae, clip=args.clip, name=args.name,
                          defaults=defaults, share_from=args.share_from, precision=args.precision)  # fmt: skip
     else:
-        upsampler = {}
-        if args.upsampler_sampler is not None:
-            check_sampler(args.upsampler_sampler, "--upsampler-sampler")
-            upsampler["sampler"] = args.upsampler_sampler
-        if args.upsampler_steps is not None:
-            if args.upsampler_steps < 1:
-                raise CLIError(f"--upsampler-steps must be at least 1, got {args.upsampler_steps}")
-            upsampler["steps"] = args.upsampler_steps
-        prior = {}
-        if args.prior_sampler is not None:
-            check_sampler(args.prior_sampler, "--prior-sampler")
-            prior["sampler"] = args.prior_sampler
-        for flag, key in (("--prior-steps", "steps"), ("--prior-candidates", "candidates")):
-            n = getattr(args, f"prior_{key}")
-            if n is not None:
-                if n < 1:
-                    raise CLIError(f"{flag} must be at least 1, got {n}")
-                prior[key] = n
-        if args.prior_guidance is not None:
-            if not (math.isfinite(args.prior_guidance) and args.prior_guidance >= 0):
-                raise CLIError(f"--prior-guidance must be a finite number >= 0, got {args.prior_guidance}")
-            prior["guidance"] = args.prior_guidance
+        prior = _sampling_flags(args, "prior", ("steps", "sampler", "guidance", "candidates"))
+        upsampler = _sampling_flags(args, "upsampler", ("steps", "sampler"))
         out = export_unclip(args.out, clip=args.clip, prior=args.prior, decoder=args.decoder, sr=args.sr,
                             name=args.name, defaults=defaults, precision=args.precision,
                             prior_settings=prior, upsampler_settings=upsampler)  # fmt: skip

@@ -33,6 +33,7 @@ from .paths import NoisePath, RectifiedFlow, VPPath, append_dims
 from .samplers import (
     SAMPLERS,
     check_sampler,
+    check_sampling_setting,
     get_sampler,
     sample,
     sample_ddim,

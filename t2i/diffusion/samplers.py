@@ -415,6 +415,24 @@ def check_sampler(name: str, what: str = "sampler") -> str:
     return name
 
 
+def check_sampling_setting(key: str, value, what: str | None = None):
+    """``value`` if it is a valid sampling setting ``key``: ``steps`` or ``candidates`` a whole number >= 1,
+    ``guidance`` a finite number >= 0, ``sampler`` a registered sampler's name. Otherwise a ValueError that calls the
+    setting ``what`` (default: ``key``), so each front end names it as its user wrote it (a field, a CLI flag)."""
+    what = what or key
+    if key in ("steps", "candidates"):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{what} must be a whole number >= 1, got {value!r}")
+    elif key == "guidance":
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{what} must be a finite number >= 0 (1 disables it), got {value!r}")
+    elif key == "sampler":
+        check_sampler(value, what)
+    else:
+        raise ValueError(f"{key!r} is not a sampling setting (steps, candidates, guidance, sampler)")
+    return value
+
+
 def get_sampler(name: str) -> Callable[..., Tensor]:
     """The sampler function registered as ``name``, with an error listing the valid names."""
     return SAMPLERS[check_sampler(name)].fn

@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import Tensor
 
-from t2i.diffusion import check_guidance_interval, check_sampler
+from t2i.diffusion import check_guidance_interval, check_sampling_setting
 
 # ``progress(done, total)`` after every sampler step of a ``Generator.generate`` call; it may raise to abort the call
 # (the server does, when every client of a batch has gone away).
@@ -103,6 +103,15 @@ class Settings:
                 "Version": f"t2i {__version__}"}  # fmt: skip
 
 
+def _check_settings(settings: Mapping[str, Any]) -> None:
+    """``SettingsError`` for the first invalid entry; a name's last part (``prior_steps``: steps) says its kind."""
+    for field, value in settings.items():
+        try:
+            check_sampling_setting(field.rpartition("_")[2], value, field)
+        except ValueError as err:
+            raise SettingsError(field, str(err)) from None
+
+
 class Generator:
     """Prompts and seeds in, images ``(B, 3, H, W)`` in [0, 1] out. Subclasses: ``SD3Generator``,
     ``UnCLIPGenerator``; build one with ``t2i.pipelines.folders.load_generator``."""
@@ -153,14 +162,7 @@ class Generator:
 
     def check(self, s: Settings) -> None:
         """Raise ``SettingsError`` naming the first field of ``s`` this generator cannot honour."""
-        if not (isinstance(s.steps, int) and s.steps >= 1):
-            raise SettingsError("steps", f"steps must be a whole number >= 1, got {s.steps!r}")
-        if not (isinstance(s.guidance, int | float) and math.isfinite(s.guidance) and s.guidance >= 0):
-            raise SettingsError("guidance", f"guidance must be a finite number >= 0 (1 disables it), got {s.guidance}")
-        try:
-            check_sampler(s.sampler)
-        except ValueError as err:
-            raise SettingsError("sampler", str(err)) from None
+        _check_settings({"steps": s.steps, "guidance": s.guidance, "sampler": s.sampler})
         if not (isinstance(s.size, int) and self.size_ok(s.size)):
             raise SettingsError("size", f"{self.name} makes {self.describe_sizes()}; got size {s.size!r}")
         if s.negative and not self.supports_negative:
@@ -299,23 +301,13 @@ class UnCLIPGenerator(Generator):
     def size_ok(self, size: int) -> bool:
         return size in self.sizes
 
+    # the options that set the prior's and the upsamplers' own sampling (the call's steps etc. are the base stage's)
+    part_options = ("prior_steps", "prior_sampler", "prior_guidance", "prior_candidates", "upsampler_steps",
+                    "upsampler_sampler")  # fmt: skip
+
     def check(self, s: Settings) -> None:
         super().check(s)
-        opts = s.options
-        for key in ("prior_steps", "prior_candidates", "upsampler_steps"):
-            n = opts.get(key, 1)
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise SettingsError(key, f"{key} must be a whole number >= 1, got {n!r}")
-        scale = opts.get("prior_guidance", 1.0)
-        if isinstance(scale, bool) or not (isinstance(scale, int | float) and math.isfinite(scale) and scale >= 0):
-            raise SettingsError("prior_guidance", f"prior_guidance must be a finite number >= 0 (1 disables it), "
-                                f"got {scale!r}")  # fmt: skip
-        for key in ("prior_sampler", "upsampler_sampler"):
-            if key in opts:
-                try:
-                    check_sampler(opts[key])
-                except ValueError as err:
-                    raise SettingsError(key, str(err)) from None
+        _check_settings({k: v for k, v in s.options.items() if k in self.part_options})
 
     def _prior_steps(self, s: Settings) -> int:
         return int(s.options.get("prior_steps", self.pipe.prior.steps))

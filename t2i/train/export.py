@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from t2i.diffusion import check_guidance_interval, check_sampler
+from t2i.diffusion import check_guidance_interval, check_sampling_setting
 from t2i.errors import check_choice
 from t2i.io import read_config, read_metadata
 from t2i.io.runs import STEP_PREFIX, checkpoint_step, list_checkpoints, trained_weights_file
@@ -334,26 +333,14 @@ def export_unclip(
     """An ``unclip`` model folder from CLIP, prior, base-decoder and super-resolution runs. ``prior_settings``
     and ``upsampler_settings`` (``steps``, ``sampler``, ...) override the sampling settings those parts get in
     model.json (by default the runs' own)."""
-    upsampler_settings = dict(upsampler_settings or {})
-    if set(upsampler_settings) - {"steps", "sampler"}:
-        raise ValueError(f"upsampler_settings takes steps and sampler, got {sorted(upsampler_settings)}")
-    if "sampler" in upsampler_settings:  # refused here, before a folder every generate would reject is written
-        check_sampler(upsampler_settings["sampler"], "the upsampler's sampler")
-    steps = upsampler_settings.get("steps", 1)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"the upsampler's steps must be a whole number >= 1, got {steps!r}")
-    prior_settings = dict(prior_settings or {})
-    if set(prior_settings) - {"steps", "sampler", "guidance", "candidates"}:
-        raise ValueError(f"prior_settings takes steps, sampler, guidance and candidates, got {sorted(prior_settings)}")
-    if "sampler" in prior_settings:
-        check_sampler(prior_settings["sampler"], "the prior's sampler")
-    for key in ("steps", "candidates"):
-        n = prior_settings.get(key, 1)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"the prior's {key} must be a whole number >= 1, got {n!r}")
-    scale = prior_settings.get("guidance", 1.0)
-    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale) or scale < 0:
-        raise ValueError(f"the prior's guidance must be a finite number >= 0, got {scale!r}")
+    prior_settings, upsampler_settings = dict(prior_settings or {}), dict(upsampler_settings or {})
+    # refused here, before a folder every generate would reject is written
+    for part, settings, keys in (("prior", prior_settings, ("steps", "sampler", "guidance", "candidates")),
+                                 ("upsampler", upsampler_settings, ("steps", "sampler"))):  # fmt: skip
+        if set(settings) - set(keys):
+            raise ValueError(f"{part}_settings takes {', '.join(keys[:-1])} and {keys[-1]}, got {sorted(settings)}")
+        for key, value in settings.items():
+            check_sampling_setting(key, value, f"the {part}'s {key}")
     out = Path(out)
     clip_net, _, clip_rec = _run_part(clip, "clip")
     prior_net, pcfg, prior_rec = _run_part(prior, "unclip_prior")

@@ -283,3 +283,24 @@ def test_dpmpp_2m_ve_is_the_reference_recurrence_and_differs_from_dpmpp_2m():
     torch.testing.assert_close(ours.double(), ref, atol=1e-5, rtol=1e-5)
     flow = sample_dpmpp_2m(den, x, ts, path)
     assert (ours - flow).norm() / flow.norm() > 0.05  # not the flow-correct solver: the preset must say which
+
+
+def test_check_sampling_setting_names_the_setting_as_the_caller_calls_it():
+    from t2i.diffusion import check_sampling_setting
+
+    assert check_sampling_setting("steps", 8) == 8 and check_sampling_setting("guidance", 0) == 0
+    assert check_sampling_setting("sampler", "ddim") == "ddim" and check_sampling_setting("candidates", 2) == 2
+    for key, bad, message in (
+        ("steps", 0, "--prior-steps must be a whole number >= 1, got 0"),
+        ("steps", 2.5, "--prior-steps must be a whole number >= 1, got 2.5"),
+        ("candidates", True, "--prior-candidates must be a whole number >= 1, got True"),
+        ("guidance", -1.0, "--prior-guidance must be a finite number >= 0"),
+        ("guidance", float("inf"), "--prior-guidance must be a finite number >= 0"),
+        ("guidance", "3", "--prior-guidance must be a finite number >= 0"),
+        ("sampler", "eulr", "unknown --prior-sampler 'eulr'; did you mean 'euler'?"),
+    ):
+        with pytest.raises(ValueError) as err:
+            check_sampling_setting(key, bad, f"--prior-{key}")
+        assert message in str(err.value)
+    with pytest.raises(ValueError, match="'eta' is not a sampling setting"):
+        check_sampling_setting("eta", 1.0)

@@ -369,11 +369,13 @@ def test_export_cli_sets_the_priors_and_upsamplers_own_settings(tmp_path, capsys
     assert "the 32 px upsampler 3 steps of `euler`)" in card
     assert "map read from it" not in card  # the tiny base decoder has no image map
     assert main([*parts, "--out", str(tmp_path / "bad"), "--upsampler-steps", "0"]) != 0
-    assert "--upsampler-steps must be at least 1" in capsys.readouterr().err
+    assert "--upsampler-steps must be a whole number >= 1, got 0" in capsys.readouterr().err
     assert main([*parts, "--out", str(tmp_path / "bad"), "--upsampler-sampler", "eulr"]) != 0
     assert "unknown --upsampler-sampler 'eulr'; did you mean 'euler'?" in capsys.readouterr().err
-    for flag, value, message in (("--prior-steps", "0", "--prior-steps must be at least 1"),
-                                 ("--prior-candidates", "0", "--prior-candidates must be at least 1"),
+    for flag, value, message in (("--prior-steps", "0", "--prior-steps must be a whole number >= 1"),
+                                 ("--prior-candidates", "0", "--prior-candidates must be a whole number >= 1"),
+                                 ("--steps", "0", "--steps must be a whole number >= 1"),
+                                 ("--guidance", "-1", "--guidance must be a finite number >= 0"),
                                  ("--prior-guidance", "nan", "--prior-guidance must be a finite number"),
                                  ("--prior-sampler", "ddmp", "unknown --prior-sampler 'ddmp'")):  # fmt: skip
         assert main([*parts, "--out", str(tmp_path / "bad"), flag, value]) != 0
