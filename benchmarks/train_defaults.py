@@ -34,7 +34,10 @@ SD3_FILES = [
     "task.params.text=models/sd3-shapes/clip.safetensors",
     "task.params.caption_encoder=models/sd3-shapes/caption.safetensors",
 ]
-UNCLIP_CLIP = ["task.params.clip_path=models/unclip-shapes/clip.safetensors"]
+UNCLIP_CLIP = [
+    "task.params.clip_path=models/unclip-shapes/clip.safetensors",
+    "task.params.caption_encoder=models/unclip-shapes/caption.safetensors",  # the prior reads its states
+]
 CASES = {  # label: (config, overrides); a task.params override applies where the config names that parameter
     "CLIP": ("configs/default/clip.yaml", []),
     "caption encoder": ("configs/default/caption.yaml", ["task.params.clip=models/sd3-shapes/clip.safetensors"]),

@@ -19,14 +19,14 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"t2i {__version__}  torch {torch.__version__}  python {platform.python_version()}")
     print(f"threads: {torch.get_num_threads()}  cuda: {torch.cuda.is_available()}")
-    from t2i.nn.precision import NATIVE_THRESHOLD, bf16_slowdown
+    from t2i.nn.precision import bf16_is_native, bf16_slowdown, x86_bf16_units
 
-    slow = bf16_slowdown("cpu")
-    if slow <= NATIVE_THRESHOLD:
+    units = {True: "AVX-512 BF16 or AMX: yes; ", False: "AVX-512 BF16 or AMX: no; ", None: ""}[x86_bf16_units()]
+    if bf16_is_native("cpu"):
         verdict = "native: bf16 autocast is a fast path"
     else:
         verdict = "emulated: the shipped models run fp32 here; train with run.precision=fp32"
-    print(f"cpu bf16 matmul: {slow:.2f}x the fp32 time ({verdict})")
+    print(f"cpu bf16 matmul: {bf16_slowdown('cpu'):.2f}x the fp32 time ({units}{verdict})")
     print("samplers:")
     for name, s in SAMPLERS.items():
         kind = "stochastic" if s.stochastic else "deterministic"

@@ -94,12 +94,42 @@ def test_a_folders_bf16_runs_fp32_where_bf16_is_emulated_unless_asked_for(tmp_pa
     assert forced.precision == "bf16" and forced.pipe.autocast == torch.bfloat16 and forced.precision_note == ""
 
 
-def test_the_bf16_check_measures_this_machine():
-    from t2i.nn.precision import NATIVE_THRESHOLD, bf16_is_native, bf16_slowdown
+def test_the_bf16_check_asks_the_cpu_and_measures_where_it_cannot(monkeypatch):
+    from t2i.nn import precision
+    from t2i.nn.precision import NATIVE_THRESHOLD, bf16_is_native, bf16_slowdown, x86_bf16_units
 
     slow = bf16_slowdown("cpu")
     assert slow > 0 and bf16_slowdown("cpu") == slow  # measured once per process
-    assert bf16_is_native("cpu") == (slow <= NATIVE_THRESHOLD)
+    units = x86_bf16_units()
+    assert bf16_is_native("cpu") == (units if units is not None else slow <= NATIVE_THRESHOLD)
+    # the CPU's flags decide where PyTorch reports them, whatever a (noisy) timing says
+    monkeypatch.setattr(precision, "bf16_slowdown", lambda device_type="cpu": 0.5)
+    monkeypatch.setattr(precision, "x86_bf16_units", lambda: False)
+    assert not precision.bf16_is_native("cpu")
+    monkeypatch.setattr(precision, "bf16_slowdown", lambda device_type="cpu": 9.0)
+    monkeypatch.setattr(precision, "x86_bf16_units", lambda: True)
+    assert precision.bf16_is_native("cpu")
+    monkeypatch.setattr(precision, "x86_bf16_units", lambda: None)  # another architecture: the timing decides
+    assert not precision.bf16_is_native("cpu")
+    monkeypatch.setattr(precision, "bf16_slowdown", lambda device_type="cpu": 1.1)
+    assert precision.bf16_is_native("cpu")
+
+
+def test_the_bf16_timing_keeps_the_best_round_of_repeated_products():
+    from t2i.nn.precision import _ROUND_SECONDS, _ROUNDS, _per_call_seconds
+
+    calls, now = [0], [0.0]
+    # a fake product of 1 ms, except its 2nd call (the first timed round's), which meets another job: 10 ms
+    costs = iter([1e-3, 10e-3] + [1e-3] * 1000)
+
+    class Product:
+        def __matmul__(self, other):
+            calls[0] += 1
+            now[0] += next(costs)
+
+    seconds = _per_call_seconds(Product(), None, clock=lambda: now[0])
+    assert seconds == pytest.approx(1e-3)  # the disturbed round is not the one kept
+    assert calls[0] >= 1 + _ROUNDS * round(_ROUND_SECONDS / 1e-3) - 2
 
 
 def test_benchmarks_time_bf16_only_where_it_is_native(monkeypatch):
