@@ -5,8 +5,8 @@
 Each case builds the run's ``Trainer`` from its config exactly as ``make train-defaults`` does (precision, batch,
 EMA, data from the shapes stream, the frozen parts the task loads) and times ``--steps`` optimiser steps after two
 warm-up steps; checkpoints, sample grids and evaluations are not part of it. Frozen inputs that the recipes take
-from earlier runs come from the shipped model folders instead (the shapes CLIP and VAE), which changes nothing
-in the step's cost.
+from earlier runs come from the shipped model folders instead (the shapes CLIP and VAE, each side its own
+checkout's), which changes nothing in the step's cost.
 
 ``--precision fp32`` (the default where this CPU has no native bf16 matmul, `t2i info`) or ``bf16`` overrides the
 configs' ``run.precision`` on both sides; ``config`` keeps each config's own.
@@ -64,6 +64,9 @@ def worker(label: str, steps: int, threads: int, config_root: Path = ROOT, preci
     overrides = [
         o for o in overrides if not o.startswith("task.params.") or f"{o.split('=')[0].split('.')[-1]}:" in text
     ]
+    # each side reads the frozen parts shipped in its own checkout: an older checkout's code cannot load a newer
+    # CLIP (one with a picture head), and its recipe was trained on its own
+    overrides = [o.replace("=models/", f"={config_root}/models/") for o in overrides]
     with tempfile.TemporaryDirectory() as tmp:
         extra = [f"run.out_dir={tmp}", "run.name=bench", f"run.threads={threads}", "run.progress=false"]
         extra += [f"run.precision={precision}"] if precision != "config" else []

@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -246,12 +246,23 @@ def check_state_dict(expected: Mapping[str, Tensor], found: Mapping[str, Tensor]
     raise CheckpointMismatchError("\n".join(lines))
 
 
-def load_into(module: nn.Module, path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, str]:
-    """Load a weights file into ``module`` after checking every name and shape; returns the file's metadata."""
+def load_into(module: nn.Module, path: str | os.PathLike, *, allow_pickle: bool = False,
+              new: Sequence[str] = ()) -> dict[str, str]:  # fmt: skip
+    """Load a weights file into ``module`` after checking every name and shape; returns the file's metadata.
+
+    ``new``: submodule names (``"shape_map_conv"``) that the file may lack, because they were added to a trained
+    model (they keep their initialisation); each must name something in ``module``, and the file must hold
+    everything else."""
     found = load_weights(path, allow_pickle=allow_pickle)
     expected = module.state_dict()
-    check_state_dict(expected, found)
-    module.load_state_dict(found, strict=True)
+    fresh: dict[str, Tensor] = {}
+    for name in new:
+        keys = [k for k in expected if k.startswith(name + ".")]
+        if not keys:
+            raise CheckpointMismatchError(f"{name!r} (a new part to keep as initialised) is not in the model")
+        fresh.update({k: expected[k] for k in keys if k not in found})
+    check_state_dict(expected, {**found, **fresh})
+    module.load_state_dict({**found, **fresh}, strict=True)
     return {} if Path(path).suffix in PICKLE_SUFFIXES else read_metadata(path)
 
 

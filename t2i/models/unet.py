@@ -167,6 +167,11 @@ class UnetConfig:
     # has the shape of a CLIP picture head (ClipConfig.picture_grid; 3 channels), so it can start as one.
     image_map_grid: int = 0
     image_map_channels: int = 3  # channels of that map
+    # > 0: a second map of this many channels from the embedding (its own MLP, on the same grid), added the same way.
+    # The first, a CLIP picture head, says which colour is where; a decoder that reads only it binds colours to the
+    # wrong shapes, although the embedding says which shape is where (a probe reads it back in 82% of objects). A
+    # decoder task can train it to say so outright (task.params.shape_map_weight, one channel per shape).
+    image_shape_map_channels: int = 0
     text_embed_dim: int = 0  # width of the text encodings attended to (0: no text conditioning)
     lowres_cond: bool = False  # super-resolution stage: concatenate the upsampled low-res image
     lowres_noise_cond: bool = False  # embed the low-res noise augmentation level
@@ -197,6 +202,11 @@ class UnetConfig:
             )
         if self.image_map_grid and not self.image_embed_dim:
             raise ValueError("image_map_grid > 0 maps the image embedding: it needs image_embed_dim > 0")
+        if self.image_shape_map_channels < 0 or (self.image_shape_map_channels and not self.image_map_grid):
+            raise ValueError(
+                "image_shape_map_channels must be >= 0, and > 0 only with image_map_grid > 0 (its grid), got "
+                f"{self.image_shape_map_channels} with image_map_grid={self.image_map_grid}"
+            )
 
 
 # a table: one configuration per row
@@ -240,6 +250,9 @@ class Unet(SavableModel):
         if cfg.image_map_grid:
             e, g, c = cfg.image_embed_dim, cfg.image_map_grid, cfg.image_map_channels
             self.image_to_map = nn.Sequential(nn.Linear(e, 4 * e), nn.GELU(), nn.Linear(4 * e, c * g * g))
+        if cfg.image_shape_map_channels:
+            e, g, c = cfg.image_embed_dim, cfg.image_map_grid, cfg.image_shape_map_channels
+            self.image_to_shape_map = nn.Sequential(nn.Linear(e, 4 * e), nn.GELU(), nn.Linear(4 * e, c * g * g))
         if cfg.text_embed_dim:
             self.text_proj = nn.Linear(cfg.text_embed_dim, ctx)
 
@@ -249,6 +262,10 @@ class Unet(SavableModel):
             self.map_conv = nn.Conv2d(cfg.image_map_channels, widths[0], 3, padding=1)
             nn.init.zeros_(self.map_conv.weight)  # the map starts as no change, like every residual branch
             nn.init.zeros_(self.map_conv.bias)
+        if cfg.image_shape_map_channels:
+            self.shape_map_conv = nn.Conv2d(cfg.image_shape_map_channels, widths[0], 3, padding=1)
+            nn.init.zeros_(self.shape_map_conv.weight)  # so a trained decoder given this map starts unchanged
+            nn.init.zeros_(self.shape_map_conv.bias)
         self.down, self.up = nn.ModuleList(), nn.ModuleList()
         skips = [widths[0]]
         ch = widths[0]
@@ -307,7 +324,9 @@ class Unet(SavableModel):
             tokens.append(self.image_to_tokens(image_embed).view(b, cfg.num_image_tokens, -1))
             if cfg.image_map_grid:
                 g = cfg.image_map_grid
-                image_map = self.image_to_map(image_embed).view(b, cfg.image_map_channels, g, g)
+                image_map = [(self.map_conv, self.image_to_map(image_embed).view(b, cfg.image_map_channels, g, g))]
+                if cfg.image_shape_map_channels:
+                    image_map.append((self.shape_map_conv, self.shape_map(image_embed)))
             masks.append(torch.ones(b, cfg.num_image_tokens, dtype=torch.bool, device=t.device))
         elif image_embed is not None:
             raise ValueError("this Unet has image_embed_dim=0 and cannot take an image_embed")
@@ -322,6 +341,11 @@ class Unet(SavableModel):
         elif text_tokens is not None:
             raise ValueError("this Unet has text_embed_dim=0 and cannot take text_tokens")
         return emb, torch.cat(tokens, 1), torch.cat(masks, 1), image_map
+
+    def shape_map(self, image_embed: Tensor) -> Tensor:
+        """The second map (``image_shape_map_channels``, grid x grid) of image embeddings (B, E)."""
+        g, c = self.cfg.image_map_grid, self.cfg.image_shape_map_channels
+        return self.image_to_shape_map(image_embed).view(image_embed.shape[0], c, g, g)
 
     def _run(self, block, h, emb, ctx, mask):
         if isinstance(block, (Downsample, PixelShuffleUpsample)):
@@ -378,9 +402,8 @@ class Unet(SavableModel):
             # oneDNN reorders at every call (measured 1.2x slower in bf16)
             h = h.contiguous(memory_format=torch.channels_last)
         h = self.init_conv(h)
-        if image_map is not None:
-            image_map = F.interpolate(image_map.to(h.dtype), size=h.shape[-2:], mode="bilinear", align_corners=False)
-            h = h + self.map_conv(image_map)
+        for conv, grid in image_map or ():  # each map (colours; shapes) upsampled, through its own convolution
+            h = h + conv(F.interpolate(grid.to(h.dtype), size=h.shape[-2:], mode="bilinear", align_corners=False))
         hs = [h]
         for block in self.down:
             h = self._maybe_ckpt(block, h, emb, ctx, mask)

@@ -174,6 +174,19 @@ class Sample:
         return d
 
 
+def shape_maps(scene: Scene, grid: int) -> np.ndarray:
+    """(len(SHAPES), grid, grid) float32: the fraction of each cell of a grid x grid split of the canvas that each
+    shape covers (the shape-by-place target of a decoder's shape map, ``UnetConfig.image_shape_map_channels``).
+    Overlaps keep the larger coverage per shape; the word of a text scene is not a shape."""
+    out = np.zeros((len(SHAPES), grid, grid), np.float32)
+    for o in scene.objects:
+        x0, y0, x1, y1 = o.box()
+        cov = shape_coverage(o.shape, x0 * grid, y0 * grid, (x1 - x0) * grid, (y1 - y0) * grid, grid, grid)
+        k = SHAPES.index(o.shape)
+        out[k] = np.maximum(out[k], cov)
+    return out
+
+
 def ground_truth(prompt: Prompt, size: int = 32, *, text_layout: str = "random") -> Sample:
     """Lay out and render the ground-truth image of ``prompt`` (deterministic in its seed)."""
     scene = scene_for(prompt.spec, np.random.default_rng(prompt.seed), size=size, text_layout=text_layout)

@@ -68,6 +68,9 @@ class ModelConfig:
     params: dict = field(default_factory=dict)  # fields of that model's config dataclass
     grad_checkpointing: bool = False  # recompute activations in backward (memory for compute)
     init_from: str | None = None  # weights to start from: safetensors; .pt/.bin only with --allow-pickle
+    # submodules added to the model that init_from's file lacks (e.g. [shape_map_conv]): they keep their
+    # initialisation; everything else must be in the file
+    init_new: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -353,6 +356,10 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"{name}={v} is beyond any machine (at most {most}); did you mean a smaller value?")
     if cfg.data.image_size < 1:
         raise ValueError(f"data.image_size must be at least 1 px, got {cfg.data.image_size}")
+    if cfg.model.init_new and not cfg.model.init_from:
+        raise ValueError("model.init_new names parts that model.init_from's file lacks: set model.init_from too")
+    if any(not isinstance(n, str) or not n for n in cfg.model.init_new):
+        raise ValueError(f"model.init_new must be a list of submodule names, got {cfg.model.init_new}")
     if not 0 <= cfg.run.seed < 2**63:
         raise ValueError(f"run.seed must lie in [0, 2**63), got {cfg.run.seed}")
     if cfg.optim.eps <= 0:

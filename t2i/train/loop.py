@@ -114,7 +114,7 @@ class Trainer:
         self.model: nn.Module = self.task.build_model().to(self.device)
         if cfg.model.init_from:
             # fine-tuning start point; every name and shape is checked, and a resume below overrides it
-            load_into(self.model, cfg.model.init_from, allow_pickle=allow_pickle)
+            load_into(self.model, cfg.model.init_from, allow_pickle=allow_pickle, new=cfg.model.init_new)
         self.task.setup_model(self.model)
         if cfg.run.channels_last and cfg.run.precision == "bf16":
             # oneDNN's bf16 convolutions in channels-last (1.4x a bare decoder step; see RunConfig.channels_last
@@ -294,7 +294,8 @@ class Trainer:
         self.step += 1
         self.samples_seen += B
         total = D.all_reduce_sum(loss_sum, self.dist)
-        return {"loss": float(total) / B, "lr": lr, "grad_norm": float(grad_norm), "skipped": float(not stepped)}
+        return {"loss": float(total) / B, "lr": lr, "grad_norm": float(grad_norm), "skipped": float(not stepped),
+                **self.task.extra_metrics}  # fmt: skip
 
     # -- the loop -------------------------------------------------------------------------------------------
 

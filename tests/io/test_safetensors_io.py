@@ -103,6 +103,23 @@ def test_load_into_roundtrip(tmp_path):
     assert torch.equal(a.weight, b.weight)
 
 
+def test_load_into_keeps_new_parts_as_initialised_and_checks_the_rest(tmp_path):
+    trained = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    save_weights(tmp_path / "old.safetensors", trained.state_dict())
+    grown = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(2, 2))  # a part added after training
+    fresh = grown[2].weight.detach().clone()
+    load_into(grown, tmp_path / "old.safetensors", new=["2"])
+    assert torch.equal(grown[0].weight, trained[0].weight) and torch.equal(grown[2].weight, fresh)
+    with pytest.raises(CheckpointMismatchError, match="missing key"):  # not named new: the file must hold it
+        load_into(grown, tmp_path / "old.safetensors")
+    with pytest.raises(CheckpointMismatchError, match=r"'3' .* is not in the model"):
+        load_into(grown, tmp_path / "old.safetensors", new=["2", "3"])
+    partial = {k: v for k, v in trained.state_dict().items() if not k.startswith("1.")}
+    save_weights(tmp_path / "partial.safetensors", partial)
+    with pytest.raises(CheckpointMismatchError, match=r"1\.weight"):  # only the named parts may be missing
+        load_into(grown, tmp_path / "partial.safetensors", new=["2"])
+
+
 def test_nested_state_roundtrip_without_pickle(tmp_path):
     model = nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))

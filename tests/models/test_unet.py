@@ -186,6 +186,35 @@ def test_image_map_config_errors_and_round_trip(tmp_path):
     torch.testing.assert_close(run(model, inputs()), run(loaded, inputs()), rtol=0, atol=0)
 
 
+def test_shape_map_starts_as_no_change_and_is_its_own_mlp(tmp_path):
+    torch.manual_seed(0)
+    both = tiny(image_map_grid=2, image_map_channels=3, image_shape_map_channels=5)
+    one = randomize(tiny(image_map_grid=2, image_map_channels=3))
+    added = set(both.state_dict()) - set(one.state_dict())
+    assert added == {
+        "image_to_shape_map.0.weight", "image_to_shape_map.0.bias", "image_to_shape_map.2.weight",
+        "image_to_shape_map.2.bias", "shape_map_conv.weight", "shape_map_conv.bias",
+    }  # fmt: skip
+    both.load_state_dict({**both.state_dict(), **one.state_dict()})
+    both.eval()
+    # a trained decoder given a fresh shape map draws as before (its convolution starts at zero)
+    torch.testing.assert_close(run(both, inputs()), run(one.eval(), inputs()), rtol=0, atol=0)
+    e = torch.randn(2, 12)
+    assert both.shape_map(e).shape == (2, 5, 2, 2)
+    with torch.no_grad():
+        both.shape_map_conv.weight.normal_(0, 0.1)
+        both.image_to_shape_map[2].weight.normal_(0, 0.5)
+    assert (run(both, inputs()) - run(one, inputs())).abs().max() > 1e-3  # and reads it once trained
+    both.save(tmp_path / "unet.safetensors")
+    loaded = Unet.load(tmp_path / "unet.safetensors").eval()
+    assert loaded.cfg.image_shape_map_channels == 5
+    torch.testing.assert_close(run(both, inputs()), run(loaded, inputs()), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="only with image_map_grid > 0"):
+        tiny(image_shape_map_channels=5)
+    with pytest.raises(ValueError, match="image_shape_map_channels must be >= 0"):
+        tiny(image_map_grid=2, image_shape_map_channels=-1)
+
+
 def test_self_conditioning_input():
     model = randomize(tiny(self_cond=True))
     d = inputs()

@@ -179,6 +179,41 @@ def test_decoder_image_map_starts_as_the_clips_picture_head_and_trains(tmp_path)
         build_task(cfg_for("unclip_decoder", tmp_path, **{**over, "task.params.clip_path": "null"})).build_model()
 
 
+def test_decoder_shape_map_learns_the_scenes_shapes_and_starts_from_a_trained_decoder(tmp_path):
+    """``shape_map_weight`` trains the Unet's shape map on each scene's shape coverage (logged beside the loss);
+    ``model.init_new`` starts it fresh on a decoder trained without one; wrong setups are refused with the fix."""
+    from t2i.shapes.scenes import shape_maps
+    from t2i.shapes.world import Obj, Scene
+
+    over = {"model.params.image_map_grid": 4, "model.params.image_shape_map_channels": 5,
+            "task.params.shape_map_weight": 10.0, "run.steps": 3}  # fmt: skip
+    run = fit(cfg_for("unclip_decoder", tmp_path / "map", **over))
+    lines = (run.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert sum('"shape_map_loss"' in line for line in lines) == 3
+    # the target: a square filling the canvas's top-left quarter covers exactly that quarter's cells
+    target = shape_maps(Scene((Obj("square", "red", 0.25, 0.25, 0.5),)), 4)
+    assert target.shape == (5, 4, 4) and target[1, :2, :2].min() == 1.0 and target.sum() == 4.0
+    plain = fit(cfg_for("unclip_decoder", tmp_path / "plain", **{"model.params.image_map_grid": 4}))
+    weights = tmp_path / "plain.safetensors"
+    plain.model.save(weights)
+    grown = Trainer(cfg_for("unclip_decoder", tmp_path / "grown", **over, **{
+        "model.init_from": str(weights), "model.init_new": "[image_to_shape_map, shape_map_conv]"}),
+        out=io.StringIO())  # fmt: skip
+    trained = plain.model.state_dict()
+    for key, value in grown.model.state_dict().items():
+        if key.startswith("shape_map_conv."):
+            assert not value.any()  # fresh: the grown decoder starts drawing as the trained one
+        elif not key.startswith("image_to_shape_map."):
+            torch.testing.assert_close(value, trained[key], rtol=0, atol=0)
+    grown.close()
+    with pytest.raises(ValueError, match="image_shape_map_channels=5"):
+        build_task(
+            cfg_for("unclip_decoder", tmp_path, **{**over, "model.params.image_shape_map_channels": 3})
+        ).build_model()
+    with pytest.raises(ValueError, match=r"set model\.init_from too"):
+        cfg_for("unclip_decoder", tmp_path, **{"model.init_new": "[shape_map_conv]"})
+
+
 def test_decoder_task_refuses_mismatched_models(tmp_path):
     cfg = cfg_for("unclip_decoder", tmp_path, **{"task.params.lowres_size": 16})
     with pytest.raises(ValueError, match="lowres_cond must be true"):

@@ -37,6 +37,9 @@ class Task(ABC):
 
         self.cfg = cfg
         self.params = from_dict(self.params_cls, cfg.task.params, "task.params.")
+        # parts of the last loss a task wants logged beside it (e.g. an auxiliary loss), this process's last
+        # micro-batch; the trainer adds them to the step's metrics
+        self.extra_metrics: dict[str, float] = {}
 
     def build_model(self) -> nn.Module:
         model = build_model(self.cfg.model.name, self.cfg.model.params, **self.model_inputs())

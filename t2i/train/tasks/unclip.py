@@ -374,6 +374,11 @@ class DecoderTaskConfig:
     # the same grid, image_map_channels 3): the map is then the coarse picture the embedding holds from the first
     # step, and the Unet learns to draw on it as a super-resolution stage does on its low-res image
     map_from_clip: bool = False
+    # > 0: weight of an auxiliary loss that trains the Unet's shape map (model.params.image_shape_map_channels, one
+    # channel per shape) to give each cell's coverage by each shape (t2i.shapes.scenes.shape_maps) from the image
+    # embedding, so the decoder is told which shape goes where and not only which colour. Needs data.source=shapes
+    # (the scenes' metadata); its squared error is logged as shape_map_loss
+    shape_map_weight: float = 0.0
 
 
 class DecoderTask(Task):
@@ -426,7 +431,33 @@ class DecoderTask(Task):
                 )
             # here, before model.init_from or a resume, which then keep their own trained map
             model.image_to_map.load_state_dict(head.state_dict())
+        if self.params.shape_map_weight < 0:
+            raise ValueError(f"task.params.shape_map_weight must be >= 0, got {self.params.shape_map_weight}")
+        if self.params.shape_map_weight > 0:
+            from t2i.shapes.world import SHAPES
+
+            if c.image_shape_map_channels != len(SHAPES):
+                raise ValueError(
+                    f"task.params.shape_map_weight trains one map channel per shape: set "
+                    f"model.params.image_shape_map_channels={len(SHAPES)} (and image_map_grid > 0), got "
+                    f"{c.image_shape_map_channels}"
+                )
+            if self.cfg.data.source != "shapes":
+                raise ValueError(
+                    "task.params.shape_map_weight reads the scenes' metadata: it needs data.source=shapes"
+                )
         return model
+
+    def _shape_map_loss(self, net: nn.Module, image_embed: Tensor, batch: dict[str, Any]) -> Tensor:
+        """Per-sample squared error of the Unet's shape map against the scenes' shape coverage (B,)."""
+        from t2i.shapes.scenes import shape_maps
+        from t2i.shapes.world import Scene
+
+        grid = net.cfg.image_map_grid
+        target = torch.from_numpy(
+            np.stack([shape_maps(Scene.from_dict(json.loads(m)["scene"]), grid) for m in batch["meta"]])
+        ).to(image_embed.device)
+        return (net.shape_map(image_embed).float() - target).square().mean((1, 2, 3))
 
     def _space(self, images: Tensor) -> Tensor:
         if self.latent is None:
@@ -468,15 +499,20 @@ class DecoderTask(Task):
         if net.cfg.self_cond:
             fn = self_conditioned_for_training(model, p.prediction, self.path, t, u[:, 2] < p.self_cond_prob)
         if not net.cfg.learned_variance:
-            return self.objective(fn, x0, t=t, eps=eps, **cond)
-        # hybrid loss (iDDPM): the simple loss on the mean plus the variance bound on the learned variance
-        x_t = self.path.add_noise(x0, eps, t)
-        pred, v = fn(x_t, self.path.model_time(t).float(), return_variance=True, **cond)
-        simple = self.objective.loss_from_prediction(pred, x0, eps, t)
-        a = append_dims(self.path.alpha(t), x0.ndim).to(x0)
-        s = append_dims(self.path.sigma(t), x0.ndim).to(x0)
-        x0_hat = x0_from_prediction(p.prediction, pred.float(), x_t, a, s)
-        return simple + p.vb_weight * variance_bound_loss(self.path, x0, x_t, x0_hat, v.float(), t)
+            loss = self.objective(fn, x0, t=t, eps=eps, **cond)
+        else:  # hybrid loss (iDDPM): the simple loss on the mean plus the variance bound on the learned variance
+            x_t = self.path.add_noise(x0, eps, t)
+            pred, v = fn(x_t, self.path.model_time(t).float(), return_variance=True, **cond)
+            simple = self.objective.loss_from_prediction(pred, x0, eps, t)
+            a = append_dims(self.path.alpha(t), x0.ndim).to(x0)
+            s = append_dims(self.path.sigma(t), x0.ndim).to(x0)
+            x0_hat = x0_from_prediction(p.prediction, pred.float(), x_t, a, s)
+            loss = simple + p.vb_weight * variance_bound_loss(self.path, x0, x_t, x0_hat, v.float(), t)
+        if p.shape_map_weight > 0:  # on every sample's own embedding, dropped for guidance or not
+            shape_loss = self._shape_map_loss(net, emb["image_embed"], batch)
+            self.extra_metrics = {"shape_map_loss": float(shape_loss.detach().mean())}
+            loss = loss + p.shape_map_weight * shape_loss
+        return loss
 
     @torch.no_grad()
     def sample(self, model, n, *, seed, device, steps=None):
