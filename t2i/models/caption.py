@@ -42,10 +42,15 @@ class CaptionEncoderConfig:
     mlp_ratio: float = 4.0
     grid: int = 8  # the coarse picture the training head predicts: grid x grid cells
     channels: int = 3
+    # > 0: the head also predicts this many shape-coverage maps on the same grid (``shape_picture``; one per shape,
+    # task.params.shape_weight): the colour picture says where each colour goes, not which shape goes with it
+    shape_channels: int = 0
 
     def __post_init__(self):
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.shape_channels < 0:
+            raise ValueError(f"shape_channels must be >= 0 (0: no shape maps), got {self.shape_channels}")
         if self.depth < 1 or self.grid < 1 or self.channels < 1:
             raise ValueError(f"depth, grid and channels must be >= 1, got {self.depth}, {self.grid}, "
                              f"{self.channels}")  # fmt: skip
@@ -87,6 +92,8 @@ class CaptionEncoder(SavableModel):
         self.cells = nn.Parameter(torch.randn(cfg.grid * cfg.grid, cfg.width) / math.sqrt(cfg.width))
         self.head_q, self.head_kv = nn.Linear(cfg.width, cfg.width), nn.Linear(cfg.width, 2 * cfg.width)
         self.head_out = nn.Linear(cfg.width, cfg.channels)
+        if cfg.shape_channels:
+            self.shape_head_out = nn.Linear(cfg.width, cfg.shape_channels)
 
     def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
         if tokens.ndim != 3 or tokens.shape[-1] != self.cfg.width:
@@ -98,13 +105,27 @@ class CaptionEncoder(SavableModel):
             x = block(x, keys)
         return self.norm(x) * mask[..., None].to(x.dtype)  # LayerNorm without affine: unit RMS, zero mean
 
-    def picture(self, states: Tensor, mask: Tensor) -> Tensor:
+    def _cells_read(self, states: Tensor, mask: Tensor) -> Tensor:
+        """Each cell's query attending to the caption's states: (B, grid * grid, width)."""
         B, L, D = states.shape
         H, g = self.cfg.heads, self.cfg.grid
         q = self.head_q(self.cells).view(1, g * g, H, D // H).transpose(1, 2).expand(B, -1, -1, -1)
         k, v = self.head_kv(states).view(B, L, 2, H, D // H).permute(2, 0, 3, 1, 4)
-        out = attention(q, k, v, mask.bool()[:, None, None, :]).transpose(1, 2).reshape(B, g * g, D)
-        return self.head_out(out).transpose(1, 2).reshape(B, self.cfg.channels, g, g)
+        return attention(q, k, v, mask.bool()[:, None, None, :]).transpose(1, 2).reshape(B, g * g, D)
+
+    def _grid(self, cells: Tensor, head: nn.Linear) -> Tensor:
+        g = self.cfg.grid
+        return head(cells).transpose(1, 2).reshape(cells.shape[0], head.out_features, g, g)
+
+    def picture(self, states: Tensor, mask: Tensor) -> Tensor:
+        return self._grid(self._cells_read(states, mask), self.head_out)
+
+    def pictures(self, states: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The colour picture and the shape maps (``shape_channels`` > 0), from one read of the states."""
+        if not self.cfg.shape_channels:
+            raise ValueError("this caption encoder has no shape maps (model.params.shape_channels: 0)")
+        cells = self._cells_read(states, mask)
+        return self._grid(cells, self.head_out), self._grid(cells, self.shape_head_out)
 
 
 def coarse_picture(images: Tensor, grid: int) -> Tensor:

@@ -36,6 +36,23 @@ def test_save_load_round_trip(tmp_path):
     torch.testing.assert_close(again(tokens, mask), enc(tokens, mask))
 
 
+def test_shape_maps_share_the_pictures_read_of_the_states(tmp_path):
+    torch.manual_seed(0)
+    enc = CaptionEncoder(width=32, depth=1, heads=2, grid=4, shape_channels=5).eval()
+    tokens, mask = torch.randn(2, 5, 32), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
+    states = enc(tokens, mask)
+    colours, shapes = enc.pictures(states, mask)
+    assert shapes.shape == (2, 5, 4, 4)
+    torch.testing.assert_close(colours, enc.picture(states, mask), rtol=0, atol=0)  # the same colour head
+    enc.save(tmp_path / "caption.safetensors")
+    again = CaptionEncoder.load(tmp_path / "caption.safetensors").eval()
+    torch.testing.assert_close(again.pictures(states, mask)[1], shapes, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no shape maps"):
+        CaptionEncoder(width=32, depth=1, heads=2, grid=4).pictures(states, mask)
+    with pytest.raises(ValueError, match="shape_channels must be >= 0"):
+        CaptionEncoder(width=32, heads=2, shape_channels=-1)
+
+
 def test_coarse_picture_and_relation_accuracy():
     """The target is the cell-mean colour; a picture scores a hit when it is nearer the truth than the truth
     mirrored along the relation's axis, and captions without a relation are skipped."""

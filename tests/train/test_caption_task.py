@@ -43,6 +43,35 @@ def test_loss_and_sample_grid():
     torch.testing.assert_close(grid, cells.repeat_interleave(4, -1).repeat_interleave(4, -2))
 
 
+def test_shape_maps_are_trained_on_the_scenes_shapes():
+    """``shape_weight`` adds the shape maps' error against each scene's shape coverage (from its metadata), logged as
+    ``shape_loss``; an encoder without one map per shape, or data without scenes, is refused with the fix."""
+    from t2i.data.dataset import ShapesDataset
+    from t2i.shapes.scenes import shape_maps
+    from t2i.shapes.world import Scene
+
+    over = [*SMALL, "model.params.shape_channels=5", "task.params.shape_weight=1.0"]
+    task = build_task(load_config("configs/default/caption.yaml", over))
+    torch.manual_seed(0)
+    model = task.build_model()
+    ds = ShapesDataset("train", 32)
+    items = [ds[i] for i in range(4)]
+    batch = {"caption": [it["caption"] for it in items], "image": torch.stack([it["image"] for it in items]),
+             "meta": [it["meta"] for it in items]}  # fmt: skip
+    loss = task.loss(model, batch)
+    assert loss.shape == (4,) and torch.isfinite(loss).all() and task.extra_metrics["shape_loss"] > 0
+    plain = build_task(load_config("configs/default/caption.yaml", SMALL)).loss(model, batch)
+    assert (loss > plain).all()  # the colour picture's error plus the shape maps'
+    loss.mean().backward()
+    assert model.shape_head_out.weight.grad.abs().sum() > 0
+    import json
+
+    target = shape_maps(Scene.from_dict(json.loads(items[0]["meta"])["scene"]), 8)
+    assert target.shape == (5, 8, 8) and target.max() <= 1
+    with pytest.raises(ValueError, match="shape_channels=5"):
+        build_task(load_config("configs/default/caption.yaml", [*SMALL, "task.params.shape_weight=1.0"])).build_model()
+
+
 @pytest.mark.slow
 def test_learns_which_side_a_relation_puts_each_object(tmp_path):
     """Trained on position prompts alone for a thousand steps, the encoder's pictures follow the relation's

@@ -9,10 +9,12 @@ smudge on the left and a blue one on the right once it reads the relation.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,6 +32,10 @@ class CaptionTaskConfig:
     clip: str | None = None  # the trained CLIP (run, checkpoint or model file) whose tokens the encoder reads
     caption_key: str = "caption"
     sample_prompts: str = DEFAULT_PROMPTS  # "|"-separated prompts of the sample grids
+    # > 0: weight of the shape maps' squared error (model.params.shape_channels, one per shape) against each cell's
+    # coverage by each shape (t2i.shapes.scenes.shape_maps, from data.source=shapes' scene metadata), so the
+    # states also say which shape goes where; logged as shape_loss
+    shape_weight: float = 0.0
 
 
 class CaptionTask(Task):
@@ -54,6 +60,16 @@ class CaptionTask(Task):
         width = self.clip.model.config.text_config.hidden_size
         if model.cfg.width != width:
             raise ValueError(f"model.params.width={model.cfg.width} must equal the CLIP's text width ({width})")
+        if self.params.shape_weight < 0:
+            raise ValueError(f"task.params.shape_weight must be >= 0, got {self.params.shape_weight}")
+        if self.params.shape_weight > 0:
+            from t2i.shapes.world import SHAPES
+
+            if model.cfg.shape_channels != len(SHAPES):
+                raise ValueError(f"task.params.shape_weight trains one map per shape: set model.params.shape_channels="
+                                 f"{len(SHAPES)}, got {model.cfg.shape_channels}")  # fmt: skip
+            if self.cfg.data.source != "shapes":
+                raise ValueError("task.params.shape_weight reads the scenes' metadata: it needs data.source=shapes")
         return model
 
     def _tokens(self, captions: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -71,8 +87,19 @@ class CaptionTask(Task):
         device = net.cells.device
         tokens, mask = self._tokens(batch[self.params.caption_key], device)
         target = coarse_picture(batch["image"].to(device).float(), net.cfg.grid)
-        picture = net.picture(model(tokens, mask), mask)
-        return (picture.float() - target).square().mean((1, 2, 3))
+        if self.params.shape_weight <= 0:
+            picture = net.picture(model(tokens, mask), mask)
+            return (picture.float() - target).square().mean((1, 2, 3))
+        from t2i.shapes.scenes import shape_maps
+        from t2i.shapes.world import Scene
+
+        picture, shapes = net.pictures(model(tokens, mask), mask)
+        shape_target = torch.from_numpy(
+            np.stack([shape_maps(Scene.from_dict(json.loads(m)["scene"]), net.cfg.grid) for m in batch["meta"]])
+        ).to(device)
+        shape_loss = (shapes.float() - shape_target).square().mean((1, 2, 3))
+        self.extra_metrics = {"shape_loss": float(shape_loss.detach().mean())}
+        return (picture.float() - target).square().mean((1, 2, 3)) + self.params.shape_weight * shape_loss
 
     @torch.no_grad()
     def sample(self, model: nn.Module, n: int, *, seed: int, device: torch.device, steps: int | None = None):
