@@ -42,7 +42,7 @@ class CaptionEncoderConfig:
     mlp_ratio: float = 4.0
     grid: int = 8  # the coarse picture the training head predicts: grid x grid cells
     channels: int = 3
-    # > 0: the head also predicts this many shape-coverage maps on the same grid (``shape_picture``; one per shape,
+    # > 0: the head also predicts this many shape-coverage maps on the same grid (``pictures``; one per shape,
     # task.params.shape_weight): the colour picture says where each colour goes, not which shape goes with it
     shape_channels: int = 0
 

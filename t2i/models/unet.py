@@ -313,7 +313,7 @@ class Unet(SavableModel):
                 raise ValueError("this Unet has lowres_noise_cond=True: pass lowres_t (augmentation level, [B])")
             emb = emb + self.lowres_noise_mlp(timestep_embedding(lowres_t * 1000, cfg.dim))
         tokens, masks = [self.time_token(emb)[:, None]], [torch.ones(b, 1, dtype=torch.bool, device=t.device)]
-        image_map = None
+        maps = None  # (convolution, grid) pairs: the picture map, then the shape map
         if cfg.image_embed_dim:
             null = self.null_image_embed.to(emb.dtype).expand(b, -1)
             if image_embed is None:
@@ -324,9 +324,9 @@ class Unet(SavableModel):
             tokens.append(self.image_to_tokens(image_embed).view(b, cfg.num_image_tokens, -1))
             if cfg.image_map_grid:
                 g = cfg.image_map_grid
-                image_map = [(self.map_conv, self.image_to_map(image_embed).view(b, cfg.image_map_channels, g, g))]
+                maps = [(self.map_conv, self.image_to_map(image_embed).view(b, cfg.image_map_channels, g, g))]
                 if cfg.image_shape_map_channels:
-                    image_map.append((self.shape_map_conv, self.shape_map(image_embed)))
+                    maps.append((self.shape_map_conv, self.shape_map(image_embed)))
             masks.append(torch.ones(b, cfg.num_image_tokens, dtype=torch.bool, device=t.device))
         elif image_embed is not None:
             raise ValueError("this Unet has image_embed_dim=0 and cannot take an image_embed")
@@ -340,7 +340,7 @@ class Unet(SavableModel):
             masks.append(keep)
         elif text_tokens is not None:
             raise ValueError("this Unet has text_embed_dim=0 and cannot take text_tokens")
-        return emb, torch.cat(tokens, 1), torch.cat(masks, 1), image_map
+        return emb, torch.cat(tokens, 1), torch.cat(masks, 1), maps
 
     def shape_map(self, image_embed: Tensor) -> Tensor:
         """The second map (``image_shape_map_channels``, grid x grid) of image embeddings (B, E)."""
@@ -384,7 +384,7 @@ class Unet(SavableModel):
         if x.shape[1] != cfg.channels:
             raise ValueError(f"expected {cfg.channels} input channels, got {x.shape[1]}")
         t = torch.as_tensor(t, device=x.device).float().expand(x.shape[0])
-        emb, ctx, mask, image_map = self._conditioning(
+        emb, ctx, mask, maps = self._conditioning(
             t, image_embed, drop_image, text_tokens, text_mask, drop_text, lowres_t
         )
         parts = [x]
@@ -402,7 +402,7 @@ class Unet(SavableModel):
             # oneDNN reorders at every call (measured 1.2x slower in bf16)
             h = h.contiguous(memory_format=torch.channels_last)
         h = self.init_conv(h)
-        for conv, grid in image_map or ():  # each map (colours; shapes) upsampled, through its own convolution
+        for conv, grid in maps or ():  # each map (colours; shapes) upsampled, through its own convolution
             h = h + conv(F.interpolate(grid.to(h.dtype), size=h.shape[-2:], mode="bilinear", align_corners=False))
         hs = [h]
         for block in self.down:

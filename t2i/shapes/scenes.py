@@ -176,7 +176,8 @@ class Sample:
 
 def shape_maps(scene: Scene, grid: int) -> np.ndarray:
     """(len(SHAPES), grid, grid) float32: the fraction of each cell of a grid x grid split of the canvas that each
-    shape covers (the shape-by-place target of a decoder's shape map, ``UnetConfig.image_shape_map_channels``).
+    shape covers: the shape-by-place target of a decoder's shape map (``UnetConfig.image_shape_map_channels``) and a
+    caption encoder's (``CaptionEncoderConfig.shape_channels``).
     Overlaps keep the larger coverage per shape; the word of a text scene is not a shape."""
     out = np.zeros((len(SHAPES), grid, grid), np.float32)
     for o in scene.objects:

@@ -70,6 +70,8 @@ def test_shape_maps_are_trained_on_the_scenes_shapes():
     assert target.shape == (5, 8, 8) and target.max() <= 1
     with pytest.raises(ValueError, match="shape_channels=5"):
         build_task(load_config("configs/default/caption.yaml", [*SMALL, "task.params.shape_weight=1.0"])).build_model()
+    with pytest.raises(ValueError, match=r"shape_weight must be >= 0"):
+        build_task(load_config("configs/default/caption.yaml", [*over, "task.params.shape_weight=-1"])).build_model()
 
 
 @pytest.mark.slow

@@ -27,6 +27,35 @@ from t2i.models import build_model
 from ..config import TrainConfig
 
 
+def check_shape_target(cfg: TrainConfig, weight_key: str, weight: float, channels_key: str, channels: int) -> None:
+    """The setup an auxiliary shape-map loss needs (``shape_map_target``): a weight >= 0 and, when it is on, one
+    model channel per shape and data with scene metadata; each error names the config keys to set."""
+    from t2i.shapes.world import SHAPES
+
+    if weight < 0:
+        raise ValueError(f"{weight_key} must be >= 0 (0: off), got {weight}")
+    if weight == 0:
+        return
+    if channels != len(SHAPES):
+        raise ValueError(f"{weight_key} trains one map per shape: set {channels_key}={len(SHAPES)}, got {channels}")
+    if cfg.data.source != "shapes":
+        raise ValueError(f"{weight_key} reads the scenes' metadata: it needs data.source=shapes")
+
+
+def shape_map_target(batch: dict[str, Any], grid: int, device: torch.device) -> Tensor:
+    """(B, len(SHAPES), grid, grid): each cell's coverage by each shape in the batch's scenes
+    (``t2i.shapes.scenes.shape_maps`` of the ``meta`` lines the shapes data source attaches)."""
+    import json
+
+    import numpy as np
+
+    from t2i.shapes.scenes import shape_maps
+    from t2i.shapes.world import Scene
+
+    maps = [shape_maps(Scene.from_dict(json.loads(m)["scene"]), grid) for m in batch["meta"]]
+    return torch.from_numpy(np.stack(maps)).to(device)
+
+
 class Task(ABC):
     """Base class of training tasks; subclasses set ``params_cls`` and implement ``loss`` and ``sample``."""
 

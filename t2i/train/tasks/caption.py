@@ -9,19 +9,17 @@ smudge on the left and a blue one on the right once it reads the relation.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..distributed import unwrap
 from ..trained import load_trained
-from . import Task
+from . import Task, check_shape_target, shape_map_target
 
 DEFAULT_PROMPTS = ("a red circle to the left of a blue square|a red circle to the right of a blue square|"
                    "a green triangle above a yellow diamond|a green triangle below a yellow diamond")  # fmt: skip
@@ -60,16 +58,8 @@ class CaptionTask(Task):
         width = self.clip.model.config.text_config.hidden_size
         if model.cfg.width != width:
             raise ValueError(f"model.params.width={model.cfg.width} must equal the CLIP's text width ({width})")
-        if self.params.shape_weight < 0:
-            raise ValueError(f"task.params.shape_weight must be >= 0, got {self.params.shape_weight}")
-        if self.params.shape_weight > 0:
-            from t2i.shapes.world import SHAPES
-
-            if model.cfg.shape_channels != len(SHAPES):
-                raise ValueError(f"task.params.shape_weight trains one map per shape: set model.params.shape_channels="
-                                 f"{len(SHAPES)}, got {model.cfg.shape_channels}")  # fmt: skip
-            if self.cfg.data.source != "shapes":
-                raise ValueError("task.params.shape_weight reads the scenes' metadata: it needs data.source=shapes")
+        check_shape_target(self.cfg, "task.params.shape_weight", self.params.shape_weight,
+                           "model.params.shape_channels", model.cfg.shape_channels)  # fmt: skip
         return model
 
     def _tokens(self, captions: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -90,14 +80,8 @@ class CaptionTask(Task):
         if self.params.shape_weight <= 0:
             picture = net.picture(model(tokens, mask), mask)
             return (picture.float() - target).square().mean((1, 2, 3))
-        from t2i.shapes.scenes import shape_maps
-        from t2i.shapes.world import Scene
-
         picture, shapes = net.pictures(model(tokens, mask), mask)
-        shape_target = torch.from_numpy(
-            np.stack([shape_maps(Scene.from_dict(json.loads(m)["scene"]), net.cfg.grid) for m in batch["meta"]])
-        ).to(device)
-        shape_loss = (shapes.float() - shape_target).square().mean((1, 2, 3))
+        shape_loss = (shapes.float() - shape_map_target(batch, net.cfg.grid, device)).square().mean((1, 2, 3))
         self.extra_metrics = {"shape_loss": float(shape_loss.detach().mean())}
         return (picture.float() - target).square().mean((1, 2, 3)) + self.params.shape_weight * shape_loss
 

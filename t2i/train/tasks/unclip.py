@@ -46,7 +46,7 @@ from t2i.models.clip import ClipEncoder
 
 from ..distributed import unwrap
 from ..trained import load_trained, model_inputs
-from . import Task
+from . import Task, check_shape_target, shape_map_target
 
 NOISE_STREAM, AUG_STREAM = 1, 2
 
@@ -431,33 +431,9 @@ class DecoderTask(Task):
                 )
             # here, before model.init_from or a resume, which then keep their own trained map
             model.image_to_map.load_state_dict(head.state_dict())
-        if self.params.shape_map_weight < 0:
-            raise ValueError(f"task.params.shape_map_weight must be >= 0, got {self.params.shape_map_weight}")
-        if self.params.shape_map_weight > 0:
-            from t2i.shapes.world import SHAPES
-
-            if c.image_shape_map_channels != len(SHAPES):
-                raise ValueError(
-                    f"task.params.shape_map_weight trains one map channel per shape: set "
-                    f"model.params.image_shape_map_channels={len(SHAPES)} (and image_map_grid > 0), got "
-                    f"{c.image_shape_map_channels}"
-                )
-            if self.cfg.data.source != "shapes":
-                raise ValueError(
-                    "task.params.shape_map_weight reads the scenes' metadata: it needs data.source=shapes"
-                )
+        check_shape_target(self.cfg, "task.params.shape_map_weight", self.params.shape_map_weight,
+                           "model.params.image_shape_map_channels", c.image_shape_map_channels)  # fmt: skip
         return model
-
-    def _shape_map_loss(self, net: nn.Module, image_embed: Tensor, batch: dict[str, Any]) -> Tensor:
-        """Per-sample squared error of the Unet's shape map against the scenes' shape coverage (B,)."""
-        from t2i.shapes.scenes import shape_maps
-        from t2i.shapes.world import Scene
-
-        grid = net.cfg.image_map_grid
-        target = torch.from_numpy(
-            np.stack([shape_maps(Scene.from_dict(json.loads(m)["scene"]), grid) for m in batch["meta"]])
-        ).to(image_embed.device)
-        return (net.shape_map(image_embed).float() - target).square().mean((1, 2, 3))
 
     def _space(self, images: Tensor) -> Tensor:
         if self.latent is None:
@@ -509,7 +485,8 @@ class DecoderTask(Task):
             x0_hat = x0_from_prediction(p.prediction, pred.float(), x_t, a, s)
             loss = simple + p.vb_weight * variance_bound_loss(self.path, x0, x_t, x0_hat, v.float(), t)
         if p.shape_map_weight > 0:  # on every sample's own embedding, dropped for guidance or not
-            shape_loss = self._shape_map_loss(net, emb["image_embed"], batch)
+            target = shape_map_target(batch, net.cfg.image_map_grid, device)
+            shape_loss = (net.shape_map(emb["image_embed"]).float() - target).square().mean((1, 2, 3))
             self.extra_metrics = {"shape_map_loss": float(shape_loss.detach().mean())}
             loss = loss + p.shape_map_weight * shape_loss
         return loss
