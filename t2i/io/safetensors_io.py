@@ -250,14 +250,14 @@ def load_into(module: nn.Module, path: str | os.PathLike, *, allow_pickle: bool 
               new: Sequence[str] = ()) -> dict[str, str]:  # fmt: skip
     """Load a weights file into ``module`` after checking every name and shape; returns the file's metadata.
 
-    ``new``: submodule names (``"shape_map_conv"``) that the file may lack, because they were added to a trained
-    model (they keep their initialisation); each must name something in ``module``, and the file must hold
+    ``new``: submodule or parameter names (``"shape_map_conv"``) that the file may lack, because they were added to
+    a trained model (they keep their initialisation); each must name something in ``module``, and the file must hold
     everything else."""
     found = load_weights(path, allow_pickle=allow_pickle)
     expected = module.state_dict()
     fresh: dict[str, Tensor] = {}
     for name in new:
-        keys = [k for k in expected if k.startswith(name + ".")]
+        keys = [k for k in expected if k == name or k.startswith(name + ".")]
         if not keys:
             raise CheckpointMismatchError(f"{name!r} (a new part to keep as initialised) is not in the model")
         fresh.update({k: expected[k] for k in keys if k not in found})

@@ -42,8 +42,10 @@ class CaptionEncoderConfig:
     mlp_ratio: float = 4.0
     grid: int = 8  # the coarse picture the training head predicts: grid x grid cells
     channels: int = 3
-    # > 0: the head also predicts this many shape-coverage maps on the same grid (``pictures``; one per shape,
-    # task.params.shape_weight): the colour picture says where each colour goes, not which shape goes with it
+    # > 0: a second head predicts this many shape-coverage maps on the same grid (``pictures``; one per shape,
+    # task.params.shape_weight): the colour picture says where each colour goes, not which shape goes with it.
+    # It has its own cell queries, so it can be added to a trained encoder (model.train_only) without changing
+    # the states or the colour picture
     shape_channels: int = 0
 
     def __post_init__(self):
@@ -93,6 +95,8 @@ class CaptionEncoder(SavableModel):
         self.head_q, self.head_kv = nn.Linear(cfg.width, cfg.width), nn.Linear(cfg.width, 2 * cfg.width)
         self.head_out = nn.Linear(cfg.width, cfg.channels)
         if cfg.shape_channels:
+            self.shape_cells = nn.Parameter(torch.randn(cfg.grid * cfg.grid, cfg.width) / math.sqrt(cfg.width))
+            self.shape_q, self.shape_kv = nn.Linear(cfg.width, cfg.width), nn.Linear(cfg.width, 2 * cfg.width)
             self.shape_head_out = nn.Linear(cfg.width, cfg.shape_channels)
 
     def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
@@ -105,12 +109,12 @@ class CaptionEncoder(SavableModel):
             x = block(x, keys)
         return self.norm(x) * mask[..., None].to(x.dtype)  # LayerNorm without affine: unit RMS, zero mean
 
-    def _cells_read(self, states: Tensor, mask: Tensor) -> Tensor:
+    def _cells_read(self, states: Tensor, mask: Tensor, cells: Tensor, to_q: nn.Linear, to_kv: nn.Linear) -> Tensor:
         """Each cell's query attending to the caption's states: (B, grid * grid, width)."""
         B, L, D = states.shape
         H, g = self.cfg.heads, self.cfg.grid
-        q = self.head_q(self.cells).view(1, g * g, H, D // H).transpose(1, 2).expand(B, -1, -1, -1)
-        k, v = self.head_kv(states).view(B, L, 2, H, D // H).permute(2, 0, 3, 1, 4)
+        q = to_q(cells).view(1, g * g, H, D // H).transpose(1, 2).expand(B, -1, -1, -1)
+        k, v = to_kv(states).view(B, L, 2, H, D // H).permute(2, 0, 3, 1, 4)
         return attention(q, k, v, mask.bool()[:, None, None, :]).transpose(1, 2).reshape(B, g * g, D)
 
     def _grid(self, cells: Tensor, head: nn.Linear) -> Tensor:
@@ -118,14 +122,30 @@ class CaptionEncoder(SavableModel):
         return head(cells).transpose(1, 2).reshape(cells.shape[0], head.out_features, g, g)
 
     def picture(self, states: Tensor, mask: Tensor) -> Tensor:
-        return self._grid(self._cells_read(states, mask), self.head_out)
+        return self._grid(self._cells_read(states, mask, self.cells, self.head_q, self.head_kv), self.head_out)
 
-    def pictures(self, states: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """The colour picture and the shape maps (``shape_channels`` > 0), from one read of the states."""
+    def shape_maps(self, states: Tensor, mask: Tensor) -> Tensor:
+        """(B, shape_channels, grid, grid): each cell's predicted coverage by each shape (``shape_channels`` > 0)."""
         if not self.cfg.shape_channels:
             raise ValueError("this caption encoder has no shape maps (model.params.shape_channels: 0)")
-        cells = self._cells_read(states, mask)
-        return self._grid(cells, self.head_out), self._grid(cells, self.shape_head_out)
+        cells = self._cells_read(states, mask, self.shape_cells, self.shape_q, self.shape_kv)
+        return self._grid(cells, self.shape_head_out)
+
+    @property
+    def layout_channels(self) -> int:
+        return self.cfg.channels + self.cfg.shape_channels
+
+    def layout_map(self, states: Tensor, mask: Tensor) -> Tensor:
+        """(B, layout_channels, grid, grid): the colour picture with the shape maps (if any) after it, the map a
+        decoder reads as its text map (``UnetConfig.text_map_grid``)."""
+        if not self.cfg.shape_channels:
+            return self.picture(states, mask)
+        return torch.cat(self.pictures(states, mask), 1)
+
+    def pictures(self, states: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The colour picture and the shape maps (``shape_channels`` > 0)."""
+        shapes = self.shape_maps(states, mask)
+        return self.picture(states, mask), shapes
 
 
 def coarse_picture(images: Tensor, grid: int) -> Tensor:

@@ -173,6 +173,12 @@ class UnetConfig:
     # decoder task can train it to say so outright (task.params.shape_map_weight, one channel per shape).
     image_shape_map_channels: int = 0
     text_embed_dim: int = 0  # width of the text encodings attended to (0: no text conditioning)
+    # > 0: the Unet also takes a text_map (B, text_map_channels, grid, grid): a picture of the caption made by a text
+    # model (e.g. a caption encoder's colour picture and shape maps), added like the image maps and hidden with the
+    # text for guidance (drop_text). The image maps come from the prior's sample, whose embedding places colours but
+    # does not bind shapes to them; a text map says which shape of which colour goes where, read off the words
+    text_map_grid: int = 0
+    text_map_channels: int = 8
     lowres_cond: bool = False  # super-resolution stage: concatenate the upsampled low-res image
     lowres_noise_cond: bool = False  # embed the low-res noise augmentation level
     self_cond: bool = False  # concatenate the previous x0 estimate (self-conditioning)
@@ -206,6 +212,11 @@ class UnetConfig:
             raise ValueError(
                 "image_shape_map_channels must be >= 0, and > 0 only with image_map_grid > 0 (its grid), got "
                 f"{self.image_shape_map_channels} with image_map_grid={self.image_map_grid}"
+            )
+        if self.text_map_grid < 0 or self.text_map_channels < 1:
+            raise ValueError(
+                f"text_map_grid must be >= 0 (0: no text map) and text_map_channels >= 1, got {self.text_map_grid} "
+                f"and {self.text_map_channels}"
             )
 
 
@@ -266,6 +277,10 @@ class Unet(SavableModel):
             self.shape_map_conv = nn.Conv2d(cfg.image_shape_map_channels, widths[0], 3, padding=1)
             nn.init.zeros_(self.shape_map_conv.weight)  # so a trained decoder given this map starts unchanged
             nn.init.zeros_(self.shape_map_conv.bias)
+        if cfg.text_map_grid:
+            self.text_map_conv = nn.Conv2d(cfg.text_map_channels, widths[0], 3, padding=1)
+            nn.init.zeros_(self.text_map_conv.weight)  # so a trained decoder given a text map starts unchanged
+            nn.init.zeros_(self.text_map_conv.bias)
         self.down, self.up = nn.ModuleList(), nn.ModuleList()
         skips = [widths[0]]
         ch = widths[0]
@@ -305,7 +320,7 @@ class Unet(SavableModel):
 
     # -- conditioning -----------------------------------------------------------------------------------------
 
-    def _conditioning(self, t, image_embed, drop_image, text_tokens, text_mask, drop_text, lowres_t):
+    def _conditioning(self, t, image_embed, drop_image, text_tokens, text_mask, drop_text, text_map, lowres_t):
         cfg, b = self.cfg, t.shape[0]
         emb = self.time_mlp(timestep_embedding(t, cfg.dim))  # (B, E)
         if self.lowres_noise_mlp is not None:
@@ -313,7 +328,7 @@ class Unet(SavableModel):
                 raise ValueError("this Unet has lowres_noise_cond=True: pass lowres_t (augmentation level, [B])")
             emb = emb + self.lowres_noise_mlp(timestep_embedding(lowres_t * 1000, cfg.dim))
         tokens, masks = [self.time_token(emb)[:, None]], [torch.ones(b, 1, dtype=torch.bool, device=t.device)]
-        maps = None  # (convolution, grid) pairs: the picture map, then the shape map
+        maps = []  # (convolution, grid) pairs: the picture map, the shape map, the text map
         if cfg.image_embed_dim:
             null = self.null_image_embed.to(emb.dtype).expand(b, -1)
             if image_embed is None:
@@ -324,7 +339,7 @@ class Unet(SavableModel):
             tokens.append(self.image_to_tokens(image_embed).view(b, cfg.num_image_tokens, -1))
             if cfg.image_map_grid:
                 g = cfg.image_map_grid
-                maps = [(self.map_conv, self.image_to_map(image_embed).view(b, cfg.image_map_channels, g, g))]
+                maps.append((self.map_conv, self.image_to_map(image_embed).view(b, cfg.image_map_channels, g, g)))
                 if cfg.image_shape_map_channels:
                     maps.append((self.shape_map_conv, self.shape_map(image_embed)))
             masks.append(torch.ones(b, cfg.num_image_tokens, dtype=torch.bool, device=t.device))
@@ -340,6 +355,17 @@ class Unet(SavableModel):
             masks.append(keep)
         elif text_tokens is not None:
             raise ValueError("this Unet has text_embed_dim=0 and cannot take text_tokens")
+        if cfg.text_map_grid and text_map is not None:  # None: no caption, as when it is dropped
+            want = (b, cfg.text_map_channels, cfg.text_map_grid, cfg.text_map_grid)
+            if tuple(text_map.shape) != want:
+                raise ValueError(f"text_map must have shape {want} (text_map_channels, text_map_grid), got "
+                                 f"{tuple(text_map.shape)}")  # fmt: skip
+            text_map = text_map.to(emb.dtype)
+            if drop_text is not None:
+                text_map = text_map * (~drop_text).to(emb.dtype)[:, None, None, None]
+            maps.append((self.text_map_conv, text_map))
+        elif text_map is not None:
+            raise ValueError("this Unet has text_map_grid=0 and cannot take a text_map")
         return emb, torch.cat(tokens, 1), torch.cat(masks, 1), maps
 
     def shape_map(self, image_embed: Tensor) -> Tensor:
@@ -363,6 +389,7 @@ class Unet(SavableModel):
         text_tokens: Tensor | None = None,
         text_mask: Tensor | None = None,
         drop_text: Tensor | None = None,
+        text_map: Tensor | None = None,
         lowres: Tensor | None = None,
         lowres_t: Tensor | None = None,
         self_cond: Tensor | None = None,
@@ -375,6 +402,8 @@ class Unet(SavableModel):
             drop_image, drop_text: (B,) bool, True replaces that sample's image embedding by the null one /
                 hides its text tokens (classifier-free guidance).
             text_tokens, text_mask: (B, L, text_embed_dim) encodings and (B, L) validity mask.
+            text_map: (B, text_map_channels, text_map_grid, text_map_grid) picture of the caption (Unets with
+                text_map_grid); None, or drop_text, leaves it out.
             lowres: (B, C, H, W) low-res image already upsampled to this stage's size (SR stages).
             lowres_t: (B,) noise augmentation level in [0, 1] of ``lowres``.
             self_cond: (B, C, H, W) previous x0 estimate (zeros when there is none).
@@ -385,7 +414,7 @@ class Unet(SavableModel):
             raise ValueError(f"expected {cfg.channels} input channels, got {x.shape[1]}")
         t = torch.as_tensor(t, device=x.device).float().expand(x.shape[0])
         emb, ctx, mask, maps = self._conditioning(
-            t, image_embed, drop_image, text_tokens, text_mask, drop_text, lowres_t
+            t, image_embed, drop_image, text_tokens, text_mask, drop_text, text_map, lowres_t
         )
         parts = [x]
         if cfg.lowres_cond:
@@ -402,7 +431,7 @@ class Unet(SavableModel):
             # oneDNN reorders at every call (measured 1.2x slower in bf16)
             h = h.contiguous(memory_format=torch.channels_last)
         h = self.init_conv(h)
-        for conv, grid in maps or ():  # each map (colours; shapes) upsampled, through its own convolution
+        for conv, grid in maps:  # each map (colours; shapes; the text's) upsampled, through its own convolution
             h = h + conv(F.interpolate(grid.to(h.dtype), size=h.shape[-2:], mode="bilinear", align_corners=False))
         hs = [h]
         for block in self.down:

@@ -95,12 +95,23 @@ class UnCLIPPipeline:
                 raise ValueError(f"stage {st.size}: Unet image_embed_dim={e} but CLIP embeds in {clip.embed_dim}")
         if prior is not None and prior.net.cfg.embed_dim != clip.embed_dim:
             raise ValueError(f"prior embed_dim={prior.net.cfg.embed_dim} but CLIP embeds in {clip.embed_dim}")
+        mapped = [st.size for st in stages if st.net.cfg.text_map_grid]
+        if mapped and caption is None:
+            raise ValueError(f"stage {mapped[0]} reads a text map: give the caption encoder that makes it (caption=)")
         if caption is not None:
-            if not any(st.text_words for st in stages) and not (prior is not None and prior.text_words):
+            if (not any(st.text_words for st in stages) and not (prior is not None and prior.text_words)
+                    and not mapped):  # fmt: skip
                 raise ValueError(
                     "a caption encoder replaces the word tokens: give a stage (or the prior) with text_words=True"
                 )
             check_fits_clip(caption, clip)
+            for st in stages:
+                g, c = st.net.cfg.text_map_grid, st.net.cfg.text_map_channels
+                if g and (g, c) != (caption.cfg.grid, caption.layout_channels):
+                    raise ValueError(
+                        f"stage {st.size} reads a {c} x {g} x {g} text map, but the caption encoder "
+                        f"makes {caption.layout_channels} x {caption.cfg.grid} x {caption.cfg.grid}"
+                    )
             caption = caption.eval().requires_grad_(False)
         self.clip, self.prior, self.stages, self.caption = clip, prior, list(stages), caption
         self.device = None if device is None else torch.device(device)
@@ -127,7 +138,9 @@ class UnCLIPPipeline:
         """(text embeddings, per-token encodings, mask); with the input embeddings of the tokens appended when a
         stage reads them (``DecoderStage.text_words``), or the caption encoder's states of them when the pipeline
         has one. The prior and stages without ``text_words`` see the encodings only."""
-        words = any(st.text_words for st in self.stages) or (self.prior is not None and self.prior.text_words)
+        words = any(st.text_words or st.net.cfg.text_map_grid for st in self.stages) or (
+            self.prior is not None and self.prior.text_words
+        )
         with self._where(self.clip), self._where(self.caption):
             embed, tokens, mask = self.clip.embed_text(list(prompts), words=words, caption=self.caption)
         return embed, tokens, mask
@@ -138,6 +151,18 @@ class UnCLIPPipeline:
         if text_words or tokens is None or tokens.shape[1] <= n:
             return tokens, mask
         return tokens[:, :n], mask[:, :n]
+
+    @torch.no_grad()
+    def _text_map(self, tokens: Tensor | None, mask: Tensor | None) -> Tensor | None:
+        """The caption encoder's layout map of the prompts, from the states ``encode_prompts`` appended."""
+        n = self.clip.context_length
+        if tokens is None:
+            return None  # no caption (image variations): the map is left out, as for guidance's unconditional half
+        if tokens.shape[1] != 2 * n:
+            raise ValueError("a stage reads a text map: pass text_tokens from encode_prompts")
+        with self._where(self.caption):
+            dev = next(self.caption.parameters()).device
+            return self.caption.layout_map(tokens[:, n:].to(dev), mask[:, n:].to(dev)).float()
 
     @torch.no_grad()
     def embed_images(self, images: Tensor) -> Tensor:
@@ -221,6 +246,9 @@ class UnCLIPPipeline:
         steps, sampler, guidance = (self._per_stage(v, name) for v, name in
                                     ((steps, "steps"), (sampler, "sampler"), (guidance, "guidance")))  # fmt: skip
         prev = image if start_stage > 0 else None
+        text_map = None
+        if any(self.stages[k].net.cfg.text_map_grid for k in range(start_stage, stop + 1)):
+            text_map = self._text_map(text_tokens, text_mask)
         for k in range(start_stage, stop + 1):
             stage = _with_settings(self.stages[k], steps=steps[k], sampler=sampler[k], guidance=guidance[k])
             tokens, mask = self._text_for(stage.text_words, text_tokens, text_mask)
@@ -233,6 +261,7 @@ class UnCLIPPipeline:
                     image_embed=image_embed,
                     text_tokens=tokens,
                     text_mask=mask,
+                    text_map=text_map,
                     prev=prev,
                     known=image if inpaint_mask is not None else None,
                     known_mask=inpaint_mask,

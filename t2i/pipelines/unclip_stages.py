@@ -207,6 +207,7 @@ def run_stage(
     image_embed: Tensor | None = None,
     text_tokens: Tensor | None = None,
     text_mask: Tensor | None = None,
+    text_map: Tensor | None = None,
     prev: Tensor | None = None,
     known: Tensor | None = None,
     known_mask: Tensor | None = None,
@@ -219,6 +220,7 @@ def run_stage(
         stage: the stage spec.
         seeds: one per sample; the stage's noise streams (initial, sampler, RePaint, low-res) derive from them.
         image_embed, text_tokens, text_mask: the conditioning of Unets that take CLIP image embeddings or text.
+        text_map: the caption's layout map, for Unets with a text map (``UnetConfig.text_map_grid``).
         prev: the previous stage's images (super-resolution stages).
         known, known_mask: an inpainting request: the image, and its keep-mask (B, 1, H, W), True where kept.
         resample: RePaint passes per step.
@@ -232,6 +234,8 @@ def run_stage(
     if net.cfg.text_embed_dim and text_tokens is not None:
         cond.update(text_tokens=text_tokens.to(dev), text_mask=text_mask.to(dev))
         cond["drop_text"] = torch.zeros(b, dtype=torch.bool, device=dev)
+    if net.cfg.text_map_grid and text_map is not None:
+        cond.update(text_map=text_map.to(dev), drop_text=torch.zeros(b, dtype=torch.bool, device=dev))
     if stage.lowres is not None:
         if prev is None:
             raise ValueError(f"stage of size {stage.size} needs the previous stage's image")

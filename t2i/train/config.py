@@ -71,6 +71,9 @@ class ModelConfig:
     # submodules added to the model that init_from's file lacks (e.g. [shape_map_conv]): they keep their
     # initialisation; everything else must be in the file
     init_new: list[str] = field(default_factory=list)
+    # when set, only these submodules (or parameters) train and everything else stays frozen as loaded, e.g.
+    # [shape_cells, shape_head_out] to add a head to a trained model without changing what it already computes
+    train_only: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -360,6 +363,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError("model.init_new names parts that model.init_from's file lacks: set model.init_from too")
     if any(not isinstance(n, str) or not n for n in cfg.model.init_new):
         raise ValueError(f"model.init_new must be a list of submodule names, got {cfg.model.init_new}")
+    if any(not isinstance(n, str) or not n for n in cfg.model.train_only):
+        raise ValueError(f"model.train_only must be a list of submodule names, got {cfg.model.train_only}")
     if not 0 <= cfg.run.seed < 2**63:
         raise ValueError(f"run.seed must lie in [0, 2**63), got {cfg.run.seed}")
     if cfg.optim.eps <= 0:

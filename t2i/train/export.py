@@ -383,29 +383,44 @@ def export_unclip(
                 stage["text_words"] = True
             if t.get("caption_encoder"):
                 captions.append(t["caption_encoder"])
+            if t.get("text_map_from"):  # its text map is that caption encoder's layout map of the prompt
+                captions.append(t["text_map_from"])
         else:  # an existing folder's stage (keep it, retrain another): its spec comes along
             name_in = Path(run).name
             stage = next((dict(s) for s in _folder_spec_of(run)["stages"] if s["file"] == name_in), None)
             if stage is None:
                 raise ValueError(f"{run}: its folder's model.json lists no stage file {name_in!r}")
             kept = _folder_spec_of(run)
-            if stage.get("text_words") and kept.get("caption_encoder"):  # it keeps the caption encoder it reads
+            reads_caption = stage.get("text_words") or net.cfg.text_map_grid
+            if reads_caption and kept.get("caption_encoder"):  # it keeps the caption encoder it reads
                 captions.append(str(component_file(Path(run).parent, kept, "caption")))
         save_model_file(out / f"{key}.safetensors", "unclip_unet", net)
         if key == "sr":
             stage.update(upsampler_settings)
         stages.append({**stage, "file": f"{key}.safetensors"})
     spec = {"kind": "unclip", "name": name, "precision": _precision(precision), "prior": prior_spec}
-    if len(set(captions)) > 1:
-        raise ValueError(f"the stages were trained with different caption encoders {sorted(set(captions))}")
     if captions:  # the stages read its states in place of the word tokens: the folder carries it
-        caption_net, _, records["caption"] = _run_part(captions[0], "caption_encoder")
+        caption_net, _, records["caption"] = _one_caption_encoder(captions)
         save_model_file(out / "caption.safetensors", "caption_encoder", caption_net)
         spec["caption_encoder"] = True
     d = {"steps": stages[0]["steps"], "guidance": stages[0]["guidance"], "sampler": stages[0]["sampler"],
          "size": stages[-1]["size"], **upgrade_settings_keys(defaults or {})}  # fmt: skip
     write_model_json(out, {**spec, "stages": stages, "defaults": d, "training": records})
     return out
+
+
+def _one_caption_encoder(paths: list[str]):
+    """The caption encoder every part reads (``_run_part``'s triple). Parts may name different runs only when one
+    of them holds every other's weights unchanged (a head added with ``model.train_only``, as the decoder's
+    text map is added to the prior's caption encoder): its states are then the same for all of them."""
+    found = {p: _run_part(p, "caption_encoder") for p in dict.fromkeys(paths)}
+    for path, (net, _, _) in found.items():
+        mine = net.state_dict()
+        if all(all(k in mine and torch.equal(mine[k], v) for k, v in other.state_dict().items())
+               for other, _, _ in found.values()):  # fmt: skip
+            return found[path]
+    raise ValueError(f"the parts were trained with different caption encoders {sorted(found)}, and none of them "
+                     "holds the others' weights unchanged (grow one with model.train_only to share it)")  # fmt: skip
 
 
 def export_controlnet(out: str | Path, *, run: str | Path) -> Path:

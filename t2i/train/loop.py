@@ -59,6 +59,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def freeze_all_but(model: nn.Module, names: list[str]) -> None:
+    """Train only the named submodules or parameters of ``model`` (``model.train_only``); the rest is frozen."""
+    params = dict(model.named_parameters())
+    unknown = [n for n in names if not any(k == n or k.startswith(n + ".") for k in params)]
+    if unknown:
+        tops = sorted({k.split(".")[0] for k in params})
+        raise ValueError(f"model.train_only names {unknown}, which this model does not have; its parts: {tops}")
+    for k, p in params.items():
+        p.requires_grad_(any(k == n or k.startswith(n + ".") for n in names))
+
+
 def autocast_context(precision: str, device: torch.device):
     """The autocast context for ``run.precision``: a no-op for fp32, so fp32 runs never touch autocast."""
     if precision == "fp32":
@@ -116,6 +127,8 @@ class Trainer:
             # fine-tuning start point; every name and shape is checked, and a resume below overrides it
             load_into(self.model, cfg.model.init_from, allow_pickle=allow_pickle, new=cfg.model.init_new)
         self.task.setup_model(self.model)
+        if cfg.model.train_only:
+            freeze_all_but(self.model, cfg.model.train_only)
         if cfg.run.channels_last and cfg.run.precision == "bf16":
             # oneDNN's bf16 convolutions in channels-last (1.4x a bare decoder step; see RunConfig.channels_last
             # for why it is opt-in); fp32 convolutions are 1.3x slower so. Saved weights are made contiguous.

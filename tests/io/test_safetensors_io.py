@@ -118,6 +118,9 @@ def test_load_into_keeps_new_parts_as_initialised_and_checks_the_rest(tmp_path):
     save_weights(tmp_path / "partial.safetensors", partial)
     with pytest.raises(CheckpointMismatchError, match=r"1\.weight"):  # only the named parts may be missing
         load_into(grown, tmp_path / "partial.safetensors", new=["2"])
+    grown.register_parameter("queries", nn.Parameter(torch.ones(3)))  # a bare parameter, named as it is
+    load_into(grown, tmp_path / "old.safetensors", new=["2", "queries"])
+    assert torch.equal(grown.queries, torch.ones(3))
 
 
 def test_nested_state_roundtrip_without_pickle(tmp_path):

@@ -36,19 +36,31 @@ def test_save_load_round_trip(tmp_path):
     torch.testing.assert_close(again(tokens, mask), enc(tokens, mask))
 
 
-def test_shape_maps_share_the_pictures_read_of_the_states(tmp_path):
+def test_shape_maps_are_a_second_head_that_leaves_the_states_and_picture_as_they_were(tmp_path):
+    """The shape maps have their own cell queries: an encoder given them (loading a trained one's weights) keeps
+    its states and colour picture exactly; ``layout_map`` stacks the picture and the maps."""
     torch.manual_seed(0)
+    plain = CaptionEncoder(width=32, depth=1, heads=2, grid=4).eval()
     enc = CaptionEncoder(width=32, depth=1, heads=2, grid=4, shape_channels=5).eval()
+    added = set(enc.state_dict()) - set(plain.state_dict())
+    assert added == {"shape_cells", "shape_q.weight", "shape_q.bias", "shape_kv.weight", "shape_kv.bias",
+                     "shape_head_out.weight", "shape_head_out.bias"}  # fmt: skip
+    enc.load_state_dict({**enc.state_dict(), **plain.state_dict()})
     tokens, mask = torch.randn(2, 5, 32), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
     states = enc(tokens, mask)
+    torch.testing.assert_close(states, plain(tokens, mask), rtol=0, atol=0)
     colours, shapes = enc.pictures(states, mask)
     assert shapes.shape == (2, 5, 4, 4)
-    torch.testing.assert_close(colours, enc.picture(states, mask), rtol=0, atol=0)  # the same colour head
+    torch.testing.assert_close(colours, plain.picture(states, mask), rtol=0, atol=0)
+    layout = enc.layout_map(states, mask)
+    assert enc.layout_channels == 8 and layout.shape == (2, 8, 4, 4)
+    torch.testing.assert_close(layout, torch.cat([colours, shapes], 1), rtol=0, atol=0)
+    torch.testing.assert_close(plain.layout_map(states, mask), colours, rtol=0, atol=0)  # no shapes: the picture
     enc.save(tmp_path / "caption.safetensors")
     again = CaptionEncoder.load(tmp_path / "caption.safetensors").eval()
-    torch.testing.assert_close(again.pictures(states, mask)[1], shapes, rtol=0, atol=0)
+    torch.testing.assert_close(again.shape_maps(states, mask), shapes, rtol=0, atol=0)
     with pytest.raises(ValueError, match="no shape maps"):
-        CaptionEncoder(width=32, depth=1, heads=2, grid=4).pictures(states, mask)
+        plain.pictures(states, mask)
     with pytest.raises(ValueError, match="shape_channels must be >= 0"):
         CaptionEncoder(width=32, heads=2, shape_channels=-1)
 

@@ -215,6 +215,38 @@ def test_shape_map_starts_as_no_change_and_is_its_own_mlp(tmp_path):
         tiny(image_map_grid=2, image_shape_map_channels=-1)
 
 
+def test_text_map_starts_as_no_change_and_is_hidden_with_the_text(tmp_path):
+    """A text map (the caption's layout picture) enters through its own zero-initialised convolution, so a trained
+    decoder given one draws as before; once trained it is read, and drop_text (or no map) leaves it out."""
+    torch.manual_seed(0)
+    with_map = tiny(text_map_grid=2, text_map_channels=8)
+    plain = randomize(tiny())
+    assert set(with_map.state_dict()) - set(plain.state_dict()) == {"text_map_conv.weight", "text_map_conv.bias"}
+    with_map.load_state_dict({**with_map.state_dict(), **plain.state_dict()})
+    with_map.eval()
+    text_map = torch.randn(2, 8, 2, 2)
+    torch.testing.assert_close(run(with_map, inputs(), text_map=text_map), run(plain, inputs()), rtol=0, atol=0)
+    with torch.no_grad():
+        with_map.text_map_conv.weight.normal_(0, 0.1)
+    read = run(with_map, inputs(), text_map=text_map)
+    assert (read - run(with_map, inputs(), text_map=-text_map)).abs().max() > 1e-3
+    # hidden per sample with the caption (drop_text): equal to no map and no text at all
+    drop = torch.tensor([True, False])
+    dropped = run(with_map, inputs(), text_map=text_map, drop_text=drop)
+    bare = run(with_map, {**inputs(), "text_tokens": None, "text_mask": None})
+    torch.testing.assert_close(dropped[0], bare[0])
+    torch.testing.assert_close(dropped[1], read[1])
+    with_map.save(tmp_path / "unet.safetensors")
+    loaded = Unet.load(tmp_path / "unet.safetensors").eval()
+    torch.testing.assert_close(run(loaded, inputs(), text_map=text_map), read, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"text_map must have shape \(2, 8, 2, 2\)"):
+        run(with_map, inputs(), text_map=torch.randn(2, 8, 4, 4))
+    with pytest.raises(ValueError, match="text_map_grid=0"):
+        run(plain, inputs(), text_map=text_map)
+    with pytest.raises(ValueError, match="text_map_grid must be >= 0"):
+        tiny(text_map_grid=-1)
+
+
 def test_self_conditioning_input():
     model = randomize(tiny(self_cond=True))
     d = inputs()

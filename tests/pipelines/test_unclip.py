@@ -366,3 +366,38 @@ def test_a_three_stage_cascade_with_a_tiled_last_stage(parts):
     assert tiled.shape == (2, 3, 32, 32) and tiled.abs().max() <= 1
     torch.testing.assert_close(same, whole, rtol=0, atol=0)
     assert 0 < (tiled - whole).abs().mean() < 0.2
+
+
+def test_a_stage_with_a_text_map_reads_the_caption_encoders_layout_of_the_prompts(parts):
+    """A base stage built with a text map gets the caption encoder's layout map of the prompts (from the states
+    ``encode_prompts`` appends), the same as handing run_stage that map; without a caption (variations) it is left
+    out; a pipeline without the caption encoder, or with one of another map size, is refused."""
+    from t2i.models.caption import CaptionEncoder
+
+    clip, prior, _, _ = parts
+    torch.manual_seed(1)
+    caption = CaptionEncoder(width=32, depth=1, heads=2, grid=2, shape_channels=5).eval()
+    with torch.no_grad():
+        caption.shape_head_out.weight.normal_(0, 1.0)
+    base = unet(text_embed_dim=32, text_map_grid=2, text_map_channels=8)
+    path = VPPath("cosine", 100)
+    stage = DecoderStage(base, 8, path, "eps", sampler="ddim", steps=3, guidance=2.0)
+    pipe = UnCLIPPipeline(clip, PriorSpec(prior, path, "x0", steps=3, guidance=2.0), [stage], caption=caption)
+    seeds = Seeds.from_base(0, 2)
+    embed, tokens, mask = pipe.image_embeds_from_text(PROMPTS, seeds)
+    n = clip.context_length
+    assert tokens.shape[1] == 2 * n  # the caption encoder's states ride after the encodings
+    out = pipe.decode(embed, seeds=seeds, text_tokens=tokens, text_mask=mask)
+    text_map = caption.layout_map(tokens[:, n:], mask[:, n:])
+    by_hand = run_stage(stage, seeds=seeds, image_embed=embed, text_tokens=tokens[:, :n], text_mask=mask[:, :n],
+                        text_map=text_map)  # fmt: skip
+    torch.testing.assert_close(out, by_hand, rtol=0, atol=0)
+    other = run_stage(stage, seeds=seeds, image_embed=embed, text_tokens=tokens[:, :n], text_mask=mask[:, :n],
+                      text_map=-text_map)  # fmt: skip
+    assert (other - out).abs().max() > 1e-4  # the map is read
+    assert pipe.variations(images(2, 32), seed=0).shape == (2, 3, 8, 8)  # no caption: no map
+    with pytest.raises(ValueError, match="reads a text map: give the caption encoder"):
+        UnCLIPPipeline(clip, None, [stage])
+    small = CaptionEncoder(width=32, depth=1, heads=2, grid=2).eval()  # colour picture only: 3 channels
+    with pytest.raises(ValueError, match=r"reads a 8 x 2 x 2 text map, but the caption encoder makes 3 x 2 x 2"):
+        UnCLIPPipeline(clip, None, [stage], caption=small)

@@ -74,6 +74,35 @@ def test_shape_maps_are_trained_on_the_scenes_shapes():
         build_task(load_config("configs/default/caption.yaml", [*over, "task.params.shape_weight=-1"])).build_model()
 
 
+def test_a_shape_head_trains_alone_on_a_trained_encoder(tmp_path):
+    """``model.init_new`` + ``model.train_only``: the shape head is added to a trained encoder and trained while
+    everything else, which a prior reads, stays bit-for-bit as loaded; a name the model lacks is refused."""
+    from t2i.train.loop import Trainer
+
+    run = [f"run.out_dir={tmp_path}", "run.steps=2", "run.progress=false", "run.tensorboard=false",
+           "run.sample_every=0", "run.log_every=1", "data.num_samples=16"]  # fmt: skip
+    trained = Trainer(load_config("configs/default/caption.yaml", [*SMALL, *run, "run.name=plain"]))
+    trained.fit()
+    trained.close()
+    weights = tmp_path / "plain.safetensors"
+    trained.model.save(weights)
+    head = ["shape_cells", "shape_q", "shape_kv", "shape_head_out"]
+    grown_cfg = [*SMALL, *run, "run.name=grown", "model.params.shape_channels=5", "task.params.shape_weight=1.0",
+                 f"model.init_from={weights}", f"model.init_new=[{', '.join(head)}]",
+                 f"model.train_only=[{', '.join(head)}]"]  # fmt: skip
+    grown = Trainer(load_config("configs/default/caption.yaml", grown_cfg))
+    start = {k: v.clone() for k, v in grown.model.state_dict().items()}
+    grown.fit()
+    grown.close()
+    for key, value in grown.model.state_dict().items():
+        if key.split(".")[0] in head:
+            assert not torch.equal(value, start[key]), key  # the head trains
+        else:
+            torch.testing.assert_close(value, trained.model.state_dict()[key], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"model\.train_only names \['shape_heads'\]"):
+        Trainer(load_config("configs/default/caption.yaml", [*grown_cfg[:-1], "model.train_only=[shape_heads]"]))
+
+
 @pytest.mark.slow
 def test_learns_which_side_a_relation_puts_each_object(tmp_path):
     """Trained on position prompts alone for a thousand steps, the encoder's pictures follow the relation's

@@ -524,6 +524,54 @@ def test_unclip_prior_reading_caption_states_exports_and_samples(tmp_path):
         train_default(tmp_path / "short", "prior", [*task, prior.replace("48", "24"), "data.batch_size=4"])
 
 
+def test_a_decoder_with_a_text_map_exports_with_the_grown_caption_encoder_the_prior_also_reads(tmp_path):
+    """The prior reads a caption encoder's states; the decoder's text map comes from that encoder grown with a shape
+    head (model.train_only). The folder carries the grown one (it holds the other's weights unchanged) and its
+    pipeline gives the decoder the layout map; two unrelated encoders are refused."""
+    from model_folders import tiny_unclip_folder
+
+    base = tiny_unclip_folder(tmp_path / "base")
+    clip = f"{base}/clip.safetensors"
+    small = [f"task.params.clip={clip}", "model.params.width=32", "model.params.depth=1", "data.batch_size=4"]
+    caption = train_default(tmp_path, "caption", small)
+    head = "[shape_cells, shape_q, shape_kv, shape_head_out]"
+    grown = train_default(
+        tmp_path,
+        "caption",
+        [
+            *small,
+            "run.name=grown",
+            "model.params.shape_channels=5",
+            "task.params.shape_weight=1.0",
+            f"model.init_new={head}",
+            f"model.train_only={head}",
+            f"model.init_from={caption}/checkpoints/step_00000002/ema.safetensors",
+        ],
+    )
+    other = train_default(tmp_path, "caption", [*small, "run.name=other", "run.seed=1"])
+    prior = "model.params={embed_dim: 32, depth: 1, heads: 2, head_dim: 8, text_token_dim: 32, max_text_len: 48}"
+    task = [f"task.params.clip_path={clip}", "task.params.text_words=true", f"task.params.caption_encoder={caption}"]
+    prior_run = train_default(tmp_path, "prior", [*task, prior, "data.batch_size=4"])
+    unet = (
+        "model.params={dim: 8, dim_mults: [1, 2], num_res_blocks: 1, attn_levels: [false, true], "
+        "self_attn: [false, false], heads: 2, head_dim: 8, groups: 4, image_embed_dim: 32, text_embed_dim: 32, "
+        "text_map_grid: 8, text_map_channels: 8}"
+    )
+    dec = [f"task.params.clip_path={clip}", unet, "task.params.map_from_clip=false", "task.params.stage_size=16",
+           "data.batch_size=2"]  # fmt: skip
+    dec_run = train_default(tmp_path, "decoder", [*dec, f"task.params.text_map_from={grown}"])
+    out = export_unclip(tmp_path / "m", clip=clip, prior=prior_run, decoder=dec_run, sr=f"{base}/sr.safetensors")
+    spec = json.loads((out / "model.json").read_text())
+    assert spec["caption_encoder"] is True and spec["training"]["caption"]["run"] == "grown"
+    gen = load_generator(str(out))
+    assert gen.pipe.caption.cfg.shape_channels == 5
+    assert gen.generate(["a red circle left of a blue square"], [0], gen.defaults).shape == (1, 3, 32, 32)
+    dec_other = train_default(tmp_path / "o", "decoder", [*dec, f"task.params.text_map_from={other}",
+                                                          "model.params.text_map_channels=3"])  # fmt: skip
+    with pytest.raises(ValueError, match="none of them holds the others' weights unchanged"):
+        export_unclip(tmp_path / "m2", clip=clip, prior=prior_run, decoder=dec_other, sr=f"{base}/sr.safetensors")
+
+
 def test_a_re_export_over_a_folder_keeps_its_controlnet_and_that_ones_record(tmp_path):
     """`t2i export sd3` over a folder that also holds a ControlNet (`t2i export controlnet`, trained once): the file
     stays and so does its record on the card; without the file no record is carried over."""

@@ -214,6 +214,34 @@ def test_decoder_shape_map_learns_the_scenes_shapes_and_starts_from_a_trained_de
         cfg_for("unclip_decoder", tmp_path, **{"model.init_new": "[shape_map_conv]"})
 
 
+def test_decoder_text_map_is_the_caption_encoders_layout_hidden_with_the_caption(tmp_path):
+    """``text_map_from``: the Unet's text map is the caption encoder's layout map of each training caption, dropped
+    with the caption (drop_text); it trains from zero and samples; a Unet of another map size is refused."""
+    from t2i.models.caption import CaptionEncoder
+    from t2i.models.text import word_embeddings
+
+    torch.manual_seed(0)
+    encoder = CaptionEncoder(width=32, depth=1, heads=2, grid=4, shape_channels=5)
+    encoder.save(tmp_path / "caption.safetensors")
+    over = {"task.params.text_map_from": str(tmp_path / "caption.safetensors"), "model.params.text_map_grid": 4,
+            "model.params.text_map_channels": 8, "run.steps": 3}  # fmt: skip
+    run = fit(cfg_for("unclip_decoder", tmp_path / "run", **over))
+    assert run.model.text_map_conv.weight.abs().sum() > 0  # started at zero, trained
+    last = run.task._last
+    clip = run.task.embeddings.clip
+    assert last["text_map"].shape == (4, 8, 4, 4) and "drop_text" in last  # hidden with the caption
+    ids, mask = clip.tokenize(["a red circle to the left of a blue square"])
+    with torch.no_grad():
+        want = encoder.layout_map(encoder(word_embeddings(clip, ids), mask), mask)
+    torch.testing.assert_close(run.task._text_map(["a red circle to the left of a blue square"], "cpu"), want)
+    grid = run.task.sample(run.model, 2, seed=0, device=torch.device("cpu"), steps=2)
+    assert grid.shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="text_map_grid=4 and text_map_channels=8"):
+        build_task(cfg_for("unclip_decoder", tmp_path, **{**over, "model.params.text_map_channels": 3})).build_model()
+    with pytest.raises(ValueError, match=r"needs task\.params\.text_map_from"):
+        build_task(cfg_for("unclip_decoder", tmp_path, **{"model.params.text_map_grid": 4})).build_model()
+
+
 def test_decoder_task_refuses_mismatched_models(tmp_path):
     cfg = cfg_for("unclip_decoder", tmp_path, **{"task.params.lowres_size": 16})
     with pytest.raises(ValueError, match="lowres_cond must be true"):

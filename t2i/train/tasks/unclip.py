@@ -379,6 +379,11 @@ class DecoderTaskConfig:
     # embedding, so the decoder is told which shape goes where and not only which colour. Needs data.source=shapes
     # (the scenes' metadata); its squared error is logged as shape_map_loss
     shape_map_weight: float = 0.0
+    # a trained caption encoder (task `caption`, on this CLIP) whose layout map of each caption (its colour picture
+    # and, with shape_channels, its shape maps: CaptionEncoder.layout_map) the Unet reads as its text map
+    # (model.params.text_map_grid / text_map_channels must match). The prior's embedding places colours but does
+    # not bind shapes to them; this map, read off the words, says which shape of which colour goes where
+    text_map_from: str | None = None
 
 
 class DecoderTask(Task):
@@ -401,6 +406,12 @@ class DecoderTask(Task):
                 p.lowres_size, blur_prob=p.blur_prob, max_train_level=p.max_train_level, sample_level=p.sample_level
             )
         self.latent = load_trained(p.latent_path, "vqgan").eval().requires_grad_(False) if p.latent_path else None
+        self.layout = None
+        if p.text_map_from:
+            if self.embeddings.clip is None:
+                raise ValueError("task.params.text_map_from reads the captions through the CLIP: drop cache_path")
+            self.layout = load_trained(p.text_map_from, "caption_encoder").eval().requires_grad_(False)
+            check_fits_clip(self.layout, self.embeddings.clip)
         self._last: dict[str, Tensor] | None = None
 
     def build_model(self) -> nn.Module:
@@ -433,7 +444,26 @@ class DecoderTask(Task):
             model.image_to_map.load_state_dict(head.state_dict())
         check_shape_target(self.cfg, "task.params.shape_map_weight", self.params.shape_map_weight,
                            "model.params.image_shape_map_channels", c.image_shape_map_channels)  # fmt: skip
+        if bool(c.text_map_grid) != (self.layout is not None):
+            raise ValueError("model.params.text_map_grid > 0 needs task.params.text_map_from (the caption "
+                             "encoder whose layout map the Unet reads), and text_map_from needs "
+                             "text_map_grid > 0")  # fmt: skip
+        if self.layout is not None:
+            want = (self.layout.cfg.grid, self.layout.layout_channels)
+            if (c.text_map_grid, c.text_map_channels) != want:
+                raise ValueError(f"task.params.text_map_from's encoder makes {want[1]} x {want[0]} x {want[0]} "
+                                 f"maps: set model.params.text_map_grid={want[0]} and "
+                                 f"text_map_channels={want[1]}")  # fmt: skip
         return model
+
+    @torch.no_grad()
+    def _text_map(self, captions: list[str], device) -> Tensor:
+        from t2i.models.text import word_embeddings
+
+        clip = self.embeddings.clip
+        self.layout.to(device)
+        ids, mask = clip.tokenize(list(captions), device=device)
+        return self.layout.layout_map(self.layout(word_embeddings(clip, ids), mask), mask).float()
 
     def _space(self, images: Tensor) -> Tensor:
         if self.latent is None:
@@ -463,6 +493,8 @@ class DecoderTask(Task):
             cond.update(
                 text_tokens=emb["text_tokens"], text_mask=emb["text_mask"], drop_text=u[:, 1] < p.drop_text_prob
             )
+        if self.layout is not None:  # hidden with the caption (drop_text) for guidance
+            cond.update(text_map=self._text_map(batch["caption"], device), drop_text=u[:, 1] < p.drop_text_prob)
         if self.lowres is not None:
             aug = [sample_generator(self.cfg.run.seed, int(d), AUG_STREAM) for d in batch["id"]]
             low, level = self.lowres.train(images, aug)
@@ -520,6 +552,7 @@ class DecoderTask(Task):
             image_embed=last.get("image_embed"),
             text_tokens=last.get("text_tokens"),
             text_mask=last.get("text_mask"),
+            text_map=last.get("text_map"),
             prev=prev,
         )
 
