@@ -47,10 +47,18 @@ class CaptionEncoderConfig:
     # It has its own cell queries, so it can be added to a trained encoder (model.train_only) without changing
     # the states or the colour picture
     shape_channels: int = 0
+    # the shape head's cell queries also read the colour the scene has at their cell (``shape_maps(..., picture=)``,
+    # a coarse picture such as a CLIP picture head's reading of an image embedding), so it answers "which shape does
+    # the caption give the colour here". Where a caption fixes no layout ("a red triangle and a pink square"), a map
+    # from the words alone can only be a blur of every layout; keyed by the image's colours it binds each shape to
+    # its colour wherever the image puts it
+    shape_keyed: bool = False
 
     def __post_init__(self):
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.shape_keyed and not self.shape_channels:
+            raise ValueError("shape_keyed needs shape_channels > 0 (the shape maps it keys)")
         if self.shape_channels < 0:
             raise ValueError(f"shape_channels must be >= 0 (0: no shape maps), got {self.shape_channels}")
         if self.depth < 1 or self.grid < 1 or self.channels < 1:
@@ -98,6 +106,8 @@ class CaptionEncoder(SavableModel):
             self.shape_cells = nn.Parameter(torch.randn(cfg.grid * cfg.grid, cfg.width) / math.sqrt(cfg.width))
             self.shape_q, self.shape_kv = nn.Linear(cfg.width, cfg.width), nn.Linear(cfg.width, 2 * cfg.width)
             self.shape_head_out = nn.Linear(cfg.width, cfg.shape_channels)
+        if cfg.shape_keyed:
+            self.shape_colour_in = nn.Linear(cfg.channels, cfg.width)
 
     def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
         if tokens.ndim != 3 or tokens.shape[-1] != self.cfg.width:
@@ -110,10 +120,11 @@ class CaptionEncoder(SavableModel):
         return self.norm(x) * mask[..., None].to(x.dtype)  # LayerNorm without affine: unit RMS, zero mean
 
     def _cells_read(self, states: Tensor, mask: Tensor, cells: Tensor, to_q: nn.Linear, to_kv: nn.Linear) -> Tensor:
-        """Each cell's query attending to the caption's states: (B, grid * grid, width)."""
+        """Each cell's query ((grid * grid, width), or one set per sample) attending to the caption's states:
+        (B, grid * grid, width)."""
         B, L, D = states.shape
         H, g = self.cfg.heads, self.cfg.grid
-        q = to_q(cells).view(1, g * g, H, D // H).transpose(1, 2).expand(B, -1, -1, -1)
+        q = to_q(cells).view(-1, g * g, H, D // H).transpose(1, 2).expand(B, -1, -1, -1)
         k, v = to_kv(states).view(B, L, 2, H, D // H).permute(2, 0, 3, 1, 4)
         return attention(q, k, v, mask.bool()[:, None, None, :]).transpose(1, 2).reshape(B, g * g, D)
 
@@ -124,27 +135,37 @@ class CaptionEncoder(SavableModel):
     def picture(self, states: Tensor, mask: Tensor) -> Tensor:
         return self._grid(self._cells_read(states, mask, self.cells, self.head_q, self.head_kv), self.head_out)
 
-    def shape_maps(self, states: Tensor, mask: Tensor) -> Tensor:
-        """(B, shape_channels, grid, grid): each cell's predicted coverage by each shape (``shape_channels`` > 0)."""
+    def shape_maps(self, states: Tensor, mask: Tensor, picture: Tensor | None = None) -> Tensor:
+        """(B, shape_channels, grid, grid): each cell's predicted coverage by each shape (``shape_channels`` > 0);
+        ``picture`` (B, channels, grid, grid): the scene's coarse colours, which a ``shape_keyed`` head reads."""
         if not self.cfg.shape_channels:
             raise ValueError("this caption encoder has no shape maps (model.params.shape_channels: 0)")
-        cells = self._cells_read(states, mask, self.shape_cells, self.shape_q, self.shape_kv)
+        cells = self.shape_cells
+        if self.cfg.shape_keyed:
+            g, c = self.cfg.grid, self.cfg.channels
+            if picture is None or tuple(picture.shape[1:]) != (c, g, g):
+                got = None if picture is None else tuple(picture.shape)
+                raise ValueError(f"this caption encoder's shape maps are keyed by the scene's colours: pass "
+                                 f"picture= of shape (B, {c}, {g}, {g}), got {got}")  # fmt: skip
+            colours = picture.flatten(2).transpose(1, 2).to(cells.dtype)  # (B, g * g, channels)
+            cells = cells + self.shape_colour_in(colours)
+        cells = self._cells_read(states, mask, cells, self.shape_q, self.shape_kv)
         return self._grid(cells, self.shape_head_out)
 
     @property
     def layout_channels(self) -> int:
         return self.cfg.channels + self.cfg.shape_channels
 
-    def layout_map(self, states: Tensor, mask: Tensor) -> Tensor:
+    def layout_map(self, states: Tensor, mask: Tensor, picture: Tensor | None = None) -> Tensor:
         """(B, layout_channels, grid, grid): the colour picture with the shape maps (if any) after it, the map a
-        decoder reads as its text map (``UnetConfig.text_map_grid``)."""
+        decoder reads as its text map (``UnetConfig.text_map_grid``); ``picture`` keys ``shape_keyed`` maps."""
         if not self.cfg.shape_channels:
             return self.picture(states, mask)
-        return torch.cat(self.pictures(states, mask), 1)
+        return torch.cat(self.pictures(states, mask, picture), 1)
 
-    def pictures(self, states: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """The colour picture and the shape maps (``shape_channels`` > 0)."""
-        shapes = self.shape_maps(states, mask)
+    def pictures(self, states: Tensor, mask: Tensor, picture: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The colour picture and the shape maps (``shape_channels`` > 0; ``picture`` keys ``shape_keyed`` ones)."""
+        shapes = self.shape_maps(states, mask, picture)
         return self.picture(states, mask), shapes
 
 

@@ -63,14 +63,15 @@ def _unclip_parts_settings(spec: dict[str, Any]) -> str:
     return "; steps, sampler and CFG are the base decoder's" + (f" ({'; '.join(parts)})" if parts else "")
 
 
-def _image_map_grid(path: Path) -> int:
-    """The image-map grid of a Unet file (``UnetConfig.image_map_grid``, from its metadata); 0 for none."""
+def _unet_config(path: Path) -> dict:
+    """A Unet file's config (``UnetConfig`` fields, from its metadata); empty for no file or not a model file, so
+    the card just leaves out what it would have said about the maps."""
     from t2i.io.safetensors_io import read_metadata
 
     try:
-        return int(json.loads(read_metadata(path).get("model_config", "{}")).get("image_map_grid") or 0)
-    except (OSError, ValueError):  # no file, or not a model file: the card just leaves the map out
-        return 0
+        return json.loads(read_metadata(path).get("model_config", "{}"))
+    except (OSError, ValueError):
+        return {}
 
 
 def _config_of_run(run: str | None) -> str:
@@ -147,15 +148,20 @@ def card_text(folder: str | Path, quality_json: str | Path | None = None) -> str
                      "guidance.")  # fmt: skip
     else:
         stages = spec.get("stages") or [{}]
-        grid = _image_map_grid(folder / stages[0].get("file", "decoder.safetensors"))
+        unet = _unet_config(folder / stages[0].get("file", "decoder.safetensors"))
+        grid = int(unet.get("image_map_grid") or 0)
         how = f" (also as a coarse {grid} x {grid} map read from it, which places the objects)" if grid else ""
+        if unet.get("text_map_grid"):
+            how += (" and on the caption encoder's coarse picture of the caption (which colour and which shape go "
+                    "where)")  # fmt: skip
         lines.append("A small DALL-E 2 (unCLIP) cascade trained by t2i from scratch on the shapes world: CLIP, a "
                      f"diffusion prior from text to CLIP image embeddings, a {stages[0].get('size', 32)} px base "
                      f"decoder conditioned on the image embedding{how} and the caption, and a 32 -> 64 px "
                      "upsampler.")  # fmt: skip
         if spec.get("caption_encoder"):
             readers = ["prior"] if (spec.get("prior") or {}).get("text_words") else []
-            readers += ["base decoder"] if any(st.get("text_words") for st in spec.get("stages", [])) else []
+            readers += ["base decoder"] if any(st.get("text_words") for st in spec.get("stages", [])) or unet.get(
+                "text_map_grid") else []  # fmt: skip
             lines[-1] += (f" The {' and the '.join(readers) or 'cascade'} also read{'s' if len(readers) < 2 else ''} "
                           "the states of a small caption encoder, trained to predict "
                           "each caption's coarse picture, which say where each named object goes: CLIP's image "

@@ -153,16 +153,22 @@ class UnCLIPPipeline:
         return tokens[:, :n], mask[:, :n]
 
     @torch.no_grad()
-    def _text_map(self, tokens: Tensor | None, mask: Tensor | None) -> Tensor | None:
-        """The caption encoder's layout map of the prompts, from the states ``encode_prompts`` appended."""
+    def _text_map(self, tokens: Tensor | None, mask: Tensor | None, image_embed: Tensor) -> Tensor | None:
+        """The caption encoder's layout map of the prompts, from the states ``encode_prompts`` appended; a
+        ``shape_keyed`` encoder's shape maps read the colours the CLIP picture head sees in ``image_embed``."""
         n = self.clip.context_length
         if tokens is None:
             return None  # no caption (image variations): the map is left out, as for guidance's unconditional half
         if tokens.shape[1] != 2 * n:
             raise ValueError("a stage reads a text map: pass text_tokens from encode_prompts")
+        key = None
+        if self.caption.cfg.shape_keyed:
+            with self._where(self.clip):
+                key = self.clip.predict_picture(image_embed.to(next(self.clip.parameters()).device))
         with self._where(self.caption):
             dev = next(self.caption.parameters()).device
-            return self.caption.layout_map(tokens[:, n:].to(dev), mask[:, n:].to(dev)).float()
+            key = None if key is None else key.to(dev)
+            return self.caption.layout_map(tokens[:, n:].to(dev), mask[:, n:].to(dev), key).float()
 
     @torch.no_grad()
     def embed_images(self, images: Tensor) -> Tensor:
@@ -248,7 +254,7 @@ class UnCLIPPipeline:
         prev = image if start_stage > 0 else None
         text_map = None
         if any(self.stages[k].net.cfg.text_map_grid for k in range(start_stage, stop + 1)):
-            text_map = self._text_map(text_tokens, text_mask)
+            text_map = self._text_map(text_tokens, text_mask, image_embed)
         for k in range(start_stage, stop + 1):
             stage = _with_settings(self.stages[k], steps=steps[k], sampler=sampler[k], guidance=guidance[k])
             tokens, mask = self._text_for(stage.text_words, text_tokens, text_mask)

@@ -65,6 +65,25 @@ def test_shape_maps_are_a_second_head_that_leaves_the_states_and_picture_as_they
         CaptionEncoder(width=32, heads=2, shape_channels=-1)
 
 
+def test_keyed_shape_maps_read_the_scenes_colour_at_each_cell():
+    """``shape_keyed``: each cell's shape query also reads the colour the scene has there, so the same caption gives
+    other shape maps for another colour layout; the colour picture and the states do not depend on it."""
+    torch.manual_seed(0)
+    enc = CaptionEncoder(width=32, depth=1, heads=2, grid=4, shape_channels=5, shape_keyed=True).eval()
+    tokens, mask = torch.randn(2, 5, 32), torch.ones(2, 5, dtype=torch.bool)
+    states = enc(tokens, mask)
+    left, right = torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)
+    left[..., :2], right[..., 2:] = 1.0, 1.0
+    a, b = enc.shape_maps(states, mask, left), enc.shape_maps(states, mask, right)
+    assert a.shape == (2, 5, 4, 4) and (a - b).abs().max() > 1e-4
+    torch.testing.assert_close(enc.layout_map(states, mask, left)[:, :3], enc.picture(states, mask), rtol=0, atol=0)
+    torch.testing.assert_close(enc.layout_map(states, mask, left)[:, 3:], a, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"pass picture= of shape \(B, 3, 4, 4\), got None"):
+        enc.shape_maps(states, mask)
+    with pytest.raises(ValueError, match="shape_keyed needs shape_channels > 0"):
+        CaptionEncoder(width=32, heads=2, shape_keyed=True)
+
+
 def test_coarse_picture_and_relation_accuracy():
     """The target is the cell-mean colour; a picture scores a hit when it is nearer the truth than the truth
     mirrored along the relation's axis, and captions without a relation are skipped."""

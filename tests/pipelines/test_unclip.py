@@ -401,3 +401,32 @@ def test_a_stage_with_a_text_map_reads_the_caption_encoders_layout_of_the_prompt
     small = CaptionEncoder(width=32, depth=1, heads=2, grid=2).eval()  # colour picture only: 3 channels
     with pytest.raises(ValueError, match=r"reads a 8 x 2 x 2 text map, but the caption encoder makes 3 x 2 x 2"):
         UnCLIPPipeline(clip, None, [stage], caption=small)
+
+
+def test_keyed_text_map_reads_the_colours_of_the_embedding_being_decoded(parts):
+    """With a ``shape_keyed`` caption encoder the text map's shape maps read the CLIP picture head's colours of the
+    embedding the stage decodes (the prior's sample), so they follow that embedding."""
+    import dataclasses
+
+    from t2i.models.caption import CaptionEncoder
+
+    _, prior, _, _ = parts
+    torch.manual_seed(2)
+    tok = WordTokenizer.build([*PROMPTS, "a green triangle", "a yellow square"], context_length=8)
+    clip = ClipEncoder.from_config(dataclasses.replace(CLIP_PRESETS["tiny"], picture_grid=2), tok).eval()
+    caption = CaptionEncoder(width=32, depth=1, heads=2, grid=2, shape_channels=5, shape_keyed=True).eval()
+    base = unet(text_embed_dim=32, text_map_grid=2, text_map_channels=8)
+    path = VPPath("cosine", 100)
+    stage = DecoderStage(base, 8, path, "eps", sampler="ddim", steps=2, guidance=2.0)
+    pipe = UnCLIPPipeline(clip, PriorSpec(prior, path, "x0", steps=2), [stage], caption=caption)
+    seeds = Seeds.from_base(0, 2)
+    embed, tokens, mask = pipe.image_embeds_from_text(PROMPTS, seeds)
+    n = clip.context_length
+    want = caption.layout_map(tokens[:, n:], mask[:, n:], clip.predict_picture(embed))
+    torch.testing.assert_close(pipe._text_map(tokens, mask, embed), want, rtol=0, atol=0)
+    other = pipe._text_map(tokens, mask, -embed)
+    assert (other[:, 3:] - want[:, 3:]).abs().max() > 1e-5 and torch.equal(other[:, :3], want[:, :3])
+    out = pipe.decode(embed, seeds=seeds, text_tokens=tokens, text_mask=mask)
+    by_hand = run_stage(stage, seeds=seeds, image_embed=embed, text_tokens=tokens[:, :n], text_mask=mask[:, :n],
+                        text_map=want)  # fmt: skip
+    torch.testing.assert_close(out, by_hand, rtol=0, atol=0)

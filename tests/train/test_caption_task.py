@@ -74,6 +74,33 @@ def test_shape_maps_are_trained_on_the_scenes_shapes():
         build_task(load_config("configs/default/caption.yaml", [*over, "task.params.shape_weight=-1"])).build_model()
 
 
+def test_keyed_shape_maps_are_trained_on_the_clip_picture_heads_colours():
+    """``shape_keyed``: the shape head reads the colours the CLIP's picture head sees in each image's embedding (the
+    reading a decoder gets from the prior's sample) and learns through that input; a CLIP without a picture head of
+    the encoder's grid is refused with the fix."""
+    from t2i.data.dataset import ShapesDataset
+
+    keyed = ["model.params.depth=1", "task.params.clip=models/unclip-shapes/clip.safetensors", "data.batch_size=4",
+             "run.threads=0", "model.params.shape_channels=5", "model.params.shape_keyed=true",
+             "task.params.shape_weight=1.0"]  # fmt: skip
+    task = build_task(load_config("configs/default/caption.yaml", keyed))
+    torch.manual_seed(0)
+    model = task.build_model()
+    ds = ShapesDataset("train", 64)
+    items = [ds[i] for i in range(4)]
+    batch = {"caption": [it["caption"] for it in items], "image": torch.stack([it["image"] for it in items]),
+             "meta": [it["meta"] for it in items]}  # fmt: skip
+    key = task._key_picture(batch["image"])
+    torch.testing.assert_close(key, task.clip.predict_picture(task.clip.embed_image(batch["image"])))
+    loss = task.loss(model, batch)
+    loss.mean().backward()
+    assert torch.isfinite(loss).all() and model.shape_colour_in.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="needs a CLIP with picture_grid=8"):
+        build_task(
+            load_config("configs/default/caption.yaml", [*keyed, f"task.params.clip={SHIPPED_CLIP}"])
+        ).build_model()
+
+
 def test_a_shape_head_trains_alone_on_a_trained_encoder(tmp_path):
     """``model.init_new`` + ``model.train_only``: the shape head is added to a trained encoder and trained while
     everything else, which a prior reads, stays bit-for-bit as loaded; a name the model lacks is refused."""

@@ -403,16 +403,16 @@ def test_export_cli_sets_the_priors_and_upsamplers_own_settings(tmp_path, capsys
 def test_card_reads_the_base_decoders_image_map_from_its_file(tmp_path):
     from t2i.models.files import save_model_file
     from t2i.models.unet import Unet, UnetConfig
-    from t2i.pipelines.model_card import _image_map_grid
+    from t2i.pipelines.model_card import _unet_config
 
     cfg = dict(dim=8, dim_mults=(1, 2), num_res_blocks=1, attn_levels=(False, False), self_attn=(False, False),
                groups=4, image_embed_dim=16)  # fmt: skip
     save_model_file(tmp_path / "map.safetensors", "unclip_unet", Unet(UnetConfig(**cfg, image_map_grid=4)))
     save_model_file(tmp_path / "plain.safetensors", "unclip_unet", Unet(UnetConfig(**cfg)))
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
-    assert _image_map_grid(tmp_path / "map.safetensors") == 4
-    assert _image_map_grid(tmp_path / "plain.safetensors") == 0
-    assert _image_map_grid(tmp_path / "junk.safetensors") == 0 and _image_map_grid(tmp_path / "missing") == 0
+    assert _unet_config(tmp_path / "map.safetensors")["image_map_grid"] == 4
+    assert _unet_config(tmp_path / "plain.safetensors")["image_map_grid"] == 0
+    assert _unet_config(tmp_path / "junk.safetensors") == {} and _unet_config(tmp_path / "missing") == {}
 
 
 def test_unclip_decoder_with_word_tokens_exports_beside_an_existing_folders_stages(tmp_path):
@@ -563,6 +563,10 @@ def test_a_decoder_with_a_text_map_exports_with_the_grown_caption_encoder_the_pr
     out = export_unclip(tmp_path / "m", clip=clip, prior=prior_run, decoder=dec_run, sr=f"{base}/sr.safetensors")
     spec = json.loads((out / "model.json").read_text())
     assert spec["caption_encoder"] is True and spec["training"]["caption"]["run"] == "grown"
+    from t2i.pipelines.model_card import card_text
+
+    card = card_text(out, None)
+    assert "and on the caption encoder's coarse picture" in card and "The prior and the base decoder also" in card
     gen = load_generator(str(out))
     assert gen.pipe.caption.cfg.shape_channels == 5
     assert gen.generate(["a red circle left of a blue square"], [0], gen.defaults).shape == (1, 3, 32, 32)

@@ -240,6 +240,15 @@ def test_decoder_text_map_is_the_caption_encoders_layout_hidden_with_the_caption
         build_task(cfg_for("unclip_decoder", tmp_path, **{**over, "model.params.text_map_channels": 3})).build_model()
     with pytest.raises(ValueError, match=r"needs task\.params\.text_map_from"):
         build_task(cfg_for("unclip_decoder", tmp_path, **{"model.params.text_map_grid": 4})).build_model()
+    CaptionEncoder(width=32, depth=1, heads=2, grid=4, shape_channels=5, shape_keyed=True).save(
+        tmp_path / "k.safetensors"
+    )
+    with pytest.raises(ValueError, match="use a CLIP with a picture head"):  # keyed maps read its colours
+        build_task(
+            cfg_for(
+                "unclip_decoder", tmp_path, **{**over, "task.params.text_map_from": str(tmp_path / "k.safetensors")}
+            )
+        )
 
 
 def test_decoder_task_refuses_mismatched_models(tmp_path):

@@ -60,6 +60,11 @@ class CaptionTask(Task):
             raise ValueError(f"model.params.width={model.cfg.width} must equal the CLIP's text width ({width})")
         check_shape_target(self.cfg, "task.params.shape_weight", self.params.shape_weight,
                            "model.params.shape_channels", model.cfg.shape_channels)  # fmt: skip
+        if model.cfg.shape_keyed:
+            g = getattr(self.clip.cfg, "picture_grid", 0)
+            if g != model.cfg.grid:
+                raise ValueError(f"model.params.shape_keyed reads the CLIP picture head's colours: it needs a CLIP "
+                                 f"with picture_grid={model.cfg.grid} (the encoder's grid), got {g}")  # fmt: skip
         return model
 
     def _tokens(self, captions: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -69,6 +74,12 @@ class CaptionTask(Task):
         ids, mask = self.clip.tokenize(list(captions), device=device)
         with torch.no_grad():
             return word_embeddings(self.clip, ids), mask
+
+    @torch.no_grad()
+    def _key_picture(self, images: Tensor) -> Tensor:
+        """The colours a ``shape_keyed`` head reads: the CLIP picture head's reading of each image's embedding, as a
+        decoder gets it from the prior's sampled embedding."""
+        return self.clip.predict_picture(self.clip.embed_image(images.float()))
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
         from t2i.models.caption import coarse_picture
@@ -80,7 +91,8 @@ class CaptionTask(Task):
         if self.params.shape_weight <= 0:
             picture = net.picture(model(tokens, mask), mask)
             return (picture.float() - target).square().mean((1, 2, 3))
-        picture, shapes = net.pictures(model(tokens, mask), mask)
+        key = self._key_picture(batch["image"].to(device)) if net.cfg.shape_keyed else None
+        picture, shapes = net.pictures(model(tokens, mask), mask, key)
         shape_loss = (shapes.float() - shape_map_target(batch, net.cfg.grid, device)).square().mean((1, 2, 3))
         self.extra_metrics = {"shape_loss": float(shape_loss.detach().mean())}
         return (picture.float() - target).square().mean((1, 2, 3)) + self.params.shape_weight * shape_loss

@@ -412,6 +412,10 @@ class DecoderTask(Task):
                 raise ValueError("task.params.text_map_from reads the captions through the CLIP: drop cache_path")
             self.layout = load_trained(p.text_map_from, "caption_encoder").eval().requires_grad_(False)
             check_fits_clip(self.layout, self.embeddings.clip)
+            if self.layout.cfg.shape_keyed and getattr(self.embeddings.clip, "picture_head", None) is None:
+                raise ValueError("task.params.text_map_from's shape maps are keyed by the CLIP picture head's "
+                                 "colours of the image embedding: use a CLIP with a picture head "
+                                 "(picture_grid > 0)")  # fmt: skip
         self._last: dict[str, Tensor] | None = None
 
     def build_model(self) -> nn.Module:
@@ -457,13 +461,16 @@ class DecoderTask(Task):
         return model
 
     @torch.no_grad()
-    def _text_map(self, captions: list[str], device) -> Tensor:
+    def _text_map(self, captions: list[str], device, image_embed: Tensor | None = None) -> Tensor:
+        """The layout map of each caption; a ``shape_keyed`` encoder's shape maps read the colours the CLIP picture
+        head sees in ``image_embed`` (here the true image's; at sampling the prior's sample)."""
         from t2i.models.text import word_embeddings
 
         clip = self.embeddings.clip
         self.layout.to(device)
         ids, mask = clip.tokenize(list(captions), device=device)
-        return self.layout.layout_map(self.layout(word_embeddings(clip, ids), mask), mask).float()
+        key = clip.predict_picture(image_embed) if self.layout.cfg.shape_keyed else None
+        return self.layout.layout_map(self.layout(word_embeddings(clip, ids), mask), mask, key).float()
 
     def _space(self, images: Tensor) -> Tensor:
         if self.latent is None:
@@ -494,7 +501,8 @@ class DecoderTask(Task):
                 text_tokens=emb["text_tokens"], text_mask=emb["text_mask"], drop_text=u[:, 1] < p.drop_text_prob
             )
         if self.layout is not None:  # hidden with the caption (drop_text) for guidance
-            cond.update(text_map=self._text_map(batch["caption"], device), drop_text=u[:, 1] < p.drop_text_prob)
+            key = emb["image_embed"] if self.layout.cfg.shape_keyed else None
+            cond.update(text_map=self._text_map(batch["caption"], device, key), drop_text=u[:, 1] < p.drop_text_prob)
         if self.lowres is not None:
             aug = [sample_generator(self.cfg.run.seed, int(d), AUG_STREAM) for d in batch["id"]]
             low, level = self.lowres.train(images, aug)
