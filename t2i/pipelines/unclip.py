@@ -112,6 +112,9 @@ class UnCLIPPipeline:
                         f"stage {st.size} reads a {c} x {g} x {g} text map, but the caption encoder "
                         f"makes {caption.layout_channels} x {caption.cfg.grid} x {caption.cfg.grid}"
                     )
+            if mapped and caption.cfg.shape_keyed and getattr(clip, "picture_head", None) is None:
+                raise ValueError("the caption encoder's shape maps are keyed by the CLIP picture head's colours of "
+                                 "the embedding, but this CLIP has no picture head (picture_grid > 0)")  # fmt: skip
             caption = caption.eval().requires_grad_(False)
         self.clip, self.prior, self.stages, self.caption = clip, prior, list(stages), caption
         self.device = None if device is None else torch.device(device)

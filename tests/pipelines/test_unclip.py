@@ -430,3 +430,5 @@ def test_keyed_text_map_reads_the_colours_of_the_embedding_being_decoded(parts):
     by_hand = run_stage(stage, seeds=seeds, image_embed=embed, text_tokens=tokens[:, :n], text_mask=mask[:, :n],
                         text_map=want)  # fmt: skip
     torch.testing.assert_close(out, by_hand, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="this CLIP has no picture head"):
+        UnCLIPPipeline(parts[0], None, [stage], caption=caption)
