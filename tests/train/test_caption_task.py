@@ -43,21 +43,27 @@ def test_loss_and_sample_grid():
     torch.testing.assert_close(grid, cells.repeat_interleave(4, -1).repeat_interleave(4, -2))
 
 
+def _task_model_batch(overrides: list[str], size: int):
+    """The caption task of ``overrides``, a fresh model (seed 0) and a batch of four train-stream scenes."""
+    from t2i.data.dataset import ShapesDataset
+
+    task = build_task(load_config("configs/default/caption.yaml", overrides))
+    torch.manual_seed(0)
+    model = task.build_model()
+    items = [ShapesDataset("train", size)[i] for i in range(4)]
+    batch = {"caption": [it["caption"] for it in items], "image": torch.stack([it["image"] for it in items]),
+             "meta": [it["meta"] for it in items]}  # fmt: skip
+    return task, model, batch
+
+
 def test_shape_maps_are_trained_on_the_scenes_shapes():
     """``shape_weight`` adds the shape maps' error against each scene's shape coverage (from its metadata), logged as
     ``shape_loss``; an encoder without one map per shape, or data without scenes, is refused with the fix."""
-    from t2i.data.dataset import ShapesDataset
     from t2i.shapes.scenes import shape_maps
     from t2i.shapes.world import Scene
 
     over = [*SMALL, "model.params.shape_channels=5", "task.params.shape_weight=1.0"]
-    task = build_task(load_config("configs/default/caption.yaml", over))
-    torch.manual_seed(0)
-    model = task.build_model()
-    ds = ShapesDataset("train", 32)
-    items = [ds[i] for i in range(4)]
-    batch = {"caption": [it["caption"] for it in items], "image": torch.stack([it["image"] for it in items]),
-             "meta": [it["meta"] for it in items]}  # fmt: skip
+    task, model, batch = _task_model_batch(over, 32)
     loss = task.loss(model, batch)
     assert loss.shape == (4,) and torch.isfinite(loss).all() and task.extra_metrics["shape_loss"] > 0
     plain = build_task(load_config("configs/default/caption.yaml", SMALL)).loss(model, batch)
@@ -66,7 +72,7 @@ def test_shape_maps_are_trained_on_the_scenes_shapes():
     assert model.shape_head_out.weight.grad.abs().sum() > 0
     import json
 
-    target = shape_maps(Scene.from_dict(json.loads(items[0]["meta"])["scene"]), 8)
+    target = shape_maps(Scene.from_dict(json.loads(batch["meta"][0])["scene"]), 8)
     assert target.shape == (5, 8, 8) and target.max() <= 1
     with pytest.raises(ValueError, match="shape_channels=5"):
         build_task(load_config("configs/default/caption.yaml", [*SMALL, "task.params.shape_weight=1.0"])).build_model()
@@ -78,18 +84,10 @@ def test_keyed_shape_maps_are_trained_on_the_clip_picture_heads_colours():
     """``shape_keyed``: the shape head reads the colours the CLIP's picture head sees in each image's embedding (the
     reading a decoder gets from the prior's sample) and learns through that input; a CLIP without a picture head of
     the encoder's grid is refused with the fix."""
-    from t2i.data.dataset import ShapesDataset
-
     keyed = ["model.params.depth=1", "task.params.clip=models/unclip-shapes/clip.safetensors", "data.batch_size=4",
              "run.threads=0", "model.params.shape_channels=5", "model.params.shape_keyed=true",
              "task.params.shape_weight=1.0"]  # fmt: skip
-    task = build_task(load_config("configs/default/caption.yaml", keyed))
-    torch.manual_seed(0)
-    model = task.build_model()
-    ds = ShapesDataset("train", 64)
-    items = [ds[i] for i in range(4)]
-    batch = {"caption": [it["caption"] for it in items], "image": torch.stack([it["image"] for it in items]),
-             "meta": [it["meta"] for it in items]}  # fmt: skip
+    task, model, batch = _task_model_batch(keyed, 64)
     key = task._key_picture(batch["image"])
     torch.testing.assert_close(key, task.clip.predict_picture(task.clip.embed_image(batch["image"])))
     loss = task.loss(model, batch)
