@@ -201,3 +201,17 @@ def check_fits_clip(caption: CaptionEncoder, clip: nn.Module) -> None:
             f"the caption encoder is {caption.cfg.width} wide but the CLIP's text tower is {width}: train it on "
             "this CLIP (task `caption`)"
         )
+
+
+def check_text_map(caption: CaptionEncoder, clip: nn.Module, grid: int, channels: int, reader: str) -> None:
+    """Raise a clear error unless ``caption`` can make the ``channels`` x ``grid`` x ``grid`` text map a Unet reads
+    (``UnetConfig.text_map_grid`` / ``text_map_channels``; ``reader`` names that Unet) on ``clip``'s tokens, with the
+    picture head its keyed shape maps read (``shape_keyed``)."""
+    check_fits_clip(caption, clip)
+    g, c = caption.cfg.grid, caption.layout_channels
+    if (grid, channels) != (g, c):
+        raise ValueError(f"{reader} reads a {channels} x {grid} x {grid} text map, but the caption encoder makes "
+                         f"{c} x {g} x {g}: set text_map_grid={g} and text_map_channels={c}")  # fmt: skip
+    if caption.cfg.shape_keyed and getattr(clip, "picture_head", None) is None:
+        raise ValueError("the caption encoder's shape maps are keyed by the CLIP picture head's colours of the image "
+                         "embedding, but this CLIP has no picture head (picture_grid > 0)")  # fmt: skip

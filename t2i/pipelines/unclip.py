@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from t2i.diffusion import LowresAugment, Seeds
-from t2i.models.caption import check_fits_clip
+from t2i.models.caption import check_fits_clip, check_text_map
 from t2i.models.clip import ClipEncoder
 from t2i.nn.offload import placed
 
@@ -106,15 +106,9 @@ class UnCLIPPipeline:
                 )
             check_fits_clip(caption, clip)
             for st in stages:
-                g, c = st.net.cfg.text_map_grid, st.net.cfg.text_map_channels
-                if g and (g, c) != (caption.cfg.grid, caption.layout_channels):
-                    raise ValueError(
-                        f"stage {st.size} reads a {c} x {g} x {g} text map, but the caption encoder "
-                        f"makes {caption.layout_channels} x {caption.cfg.grid} x {caption.cfg.grid}"
-                    )
-            if mapped and caption.cfg.shape_keyed and getattr(clip, "picture_head", None) is None:
-                raise ValueError("the caption encoder's shape maps are keyed by the CLIP picture head's colours of "
-                                 "the embedding, but this CLIP has no picture head (picture_grid > 0)")  # fmt: skip
+                if st.net.cfg.text_map_grid:
+                    cfg = st.net.cfg
+                    check_text_map(caption, clip, cfg.text_map_grid, cfg.text_map_channels, f"stage {st.size}")
             caption = caption.eval().requires_grad_(False)
         self.clip, self.prior, self.stages, self.caption = clip, prior, list(stages), caption
         self.device = None if device is None else torch.device(device)

@@ -41,7 +41,7 @@ from t2i.diffusion import (
 from t2i.diffusion.paths import append_dims
 from t2i.errors import check_choice
 from t2i.io import load_weights, save_weights
-from t2i.models.caption import check_fits_clip
+from t2i.models.caption import check_fits_clip, check_text_map
 from t2i.models.clip import ClipEncoder
 
 from ..distributed import unwrap
@@ -411,11 +411,6 @@ class DecoderTask(Task):
             if self.embeddings.clip is None:
                 raise ValueError("task.params.text_map_from reads the captions through the CLIP: drop cache_path")
             self.layout = load_trained(p.text_map_from, "caption_encoder").eval().requires_grad_(False)
-            check_fits_clip(self.layout, self.embeddings.clip)
-            if self.layout.cfg.shape_keyed and getattr(self.embeddings.clip, "picture_head", None) is None:
-                raise ValueError("task.params.text_map_from's shape maps are keyed by the CLIP picture head's "
-                                 "colours of the image embedding: use a CLIP with a picture head "
-                                 "(picture_grid > 0)")  # fmt: skip
         self._last: dict[str, Tensor] | None = None
 
     def build_model(self) -> nn.Module:
@@ -453,11 +448,8 @@ class DecoderTask(Task):
                              "encoder whose layout map the Unet reads), and text_map_from needs "
                              "text_map_grid > 0")  # fmt: skip
         if self.layout is not None:
-            want = (self.layout.cfg.grid, self.layout.layout_channels)
-            if (c.text_map_grid, c.text_map_channels) != want:
-                raise ValueError(f"task.params.text_map_from's encoder makes {want[1]} x {want[0]} x {want[0]} "
-                                 f"maps: set model.params.text_map_grid={want[0]} and "
-                                 f"text_map_channels={want[1]}")  # fmt: skip
+            check_text_map(self.layout, self.embeddings.clip, c.text_map_grid, c.text_map_channels,
+                           "the Unet (model.params)")  # fmt: skip
         return model
 
     @torch.no_grad()
