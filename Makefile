@@ -92,13 +92,14 @@ train-defaults: $(RUN_STAMP)
 	$(BIN)/t2i train configs/default/decoder_more.yaml --resume
 	$(BIN)/t2i train configs/default/decoder_more.yaml --resume $(DECODER_MORE2)
 	$(BIN)/t2i train configs/default/sr.yaml --resume
+	$(BIN)/t2i train configs/default/sr_more.yaml --resume
 	$(MAKE) export-defaults
 
 export-defaults: $(RUN_STAMP)
 	$(BIN)/t2i export sd3 --transformer runs/default_sd3_words_more --out models/sd3-shapes --slg-scale 2.5 --slg-layers 2,3 --guidance-interval 0,0.8
 	$(BIN)/t2i export sd3 --transformer runs/sd3_turbo_ladd_hi --name sd3-shapes-turbo --out models/sd3-shapes-turbo \
 		--share-from models/sd3-shapes --sampler consistency
-	$(BIN)/t2i export unclip --clip runs/default_unclip_clip --decoder runs/default_decoder_more2 \
+	$(BIN)/t2i export unclip --clip runs/default_unclip_clip --decoder runs/default_decoder_more2 --sr runs/default_sr_more \
 		--out models/unclip-shapes --sampler ddpm --steps 25 --upsampler-steps 8 --prior-steps 8
 
 # Load test of `t2i serve` on sd3-shapes: throughput and latency with dynamic batching on and off.
